@@ -1,0 +1,1 @@
+"""gptcli: pretrain, evaluate and sample GPT models from scratch."""

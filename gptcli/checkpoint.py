@@ -1,0 +1,308 @@
+"""Checkpoints that describe themselves, verify themselves and survive a crash mid-write.
+
+Layout of a run directory::
+
+    RUN/step-000050/model.safetensors   weights of the unwrapped model (no pickle)
+    RUN/step-000050/train_state.pt      optimizer, step, epoch, tokens, RNG and data position
+    RUN/step-000050/config.yaml         the resolved config
+    RUN/step-000050/manifest.json       sha256 and size of each file above, written last
+    RUN/latest, RUN/best                symlinks to step directories
+
+A checkpoint is written into a hidden temporary directory (each file fsynced,
+the manifest last), then renamed into place in one atomic step, so a crash at
+any moment leaves either the old set of checkpoints or the new one. A directory
+whose manifest is missing or does not match its files is never loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptcli.config import Config, ConfigError, config_from_dict, save_config
+from gptcli.download import fsync_dir, sha256_file
+from gptcli.errors import RunError, first_line
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+TRAIN_STATE = "train_state.pt"
+CONFIG = "config.yaml"
+FORMAT = "gptcli-checkpoint"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint, loaded into memory."""
+
+    path: Path
+    config: Config
+    weights: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+    train_state: dict[str, Any] | None = None
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints passed over, with reasons
+
+
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    config: Config,
+    train_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory `run_dir/name` atomically; return its path.
+
+    Args:
+        run_dir: the parent directory (created if missing).
+        name: the checkpoint's directory name, e.g. ``step-000050``; "." writes the
+            files into `run_dir` itself (for imported models).
+        weights: tensors to store in model.safetensors.
+        config: written as config.yaml.
+        train_state: optimizer/RNG/position state for resuming, or None.
+        meta: extra JSON-serialisable facts recorded in the manifest (step, losses, ...).
+
+    Raises:
+        RunError: the disk is full or not writable; nothing half-written is left behind
+            and an existing checkpoint of the same name is untouched.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir if name == "." else run_dir / name
+    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_config(config, tmp / CONFIG)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            _fsync_file(f)
+            files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "files": files,
+            **(meta or {}),
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        fsync_dir(tmp)
+        if name == ".":
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):  # manifest last
+                os.replace(f, final / f.name)
+            tmp.rmdir()
+        else:
+            if final.exists():
+                old = run_dir / f".old-{final.name}-{os.getpid()}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        fsync_dir(run_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"{final}: cannot write checkpoint ({e.strerror or e}); earlier checkpoints are intact") from None
+    return final
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict[str, Any]:
+    """The manifest of checkpoint directory `path`, after checking every file it lists.
+
+    Raises:
+        RunError: the directory, its manifest or a listed file is missing or does not match.
+    """
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise RunError(f"{path}: not a checkpoint directory")
+    if not manifest_path.is_file():
+        present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise RunError(f"{path}: no {MANIFEST} (an incomplete or foreign checkpoint; found {present})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise RunError(f"{manifest_path}: unreadable manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise RunError(f"{manifest_path}: not a gptcli checkpoint manifest")
+    missing = [name for name in manifest["files"] if not (path / name).is_file()]
+    if missing:
+        raise RunError(f"{path}: missing {', '.join(missing)}")
+    for name, info in manifest["files"].items():
+        f = path / name
+        if f.stat().st_size != info.get("bytes"):
+            raise RunError(f"{f}: size {f.stat().st_size} bytes, the manifest says {info.get('bytes')} (truncated?)")
+        if check_hashes and sha256_file(f) != info.get("sha256"):
+            raise RunError(f"{f}: sha256 does not match the manifest (corrupted)")
+    if WEIGHTS not in manifest["files"] or CONFIG not in manifest["files"]:
+        raise RunError(f"{path}: the manifest lists no {WEIGHTS} or {CONFIG}")
+    return manifest
+
+
+def list_step_checkpoints(run_dir: Path) -> list[Path]:
+    """Step directories of a run, oldest first (whether complete or not)."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(run_dir: Path, check_hashes: bool = True) -> tuple[Path | None, list[str]]:
+    """The newest step checkpoint of `run_dir` that verifies, and why newer ones were skipped."""
+    skipped = []
+    for path in reversed(list_step_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path, check_hashes)
+            return path, skipped
+        except RunError as e:
+            skipped.append(str(e))
+    return None, skipped
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def find_newest_anywhere(root: Path) -> Path | None:
+    """The most recently written complete checkpoint below `root` (runs and imported models)."""
+    if not root.is_dir():
+        return None
+    candidates = []
+    for manifest in root.glob("**/" + MANIFEST):
+        parent = manifest.parent
+        if any(part.startswith(".") for part in parent.relative_to(root).parts):
+            continue  # temporary directories of a write in progress
+        candidates.append((manifest.stat().st_mtime, parent))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            verify_checkpoint(path, check_hashes=False)
+            return path
+        except RunError:
+            continue
+    return None
+
+
+def resolve_checkpoint(path: Path, check_hashes: bool = True) -> tuple[Path, list[str]]:
+    """A checkpoint directory for `path`: the directory itself, or a run's newest valid step.
+
+    Raises:
+        RunError: `path` does not exist or holds no valid checkpoint.
+    """
+    if not path.exists():
+        raise RunError(f"{path}: no such checkpoint or run directory")
+    path = path.resolve() if path.is_symlink() else path
+    if is_checkpoint_dir(path):
+        verify_checkpoint(path, check_hashes)
+        return path, []
+    if path.is_dir():
+        latest, skipped = find_latest(path, check_hashes)
+        if latest is not None:
+            return latest, skipped
+        reason = f" ({skipped[0]})" if skipped else ""
+        raise RunError(f"{path}: no complete checkpoint found{reason}")
+    raise RunError(f"{path}: not a checkpoint directory (expected a folder with {MANIFEST})")
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_state: bool = False) -> Checkpoint:
+    """Verify and load a checkpoint (or a run's newest valid one).
+
+    Weights come from safetensors; the training state is read with
+    ``torch.load(weights_only=True)``, which refuses anything that would run code.
+
+    Raises:
+        RunError: missing, incomplete, corrupted or unreadable checkpoint.
+    """
+    ckpt_dir, skipped = resolve_checkpoint(path)
+    manifest = verify_checkpoint(ckpt_dir, check_hashes=False)  # hashes checked by resolve
+    try:
+        raw = yaml.safe_load((ckpt_dir / CONFIG).read_text(encoding="utf-8"))
+        config = config_from_dict(raw or {}, str(ckpt_dir / CONFIG))
+    except (yaml.YAMLError, ConfigError, AttributeError) as e:
+        raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config ({e})") from None
+    try:
+        weights = load_file(str(ckpt_dir / WEIGHTS), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{ckpt_dir / WEIGHTS}: cannot read weights ({e})") from None
+    train_state = None
+    if with_train_state:
+        train_state = load_train_state(ckpt_dir / TRAIN_STATE)
+    return Checkpoint(ckpt_dir, config, weights, manifest, train_state, skipped)
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunError(f"{path}: missing (this checkpoint holds weights only and cannot resume training)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+        raise RunError(f"{path}: refused or unreadable training state ({type(e).__name__}: {first_line(e)})") from None
+
+
+def point(run_dir: Path, name: str, target: Path) -> None:
+    """Atomically make `run_dir/name` a symlink to `target` (a directory inside `run_dir`)."""
+    link = run_dir / name
+    tmp = run_dir / f".tmp-link-{name}-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+    fsync_dir(run_dir)
+
+
+def prune(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step checkpoints, never those `latest`/`best` point to."""
+    keep = set()
+    for pointer in ("latest", "best"):
+        link = run_dir / pointer
+        if link.is_symlink():
+            keep.add((run_dir / os.readlink(link)).name)
+    removed = []
+    for path in list_step_checkpoints(run_dir)[:-keep_last]:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def clean_temporaries(run_dir: Path) -> None:
+    """Remove what interrupted writes left behind (hidden .tmp-/.old- entries)."""
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p.name.startswith((".tmp-", ".old-")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+

@@ -1,0 +1,564 @@
+"""The `gptcli` command line: parse, call the library, render, exit.
+
+stdout carries results (text, tables, --json objects); progress, warnings and
+errors go to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input,
+130/143 interrupted by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from gptcli.errors import GptcliError, InputError, first_line
+
+
+class _OneLineErrors(TyperGroup):
+    """Report usage errors as one line on stderr (exit 2) instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "gptcli"
+            click.echo(f"{where}: {e.format_message()} (see --help)", err=True)
+            rv = 2
+        except click.exceptions.Abort:
+            click.echo("gptcli: aborted", err=True)
+            rv = 130
+        except click.ClickException as e:
+            click.echo(f"gptcli: {e.format_message()}", err=True)
+            rv = e.exit_code
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    help="Pretrain, evaluate and sample GPT models from scratch (the book's chapter 5, as a tool).",
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+)
+_state = {"debug": bool(os.environ.get("GPTCLI_DEBUG"))}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+) -> None:
+    """Pretrain, evaluate and sample GPT models from scratch."""
+    _state["debug"] = _state["debug"] or debug
+
+
+def _err(message: str) -> None:
+    """One plain line on stderr (no markup, no wrapping)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _handle_errors(fn):
+    """Turn library exceptions into one line on stderr and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException):
+            raise
+        except GptcliError as e:
+            if _state["debug"]:
+                raise
+            _err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug: say so in one line, traceback with --debug
+            if _state["debug"]:
+                raise
+            _err(f"internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf become null (JSON has no such numbers)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------- shared options
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config (default: the book's GPT-2 124M, context 256).",
+                 exists=True, dir_okay=False, readable=True),
+]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")
+]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: the config's, auto).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, for scripts.")]
+CheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", help="Checkpoint or run directory (default: the newest under checkpoints/)."),
+]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of .txt files, or prepared shards.")]
+
+CHECKPOINTS_ROOT = Path("checkpoints")
+
+
+def _load_config(config: Optional[Path], overrides: dict[str, Any], sets: Optional[list[str]]):
+    from gptcli.config import load_config
+
+    return load_config(config, overrides, sets or ())
+
+
+def _model_for(
+    checkpoint: Optional[Path], config: Optional[Path], sets: Optional[list[str]], seed: Optional[int],
+    device: Optional[str], search: bool = True,
+):
+    """(model, cfg, where) from --checkpoint, else the newest checkpoint, else an untrained model."""
+    import torch
+
+    from gptcli.checkpoint import find_newest_anywhere, load_checkpoint
+    from gptcli.device import resolve_device
+    from gptcli.model import GPTModel, load_state_dict
+
+    cfg = _load_config(config, {"train.device": device}, sets)
+    if checkpoint is None and search:
+        checkpoint = find_newest_anywhere(CHECKPOINTS_ROOT)
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        for reason in ckpt.skipped:
+            _err(f"warning: skipped a damaged checkpoint: {reason}")
+        cfg = ckpt.config
+        cfg.train.device = device or cfg.train.device
+        dev = resolve_device(cfg.train.device)
+        model = GPTModel(cfg.model)
+        try:
+            load_state_dict(model, ckpt.weights)
+        except ValueError as e:
+            raise GptcliError(f"{ckpt.path}: weights do not fit the model ({e})") from None
+        return model.to(dev).eval(), cfg, str(ckpt.path)
+    seed = cfg.train.seed if seed is None else seed
+    _err(f"warning: no checkpoint found; using an untrained model (seed {seed})")
+    torch.manual_seed(seed)
+    model = GPTModel(cfg.model)
+    return model.to(resolve_device(cfg.train.device)).eval(), cfg, f"untrained (seed {seed})"
+
+
+# ---------------------------------------------------------------- train
+
+
+class _TrainEvents:
+    """Renders training progress on stderr: a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, quiet_steps: bool = False):
+        from gptcli.train import Events
+
+        self._base = Events
+        self.console = _stderr_console()
+        self.tty = sys.stderr.isatty()
+        self.progress = None
+        self.task = None
+        self.total = 0
+        self.last_val = None
+
+    def download(self, done: int, total: Optional[int]) -> None:
+        if self.tty:
+            pct = f"{100 * done / total:5.1f}%" if total else f"{done} bytes"
+            print(f"\rdownloading the-verdict.txt {pct}", end="", file=sys.stderr, flush=True)
+            if total and done >= total:
+                print(file=sys.stderr)
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.total = info["total_steps"]
+        what = "resuming" if info["resumed"] else "training"
+        _err(f"{what} {info['params'] / 1e6:.1f}M parameters on {info['device']}"
+             f"{' x' + str(info['world_size']) if info['world_size'] > 1 else ''}: "
+             f"{info['train_tokens']} training / {info['val_tokens']} validation tokens, "
+             f"{info['total_steps']} steps -> {info['run_dir']}")
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, completed=info["step"], status="")
+
+    def log(self, r: dict[str, Any]) -> None:
+        mfu = f" · MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+        val = f" · val {self.last_val:.3f}" if self.last_val is not None else ""
+        status = (f"epoch {r['epoch']} · loss {r['loss']:.3f}{val} · lr {r['lr']:.2e} · "
+                  f"{r['tokens_per_s']:,.0f} tok/s{mfu}")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=r["step"], status=status)
+        else:
+            _err(f"step {r['step']}/{self.total} · {status}")
+
+    def eval(self, r: dict[str, Any]) -> None:
+        self.last_val = r["val_loss"]
+        # The book's line; its step counter starts at 0 for the first optimizer step.
+        self._line(f"Ep {r['epoch']} (Step {r['step'] - 1:06d}): "
+                   f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}")
+
+    def sample(self, epoch: int, text: str) -> None:
+        self._line(text)
+
+    def checkpoint(self, path: Path) -> None:
+        if self.progress is None:
+            _err(f"saved {path}")
+
+    def warn(self, message: str) -> None:
+        self._line(f"warning: {message}")
+
+    def _line(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            _err(text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command()
+@_handle_errors
+def train(
+    config: ConfigOpt = None,
+    data: DataOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: checkpoints/<config name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest valid checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run directory first.")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from these weights (continued pretraining).")] = None,
+    device: DeviceOpt = None,
+    num_epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the training windows.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many training tokens.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per micro-batch (per process).")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    seed: SeedOpt = None,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="Launch this many processes with torchrun.")] = None,
+    sets: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a model (the book's train_model_simple: AdamW, periodic evaluation, epoch samples)."""
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_with_torchrun(nproc)
+    from gptcli.train import train as run_training
+
+    overrides = {"data.path": str(data) if data else None, "train.device": device, "train.num_epochs": num_epochs,
+                 "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.batch_size": batch_size,
+                 "train.learning_rate": learning_rate, "train.seed": seed}
+    if config is None and resume and out is not None and (out / "latest" / "config.yaml").is_file():
+        config = out / "latest" / "config.yaml"  # resume a run with the config it was started with
+    cfg = _load_config(config, overrides, sets)
+    run_dir = out or Path(cfg.train.out_dir or CHECKPOINTS_ROOT / (config.stem if config else "default"))
+    events = _TrainEvents()
+    try:
+        summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events)
+    except GptcliError as e:
+        events.close()
+        if hasattr(e, "checkpoint"):  # Interrupted: the checkpoint is saved, say how to go on
+            _err(str(e))
+            raise typer.Exit(e.exit_code) from None
+        raise
+    events.close()
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if json_out:
+        _print_json(_json_safe(summary))
+    else:
+        print(summary["checkpoint"])
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Replace this process by `torchrun --nproc_per_node=N -m gptcli <same args without --nproc>`."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "gptcli", *args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+
+
+@app.command()
+@_handle_errors
+def plot(run: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")]) -> None:
+    """Redraw losses.png and metrics.csv of a run from its metrics.jsonl."""
+    from gptcli import report
+
+    if not (run / report.METRICS).is_file():
+        raise InputError(f"{run}: no {report.METRICS} (not a run directory?)")
+    paths = report.render(run)
+    print(paths["plot"])
+
+
+# ---------------------------------------------------------------- loss
+
+
+@app.command()
+@_handle_errors
+def loss(
+    config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = None,
+    seed: SeedOpt = None,
+    num_batches: Annotated[Optional[int], typer.Option(min=1, help="At most this many batches per split.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per batch (default: the config's, 2).")] = None,
+    device: DeviceOpt = None,
+    sets: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Training and validation loss and perplexity (the book's calc_loss_loader)."""
+    from gptcli.data import load_splits, make_loader
+    from gptcli.device import resolve_device
+    from gptcli.evaluate import evaluate_loss
+
+    model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
+    splits = load_splits(cfg.data, cfg.model.context_length, path=str(data) if data else None,
+                         progress=_TrainEvents().download)
+    bs = batch_size or cfg.train.batch_size
+    dev = resolve_device(cfg.train.device)
+    rows = {}
+    # The book's loaders: training drops its last partial batch, validation keeps it. In order,
+    # so --num-batches picks the same batches every time.
+    for name, windows, drop_last in (("train", splits.train, True), ("val", splits.val, False)):
+        loader = make_loader(windows, bs, shuffle=False, drop_last=drop_last)
+        rows[name] = evaluate_loss(model, loader, dev, num_batches)
+    if json_out:
+        _print_json(_json_safe({"model": where, "data": splits.source, **rows}))
+        return
+    print(f"{'split':<6} {'loss':>10} {'perplexity':>12} {'tokens':>9} {'batches':>8}")
+    for name, r in rows.items():
+        print(f"{name:<6} {r['loss']:>10.5f} {r['ppl']:>12.2f} {r['tokens']:>9d} {r['batches']:>8d}")
+
+
+# ---------------------------------------------------------------- generate
+
+
+@app.command()
+@_handle_errors
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue.")] = None,
+    checkpoint: CheckpointOpt = None,
+    config: ConfigOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="Tokens to generate.")] = 50,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher = more random.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set with probability >= p, in (0, 1].")] = None,
+    eos: Annotated[bool, typer.Option("--eos/--no-eos", help="Stop at <|endoftext|>.")] = True,
+    num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line, generated as one batch.")] = None,
+    seed: SeedOpt = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context per token (the book's loop).")] = False,
+    device: DeviceOpt = None,
+    sets: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Continue a prompt (greedy by default, like the book's generate_text_simple)."""
+    import torch
+
+    from gptcli.generate import generate as run_generate
+    from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
+
+    prompts = _read_prompts(prompt, prompts_file)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InputError(f"--top-p: must be in (0, 1], got {top_p}")
+    model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
+    if top_k is not None and not 1 <= top_k <= cfg.model.vocab_size:
+        raise InputError(f"--top-k: must be between 1 and the vocabulary size {cfg.model.vocab_size}, got {top_k}")
+    ids = [encode(p) for p in prompts for _ in range(num_samples)]
+    if any(max(i) >= cfg.model.vocab_size for i in ids):
+        raise InputError(f"prompt: has token ids beyond this model's vocabulary ({cfg.model.vocab_size})")
+    # The book truncates the prompt on the left to the context length.
+    ids = [i[-cfg.model.context_length:] for i in ids]
+    torch.manual_seed(cfg.train.seed if seed is None else seed)  # the book seeds right before sampling
+    live = (sys.stdout.isatty() if stream is None else stream) and not json_out and len(ids) == 1
+    printer = _StreamPrinter(ids[0]) if live else None
+    outs = run_generate(
+        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=END_OF_TEXT_ID if eos else None, use_cache=not no_cache,
+        on_tokens=printer.feed if printer else None,
+    )
+    texts = [decode(i + o) for i, o in zip(ids, outs)]
+    if json_out:
+        items = [{"prompt": decode(i), "text": t, "new_tokens": len(o), "ids": o} for i, t, o in zip(ids, texts, outs)]
+        _print_json({"model": where, "samples": items})
+    elif printer is not None:
+        printer.finish()
+    else:
+        print("\n".join(texts) if len(texts) == 1 else "\n\n".join(texts))
+
+
+def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
+    if prompts_file is not None:
+        try:
+            text = prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or "not UTF-8 text"
+            raise InputError(f"--prompts-file {prompts_file}: cannot read ({reason})") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"--prompts-file {prompts_file}: no prompts (one per line expected)")
+        return ([prompt] if prompt else []) + prompts
+    if prompt is None or not prompt.strip():
+        raise InputError("prompt: empty; give the text to continue (or --prompts-file)")
+    return [prompt]
+
+
+class _StreamPrinter:
+    """Prints the prompt, then each new token's text as soon as its bytes form complete characters."""
+
+    def __init__(self, prompt_ids: list[int]):
+        import codecs
+
+        from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
+
+        self.enc = get_tokenizer()
+        self.eos = END_OF_TEXT_ID
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(self.decoder.decode(self.enc.decode_bytes(prompt_ids)))
+        sys.stdout.flush()
+
+    def feed(self, ids, running) -> None:
+        if bool(running[0]):
+            sys.stdout.write(self.decoder.decode(self.enc.decode_single_token_bytes(int(ids[0]))))
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- eval
+
+
+@app.command("eval")
+@_handle_errors
+def eval_(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run directory (default: the newest).")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate these text files too (repeatable).")] = None,
+    all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: validation loss by step.")] = False,
+    text: Annotated[Optional[str], typer.Option(help="Evaluate this text.")] = None,
+    show_tokens: Annotated[bool, typer.Option("--show-tokens", help="Per-token probabilities, ranks and alternatives.")] = False,
+    num_batches: Annotated[Optional[int], typer.Option(min=1, help="At most this many batches per dataset.")] = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    sets: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
+    from gptcli import evaluate as ev
+
+    if all_checkpoints:
+        run = checkpoint or CHECKPOINTS_ROOT
+        rows = ev.evaluate_run(run, data=[str(p) for p in data or []], num_batches=num_batches, device=device)
+        _render_rows(rows, ["checkpoint", "step", "dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"run": str(run)})
+        return
+    model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
+    if text is not None or show_tokens:
+        if not text:
+            raise InputError("--text: empty; give the text to evaluate")
+        result = ev.token_report(model, text)
+        if json_out:
+            _print_json(_json_safe({"model": where, **result}))
+        else:
+            _render_token_report(result, show_tokens)
+        return
+    rows = ev.evaluate_datasets(model, cfg, data=[str(p) for p in data or []], num_batches=num_batches)
+    _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
+
+
+def _render_rows(rows: list[dict[str, Any]], columns: list[str], json_out: bool, extra: dict[str, Any]) -> None:
+    if json_out:
+        _print_json(_json_safe({**extra, "results": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, box=None, pad_edge=False)
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in columns])
+    Console(highlight=False, soft_wrap=True).print(table)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.5f}" if abs(x) < 1e4 else f"{x:.4g}"
+    return "" if x is None else str(x)
+
+
+def _render_token_report(result: dict[str, Any], show_tokens: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False, soft_wrap=True)
+    if show_tokens:
+        table = Table("pos", "token", "p(token)", "rank", "top-5 alternatives", box=None, pad_edge=False)
+        for t in result["tokens"]:
+            if t["prob"] is None:
+                table.add_row(str(t["pos"]), repr(t["token"]), "", "", "")
+                continue
+            colour = "green" if t["prob"] >= 0.5 else "yellow" if t["prob"] >= 0.05 else "red"
+            alts = ", ".join(f"{a['token']!r} {a['prob']:.3f}" for a in t["top"])
+            table.add_row(str(t["pos"]), Text(repr(t["token"]), style=colour), Text(f"{t['prob']:.4f}", style=colour),
+                          str(t["rank"]), alts)
+        console.print(table)
+    console.print(f"loss {result['loss']:.5f} · perplexity {result['ppl']:.2f} · "
+                  f"bits/byte {result['bpb']:.4f} · {result['tokens']} predicted tokens", markup=False)
+
+
+def main() -> None:  # python -m gptcli
+    app()

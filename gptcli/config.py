@@ -1,0 +1,312 @@
+"""Typed configuration: three dataclasses loaded from YAML, validated once.
+
+A YAML file has the sections ``model``, ``data`` and ``train``; each key equals a
+dataclass field (the book's names where the book has one). ``load_config`` is the
+one place where precedence is decided: command-line flag > YAML > default.
+Every problem raises ``ConfigError`` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from gptcli.errors import InputError
+
+
+class ConfigError(InputError):
+    """A config value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    # Defaults are the book's GPT_CONFIG_124M with the chapter-5 context of 256.
+    vocab_size: int = 50257  # GPT-2 BPE vocabulary
+    context_length: int = 256  # longest sequence the position embedding covers
+    emb_dim: int = 768  # width of the residual stream
+    n_heads: int = 12  # attention heads per block; must divide emb_dim
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.1  # dropout on embeddings, attention weights and residuals
+    qkv_bias: bool = False  # bias in W_query/W_key/W_value (OpenAI's GPT-2 has it)
+    gelu: Literal["exact", "tanh"] = "exact"  # nn.GELU() or the book's/GPT-2's tanh approximation
+    # "book" computes op for op what the book's code computes (bit-identical runs);
+    # "fused" uses scaled_dot_product_attention, F.layer_norm and F.gelu (faster, same math).
+    impl: Literal["book", "fused"] = "book"
+    # Round the embedding/output matrices up to a multiple of this for faster matmuls;
+    # logits and checkpoints keep vocab_size rows (1 = no padding).
+    pad_vocab_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_multiple"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads:
+            raise ConfigError(
+                f"model.emb_dim: {self.emb_dim} is not divisible by model.n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"model.drop_rate: must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+    def shape(self) -> dict[str, Any]:
+        """The fields that fix the parameter shapes (what a checkpoint must match)."""
+        return {k: getattr(self, k) for k in SHAPE_FIELDS}
+
+
+# Fields that decide the weights' shapes; the others may change between runs of one model.
+SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+
+
+@dataclass
+class DataConfig:
+    # A UTF-8 text file, a folder of .txt files, or a folder made by `gptcli prepare`.
+    # The default is the book's corpus, downloaded and sha256-checked when missing.
+    path: str = "data/the-verdict.txt"
+    train_ratio: float = 0.90  # the book splits the text by character: first 90 % trains
+    stride: Optional[int] = None  # window step in tokens; None = context_length (the book's choice)
+    # "sliding": the book's windows at every `stride`, shuffled each epoch;
+    # "random": windows at random offsets (for prepared corpora too large to enumerate).
+    sampling: Literal["sliding", "random"] = "sliding"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_ratio < 1.0:
+            raise ConfigError(f"data.train_ratio: must be in (0, 1), got {self.train_ratio}")
+        if self.stride is not None and self.stride <= 0:
+            raise ConfigError(f"data.stride: must be positive, got {self.stride}")
+
+
+@dataclass
+class TrainConfig:
+    # Defaults are the book's chapter-5 run (train_model_simple with AdamW).
+    seed: int = 123  # torch.manual_seed before the model is built
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    out_dir: Optional[str] = None  # run directory; None = checkpoints/<config file stem>
+    num_epochs: int = 10  # passes over the training windows
+    max_steps: Optional[int] = None  # stop after this many optimizer steps
+    max_tokens: Optional[int] = None  # stop once this many training tokens were seen
+    batch_size: int = 2  # windows per micro-batch (per process)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 0.0004  # peak learning rate
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: linear warmup, cosine decay
+    warmup_steps: int = 0  # linear warmup steps (cosine schedule)
+    min_lr: float = 0.0  # floor of the cosine decay
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    decay_matrices_only: bool = False  # no weight decay on biases, norms (GPT-2/nanoGPT practice)
+    beta1: float = 0.9  # AdamW betas (PyTorch defaults, as the book uses)
+    beta2: float = 0.999
+    optimizer_impl: Literal["default", "foreach", "fused"] = "default"  # PyTorch AdamW kernel
+    grad_clip: Optional[float] = None  # clip the global gradient norm to this (None = off)
+    eval_freq: int = 5  # evaluate every this many steps (the book: 5)
+    eval_iter: Optional[int] = 5  # batches per split per evaluation; None = the whole split
+    start_context: str = "Every effort moves you"  # prompt of the greedy sample after each epoch
+    sample_tokens: int = 50  # new tokens in that sample (0 = no sample)
+    log_every: int = 1  # write a metrics line every this many steps
+    save_every: Optional[int] = 50  # checkpoint every this many steps (and always at the end)
+    keep_last: int = 3  # step checkpoints kept (the best one is kept as well)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CUDA (weights stay fp32)
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute blocks in backward to save memory
+    num_threads: Optional[int] = None  # CPU threads for torch; None = PyTorch's choice
+    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; None = measured and cached
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # wrapper when launched with torchrun
+
+    def __post_init__(self) -> None:
+        for name in ("num_epochs", "batch_size", "grad_accum_steps", "eval_freq", "log_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens", "eval_iter", "save_every", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{name}: must be positive or null, got {value}")
+        for name in ("warmup_steps", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must not be negative, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate: must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"train.min_lr: must be in [0, learning_rate], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: must not be negative, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip: must be positive or null, got {self.grad_clip}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"train.peak_flops: must be positive or null, got {self.peak_flops}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Where the values came from (a file path or "<defaults>"); not a YAML key.
+    source: str = field(default="<defaults>", compare=False)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Resolve a config: defaults, then the YAML file, then `--set` strings, then flags.
+
+    Args:
+        path: a YAML file with sections model/data/train, or None for the defaults.
+        overrides: dotted keys from dedicated command-line flags, e.g.
+            ``{"train.max_steps": 10}``; a value of None means "flag not given".
+        sets: ``section.key=value`` strings from ``--set``; values are parsed as YAML.
+
+    Raises:
+        ConfigError: naming the file (or the flag) and the field that is wrong.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        _merge(raw, _read_yaml(Path(path)), source)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _merge(raw, _dotted(key.strip(), value, "--set"), "--set")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _merge(raw, _dotted(key, value, "command line"), "command line")
+    try:
+        sections = {name: _build(cls, raw[name], name) for name, cls in SECTIONS.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return Config(**sections, source=source)
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """Build a Config from an already-parsed mapping (e.g. a checkpoint's config.yaml)."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    _merge(raw, data, source)
+    try:
+        sections = {name: _build(cls, raw[name], name) for name, cls in SECTIONS.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return Config(**sections, source=source)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML that `load_config` reads back unchanged."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    return data
+
+
+def _dotted(key: str, value: Any, source: str) -> dict[str, Any]:
+    section, dot, name = key.partition(".")
+    if not dot or not name:
+        raise ConfigError(f"{source}: {key!r} must be section.key (sections: {', '.join(SECTIONS)})")
+    return {section: {name: value}}
+
+
+def _merge(raw: dict[str, dict[str, Any]], data: dict[str, Any], source: str) -> None:
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {section!r} (expected {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping of keys")
+        raw[section].update(values)
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{section}.{key}: unknown key (valid: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check `value` against a field's annotation; ints are accepted where floats are."""
+    if hint in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads 4e-4 (no dot) as a string; YAML 1.2 reads a number
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{name}: must be one of {choices}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e6 in YAML is a float; accept it where it is whole
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {hint!r} for {name}")  # a bug in this module

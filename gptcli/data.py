@@ -1,0 +1,252 @@
+"""Text -> tokens -> train/validation split -> windows -> (x, y) batches.
+
+The book's pipeline (chapter 2 and 5): split the raw text by character at
+`train_ratio`, tokenize each part, cut windows of `context_length` tokens every
+`stride` tokens (the target is the window shifted by one), shuffle the training
+windows each epoch and drop its last partial batch; validation keeps order and
+its partial batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gptcli.config import DataConfig
+from gptcli.download import Progress, download
+from gptcli.errors import InputError, RunError
+from gptcli.tokenizer import END_OF_TEXT, encode
+
+DEFAULT_CORPUS = "data/the-verdict.txt"
+VERDICT_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+)
+VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+
+
+def ensure_default_corpus(path: Path, progress: Progress | None = None) -> None:
+    """Download the book's corpus to `path` if it is the default corpus and missing.
+
+    Raises:
+        InputError: the download failed; says where to put the file or to pass --data.
+    """
+    if path.exists() or path.name != Path(DEFAULT_CORPUS).name:
+        return
+    try:
+        download(VERDICT_URL, path, sha256=VERDICT_SHA256, progress=progress)
+    except RunError as e:
+        raise InputError(
+            f"{path}: missing, and downloading it failed ({e}); "
+            f"put the-verdict.txt there or pass --data PATH"
+        ) from None
+
+
+def read_corpus(path: Path) -> str:
+    """The text of a UTF-8 file, or of every .txt file below a folder (sorted, joined by <|endoftext|>).
+
+    Raises:
+        InputError: the path is missing, empty, not UTF-8, or a folder without .txt files.
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise InputError(f"{path}: folder has no .txt files")
+        return END_OF_TEXT.join(_read_text_file(p) for p in files)
+    return _read_text_file(path)
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if not raw.strip():
+        raise InputError(f"{path}: data file is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def split_text(text: str, train_ratio: float) -> tuple[str, str]:
+    """The book's split: the first `train_ratio` of the characters train, the rest validate."""
+    split_idx = int(train_ratio * len(text))
+    return text[:split_idx], text[split_idx:]
+
+
+class TokenWindows(Dataset):
+    """Windows of `max_length` tokens starting every `stride` tokens; targets shifted by one.
+
+    Window starts are ``range(0, len(tokens) - max_length, stride)``, exactly the
+    book's ``GPTDatasetV1``, so the last token only ever serves as a target.
+    """
+
+    def __init__(self, tokens: torch.Tensor, max_length: int, stride: int):
+        self.tokens = tokens
+        self.max_length = max_length
+        self.stride = stride
+        self.starts = range(0, max(len(tokens) - max_length, 0), stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[i]
+        chunk = self.tokens[start : start + self.max_length + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class WindowBatchSampler(Sampler[list[int]]):
+    """Batches of window indices for one epoch, shuffled or in order.
+
+    Shuffling draws the epoch's seed from the global torch RNG exactly as
+    ``RandomSampler`` does (one int64 at the epoch's first batch), then permutes
+    with a private generator. That keeps the book's sequence of random draws
+    (model init, then per epoch: loader seed, sampler seed, dropout) while making
+    the epoch's order a single number that a checkpoint can store.
+
+    With several processes each global batch of ``batch_size * world_size``
+    windows is cut into per-rank slices (``split``), so N processes with batch b
+    see the windows one process with batch N*b sees; for evaluation whole batches
+    go round-robin to the ranks (``stride``).
+    """
+
+    def __init__(
+        self,
+        num_windows: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        mode: str = "split",
+    ):
+        self.num_windows = num_windows
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.mode = mode
+        self.seed: int | None = None  # seed of the epoch being iterated
+        self._resume: tuple[int | None, int] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * (self.world_size if self.mode == "split" else 1)
+
+    def num_batches(self) -> int:
+        """Global batches per epoch."""
+        if self.drop_last:
+            return self.num_windows // self.global_batch
+        return -(-self.num_windows // self.global_batch)
+
+    def __len__(self) -> int:
+        n = self.num_batches()
+        if self.mode == "stride":
+            return len(range(self.rank, n, self.world_size))
+        return n
+
+    def resume(self, seed: int | None, windows_done: int) -> None:
+        """Make the next iteration replay the epoch of `seed` after its first `windows_done` windows."""
+        self._resume = (seed, windows_done)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        resume, self._resume = self._resume, None
+        seed, windows_done = resume if resume else (None, 0)
+        if self.shuffle:
+            if seed is None:
+                seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            order = torch.randperm(self.num_windows, generator=generator)
+        else:
+            order = torch.arange(self.num_windows)
+        self.seed = seed
+        gb = self.global_batch
+        first = -(-windows_done // gb)
+        for i in range(first, self.num_batches()):
+            if self.mode == "stride" and i % self.world_size != self.rank:
+                continue
+            batch = order[i * gb : (i + 1) * gb]
+            if self.mode == "split":
+                batch = batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            yield batch.tolist()
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    mode: str = "split",
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over `dataset` driven by a `WindowBatchSampler` (no worker processes)."""
+    sampler = WindowBatchSampler(len(dataset), batch_size, shuffle, drop_last, rank, world_size, mode)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=pin_memory)
+
+
+@dataclass
+class Splits:
+    """Tokenized training and validation data and what they came from."""
+
+    train: TokenWindows
+    val: TokenWindows
+    source: str  # the corpus path
+    sha256: str  # of the corpus text (UTF-8)
+    train_tokens: int
+    val_tokens: int
+
+
+def load_splits(cfg: DataConfig, context_length: int, path: str | None = None, progress: Progress | None = None) -> Splits:
+    """Read, split and tokenize the corpus into the book's windows.
+
+    Args:
+        cfg: the data section (path, train_ratio, stride).
+        context_length: the window length (the book's max_length).
+        path: overrides ``cfg.path``.
+        progress: download progress callback, used when the default corpus is fetched.
+
+    Raises:
+        InputError: the corpus cannot be read, or a split is too short for one window.
+    """
+    corpus = Path(path or cfg.path)
+    ensure_default_corpus(corpus, progress)
+    text = read_corpus(corpus)
+    stride = cfg.stride or context_length
+    train_text, val_text = split_text(text, cfg.train_ratio)
+    windows = []
+    for name, part in (("training", train_text), ("validation", val_text)):
+        tokens = torch.tensor(encode(part), dtype=torch.long)
+        check_split(corpus, name, len(tokens), context_length)
+        windows.append(TokenWindows(tokens, context_length, stride))
+    return Splits(
+        train=windows[0],
+        val=windows[1],
+        source=str(corpus),
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        train_tokens=len(windows[0].tokens),
+        val_tokens=len(windows[1].tokens),
+    )
+
+
+def check_split(source: Path | str, name: str, num_tokens: int, context_length: int) -> None:
+    """Raise InputError unless a split holds at least one window (context_length + 1 tokens)."""
+    needed = context_length + 1
+    if num_tokens < needed:
+        raise InputError(
+            f"{source}: the {name} split has {num_tokens} tokens, one window needs {needed} "
+            f"(context_length {context_length} + 1); use more text or a smaller context_length"
+        )

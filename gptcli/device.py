@@ -1,0 +1,34 @@
+"""Which torch device to run on: `auto` picks cuda, then mps, then cpu."""
+
+import torch
+
+from gptcli.errors import InputError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch.device for `name` (auto, cpu, cuda, cuda:N, mps).
+
+    Raises:
+        InputError: the name is unknown or that device is not available here.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r}: unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name!r}: unsupported device type (use auto, cpu, cuda or mps)")
+    return device

@@ -1,0 +1,121 @@
+"""Multi-process training with torchrun: process group, DDP/FSDP wrapping, rank-0 I/O.
+
+Launched as ``torchrun --nproc_per_node=N -m gptcli train ...``, every process
+reads RANK/WORLD_SIZE/LOCAL_RANK from the environment. Gloo runs on CPU, NCCL on
+CUDA. State is saved and restored as full (unsharded) state_dicts through
+``torch.distributed.checkpoint.state_dict``, so a checkpoint written by N
+processes resumes with M processes, or with one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from gptcli.model import GPTModel
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun with WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world_size, local_rank)
+
+
+def process_device(device: torch.device, info: DistInfo) -> torch.device:
+    """Each process's own GPU (cuda:LOCAL_RANK) under torchrun; the device otherwise."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def wrap_model(model: GPTModel, kind: str, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """Wrap for data parallelism: DDP (replicated weights) or FSDP2 (sharded weights)."""
+    if not info.enabled:
+        return model
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.trf_blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum floats over all processes (identity outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's `obj` on every process."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state_dicts keyed by parameter names, on CPU.
+
+    Wrapper prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``) are removed.
+    Under FSDP every process must call this; the result is complete on rank 0.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict, info: DistInfo
+) -> None:
+    """Load full state_dicts (as saved by `full_state`) into a possibly wrapped model."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)

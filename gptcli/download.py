@@ -1,0 +1,135 @@
+"""HTTP downloads that resume, verify and land atomically.
+
+A download streams into ``NAME.part`` beside the destination (resuming it with a
+Range request when a previous attempt left one), is checked against the expected
+size and sha256, and only then is renamed into place. A file that fails the check
+is deleted, so nothing unverified is ever used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional
+
+from gptcli.errors import RunError
+
+Progress = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (no-op where directories can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    progress: Progress | None = None,
+    timeout: float = 30.0,
+) -> Path:
+    """Download `url` to `dest`, resuming `dest`.part, verifying, then renaming into place.
+
+    Args:
+        url: an http(s) URL.
+        dest: the final path; its parent is created.
+        sha256: expected hex digest, or None.
+        size: expected size in bytes, or None.
+        progress: called with (bytes done, total) as data arrives.
+        timeout: seconds to wait for the server at connect and between reads.
+
+    Raises:
+        RunError: the server cannot be reached or answers with an error, or the
+            file does not match `size`/`sha256` (the partial file is then deleted).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    done = part.stat().st_size if part.exists() else 0
+    if size is not None and done > size:
+        part.unlink()
+        done = 0
+    total = size
+    if size is None or done < size:
+        total = _fetch(url, part, done, size, progress, timeout)
+    if size is not None and part.stat().st_size != size:
+        got = part.stat().st_size
+        part.unlink()
+        raise RunError(f"download {url}: got {got} bytes, expected {size}; the partial file was removed")
+    if sha256 is not None:
+        digest = sha256_file(part)
+        if digest != sha256.lower():
+            part.unlink()
+            raise RunError(
+                f"download {url}: sha256 {digest} does not match the expected {sha256}; the file was removed"
+            )
+    if progress is not None:
+        progress(part.stat().st_size, total)
+    os.replace(part, dest)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def _fetch(url: str, part: Path, done: int, size: int | None, progress: Progress | None, timeout: float) -> int | None:
+    """Stream the rest of `url` into `part`; return the total size if the server said it."""
+    headers = {"User-Agent": "gptcli"}
+    if done:
+        headers["Range"] = f"bytes={done}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and done:  # nothing left to send: the partial file is complete
+            return size or done
+        raise RunError(f"download {url}: the server answered HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RunError(f"download {url}: cannot connect ({reason})") from None
+    with response:
+        total = size
+        if response.status == 206:
+            match = re.match(r"bytes \d+-\d+/(\d+)", response.headers.get("Content-Range", ""))
+            if match and total is None:
+                total = int(match.group(1))
+            mode = "ab"
+        else:  # 200: the server ignored the Range header and sends everything again
+            done = 0
+            mode = "wb"
+            if total is None and response.headers.get("Content-Length"):
+                total = int(response.headers["Content-Length"])
+        try:
+            with open(part, mode) as f:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, urllib.error.URLError) as e:
+            raise RunError(f"download {url}: interrupted after {done} bytes ({e}); run again to resume") from None
+    return total

@@ -1,0 +1,623 @@
+"""gptcli train: the book's ``train_model_simple``, made durable, resumable and fast.
+
+The loop is one flat function, top to bottom: learning rate -> forward/backward
+(accumulating micro-batches) -> non-finite check -> clip -> optimizer step ->
+log -> evaluate -> epoch sample -> checkpoint -> stop checks.
+
+Book-exact runs. With the reference config on CPU the printed losses and samples
+equal the book's code at the same seed. That rests on drawing random numbers in
+the book's order, which this module keeps on purpose:
+  1. ``torch.manual_seed(seed)``, then the model is built (its init draws);
+  2. per epoch, iterating the shuffling training DataLoader draws its base seed,
+     then the sampler's permutation seed (``WindowBatchSampler``);
+  3. dropout draws during each forward pass;
+  4. every evaluation iterates a fresh shuffling loader over the training
+     windows (the book evaluates on ``train_loader``), drawing two seeds again.
+Data loading, metrics, checkpoints and the peak-FLOPs probe draw nothing from
+the global RNG. A resumed run restores the RNG state and the epoch's permutation
+seed, so it continues the same stream bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gptcli import report
+from gptcli.checkpoint import (
+    Checkpoint,
+    clean_temporaries,
+    find_latest,
+    load_checkpoint,
+    point,
+    prune,
+    save_checkpoint,
+    step_dir_name,
+)
+from gptcli.config import SHAPE_FIELDS, Config
+from gptcli.data import Splits, load_splits, make_loader
+from gptcli.device import resolve_device
+from gptcli.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    full_state,
+    init_distributed,
+    load_full_state,
+    process_device,
+    shutdown,
+    wrap_model,
+)
+from gptcli.download import Progress
+from gptcli.errors import GptcliError, InputError, RunError
+from gptcli.evaluate import evaluate_loss
+from gptcli.generate import generate
+from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
+from gptcli.loss import cross_entropy
+from gptcli.perf import peak_flops
+from gptcli.tokenizer import decode, encode
+
+RUN_MANIFEST = "run.json"
+LOCK = ".lock"
+
+
+class Events:
+    """What the loop reports; the CLI overrides these to render progress. All no-ops here."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+    def log(self, record: dict[str, Any]) -> None: ...
+    def eval(self, record: dict[str, Any]) -> None: ...
+    def sample(self, epoch: int, text: str) -> None: ...
+    def checkpoint(self, path: Path) -> None: ...
+    def warn(self, message: str) -> None: ...
+    download: Progress | None = None
+
+
+class Interrupted(GptcliError):
+    """SIGINT/SIGTERM: the current step finished, a checkpoint was saved."""
+
+    def __init__(self, signum: int, checkpoint: Path, run_dir: Path):
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped after saving {checkpoint}; continue with: gptcli train --out {run_dir} --resume")
+        self.exit_code = 128 + signum
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class _Position:
+    """Where the training stream stands: the next micro-batch to read."""
+
+    epoch: int = 0
+    windows_done: int = 0  # windows of `epoch` already consumed (global, all ranks)
+    seed: int | None = None  # permutation seed of `epoch` once drawn
+
+
+def train(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    init_from: Path | None = None,
+    events: Events | None = None,
+) -> dict[str, Any]:
+    """Train `cfg` into `run_dir`; return a summary of the run.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: the run directory (checkpoints, metrics, plot, run.json).
+        resume: continue from the newest valid checkpoint in `run_dir`.
+        overwrite: delete an existing `run_dir` first.
+        init_from: start from these weights (continued pretraining), with a fresh optimizer.
+        events: progress callbacks.
+
+    Raises:
+        InputError: bad data, config or run directory (nothing is written then).
+        RunError: a non-finite loss or a failing disk.
+        Interrupted: SIGINT/SIGTERM after the checkpoint was written.
+    """
+    events = events or Events()
+    t = cfg.train
+    device = resolve_device(t.device)
+    info = init_distributed(device)
+    device = process_device(device, info)
+    try:
+        return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: DistInfo):
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    splits = load_splits(cfg.data, cfg.model.context_length, progress=events.download if info.is_main else None)
+    _check_batches(splits, t.batch_size, info.world_size)
+
+    lock = _on_main(info, lambda: _prepare_run_dir(run_dir, resume, overwrite))
+    try:
+        ckpt = _find_resume(run_dir, cfg) if resume else None  # every rank reads it from disk
+        for reason in ckpt.skipped if ckpt is not None else []:
+            events.warn(f"skipped a damaged checkpoint: {reason}")
+        init_weights = None
+        if init_from is not None:
+            init_weights = load_checkpoint(init_from)
+            _check_shapes(cfg, init_weights.config, f"--init-from {init_from}")
+        return _loop(cfg, run_dir, splits, ckpt, init_weights, events, device, info)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, init_weights, events, device, info):
+    t = cfg.train
+    # Book order: seed, build the model (init draws), move it, then the optimizer.
+    torch.manual_seed(t.seed)
+    model = GPTModel(cfg.model)
+    if init_weights is not None:
+        load_state_dict(model, init_weights.weights)
+    model.to(device)
+    model.activation_checkpointing = t.activation_checkpointing
+    if device.type == "cuda" and cfg.model.impl == "fused":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    wrapped = wrap_model(model, t.distributed, info, device)
+    optimizer = _build_optimizer(wrapped, t)
+    if t.compile:
+        wrapped = torch.compile(wrapped)
+    autocast = _autocast(device, t.precision)
+
+    pin = device.type == "cuda"
+    train_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "split", pin)
+    # The book evaluates on its (shuffling) training loader; a separate loader keeps
+    # the training epoch's position intact while drawing the same random numbers.
+    train_eval_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "stride", pin)
+    val_loader = make_loader(splits.val, t.batch_size, False, False, info.rank, info.world_size, "stride", pin)
+    sampler = train_loader.batch_sampler
+    per_epoch = sampler.num_batches()  # micro-batches per epoch
+    global_batch = sampler.global_batch
+    tokens_per_micro = global_batch * cfg.model.context_length
+    total_micro = t.num_epochs * per_epoch
+    total_steps = math.ceil(total_micro / t.grad_accum_steps)
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    if t.max_tokens is not None:
+        total_steps = min(total_steps, math.ceil(t.max_tokens / (tokens_per_micro * t.grad_accum_steps)))
+
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    pos = _Position()
+    best_val = math.inf
+    last_eval: dict[str, Any] = {}
+    restore_rng: Callable[[], None] | None = None
+    if ckpt is not None:
+        state = ckpt.train_state
+        load_full_state(wrapped, optimizer, pad_vocab(ckpt.weights, cfg.model), state["optimizer"], info)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        elapsed_before = state.get("elapsed_s", 0.0)
+        pos = _Position(state["epoch"], state["windows_done"], state["epoch_seed"])
+        best_val = state.get("best_val_loss", math.inf)
+        last_eval = state.get("last_eval", {})
+        rng = state["rng"]
+        restore_rng = lambda: _set_rng(rng, device)  # noqa: E731
+        if pos.windows_done == 0:
+            restore_rng()  # a fresh epoch: its loader draws come from the restored stream
+            restore_rng = None
+
+    flops_token = flops_per_token(cfg.model)
+    peak = _peak(t, device) if info.is_main else None
+    metrics = report.MetricsLog(run_dir, resume_step=step) if info.is_main else None
+    if info.is_main:
+        _write_run_manifest(run_dir, cfg, splits, device, info, resumed_at=step if ckpt else None)
+    events.start({
+        "run_dir": str(run_dir), "total_steps": total_steps, "step": step, "epochs": t.num_epochs,
+        "steps_per_epoch": math.ceil(per_epoch / t.grad_accum_steps), "device": str(device),
+        "world_size": info.world_size, "params": model.num_params(), "train_tokens": splits.train_tokens,
+        "val_tokens": splits.val_tokens, "resumed": ckpt is not None,
+    })
+
+    def save(reason: str) -> Path:
+        model_sd, optim_sd = full_state(wrapped, optimizer)
+        path = None
+        if info.is_main:
+            state = {
+                "optimizer": optim_sd, "step": step, "tokens_seen": tokens_seen,
+                "epoch": pos.epoch, "windows_done": pos.windows_done, "epoch_seed": pos.seed,
+                "rng": _get_rng(device), "best_val_loss": best_val, "last_eval": last_eval,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+            }
+            meta = {"step": step, "epoch": pos.epoch, "tokens_seen": tokens_seen, "reason": reason,
+                    "val_loss": last_eval.get("val_loss"), "train_loss": last_eval.get("train_loss")}
+            path = save_checkpoint(run_dir, step_dir_name(step), trim_vocab(model_sd, cfg.model), cfg, state, meta)
+            point(run_dir, "latest", path)
+            val = last_eval.get("val_loss")
+            if val is not None and math.isfinite(val) and (val <= saved_best[0] or not (run_dir / "best").exists()):
+                saved_best[0] = val
+                point(run_dir, "best", path)
+            prune(run_dir, t.keep_last)
+            events.checkpoint(path)
+        barrier(info)
+        return path
+
+    saved_best = [best_val]
+    reduce = all_reduce_sum if info.enabled else None
+    stop = _StopSignals()
+    t_start = time.perf_counter()
+    t_log, tokens_at_log = t_start, tokens_seen
+    last_saved_step = step if ckpt is not None else -1
+    stream = _micro_batches(train_loader, pos, t.num_epochs, restore_rng)
+    micro_index = step * t.grad_accum_steps
+    model.train()
+    finished_epochs: list[int] = []  # epochs that ended during the current step
+    epoch_progress = pos.epoch + pos.windows_done / (per_epoch * global_batch)
+    with stop:
+        while step < total_steps:
+            # ---- learning rate for this step
+            lr = _lr_at(step, total_steps, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # ---- forward/backward over one group of micro-batches
+            group_size = min(t.grad_accum_steps, total_micro - micro_index)
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(group_size):
+                epoch, inputs, targets, windows_after, seed, epoch_done = next(stream)
+                inputs = inputs.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                with autocast():
+                    logits = wrapped(inputs)
+                loss = cross_entropy(logits, targets)
+                (loss / group_size if group_size > 1 else loss).backward()
+                loss_sum += loss.detach()
+                micro_index += 1
+                pos = _Position(epoch + 1, 0, None) if epoch_done else _Position(epoch, windows_after, seed)
+                epoch_progress = epoch + windows_after / (per_epoch * global_batch)
+                if epoch_done:
+                    finished_epochs.append(epoch)
+            epoch_number = math.floor(epoch_progress - 1e-9) + 1  # 1-based epoch of the last batch
+            loss_value = (loss_sum / group_size).item() if group_size > 1 else loss_sum.item()
+            if reduce is not None:
+                loss_value = reduce([loss_value])[0] / info.world_size
+            if not math.isfinite(loss_value):
+                kept = f"the last good checkpoint is {run_dir / step_dir_name(last_saved_step)}" if last_saved_step >= 0 else "no checkpoint was written"
+                raise RunError(f"non-finite loss ({loss_value}) at step {step + 1}; stopped before the optimizer step; {kept}")
+            grad_norm = None
+            if t.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += group_size * tokens_per_micro
+
+            # ---- log
+            now = time.perf_counter()
+            if info.is_main and (step == 1 or step % t.log_every == 0 or step == total_steps):
+                rate = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
+                record = {
+                    "event": "train", "step": step, "epoch": epoch_number,
+                    "tokens_seen": tokens_seen, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": rate, "mfu": flops_token * rate / info.world_size / peak if peak else None,
+                    "elapsed_s": elapsed_before + now - t_start,
+                }
+                metrics.write(record)
+                events.log(record)
+                t_log, tokens_at_log = now, tokens_seen
+            # ---- evaluate (the book: after the first step and every eval_freq steps)
+            t_pause = time.perf_counter()
+            if (step - 1) % t.eval_freq == 0:
+                train_eval = evaluate_loss(wrapped, train_eval_loader, device, t.eval_iter, autocast, reduce)
+                val_eval = evaluate_loss(wrapped, val_loader, device, t.eval_iter, autocast, reduce)
+                last_eval = {
+                    "event": "eval", "step": step, "epoch": epoch_number, "epoch_progress": epoch_progress,
+                    "tokens_seen": tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"],
+                    "lr": lr, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                }
+                if info.is_main:
+                    metrics.write(last_eval)
+                    events.eval(last_eval)
+                    report.render(run_dir)
+                if math.isfinite(val_eval["loss"]):
+                    best_val = min(best_val, val_eval["loss"])
+            # ---- a greedy sample after each epoch, as the book prints
+            for epoch in finished_epochs:
+                if t.sample_tokens > 0:
+                    events.sample(epoch + 1, _sample(model, cfg, t.start_context, t.sample_tokens))
+            finished_epochs.clear()
+            model.train()
+            # ---- checkpoint and stop checks
+            interrupted = stop.signum is not None
+            if step == total_steps or interrupted or (t.save_every and step % t.save_every == 0):
+                path = save("interrupt" if interrupted else "end" if step == total_steps else "cadence")
+                last_saved_step = step
+                if interrupted:
+                    raise Interrupted(stop.signum, path, run_dir)
+            t_log += time.perf_counter() - t_pause  # throughput counts training time only
+    if last_saved_step != step:
+        save("end")
+    if info.is_main:
+        metrics.close()
+        report.render(run_dir)
+    elapsed = elapsed_before + time.perf_counter() - t_start
+    return {
+        "run_dir": str(run_dir), "steps": step, "tokens_seen": tokens_seen, "epochs_completed": pos.epoch,
+        "train_loss": last_eval.get("train_loss"), "val_loss": last_eval.get("val_loss"),
+        "best_val_loss": best_val if math.isfinite(best_val) else None,
+        "checkpoint": str(run_dir / step_dir_name(step)), "elapsed_s": elapsed,
+        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,
+    }
+
+
+def _micro_batches(loader, pos: _Position, num_epochs: int, restore_rng: Callable[[], None] | None):
+    """Yield (epoch, inputs, targets, windows_done_after, epoch_seed, epoch_done) from `pos` on."""
+    sampler = loader.batch_sampler
+    gb = sampler.global_batch
+    for epoch in range(pos.epoch, num_epochs):
+        start = pos.windows_done if epoch == pos.epoch else 0
+        if start:
+            sampler.resume(pos.seed, start)
+        batches_left = sampler.num_batches() - math.ceil(start / gb)
+        it = iter(loader)  # draws the DataLoader's base seed from the global RNG
+        if restore_rng is not None:
+            restore_rng()  # mid-epoch resume: continue the stream the checkpoint saved
+            restore_rng = None
+        windows = start
+        for i, (inputs, targets) in enumerate(it):
+            windows += gb
+            yield epoch, inputs, targets, windows, sampler.seed, i == batches_left - 1
+
+
+def _lr_at(step: int, total_steps: int, t) -> float:
+    """Learning rate of optimizer step `step` (0-based): constant, or linear warmup + cosine decay."""
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    if step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / t.warmup_steps
+    decay_steps = max(total_steps - t.warmup_steps, 1)
+    progress = min((step - t.warmup_steps) / decay_steps, 1.0)
+    return t.min_lr + 0.5 * (t.learning_rate - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """AdamW as the book builds it; optionally no decay on biases and norms (GPT-2 practice)."""
+    kwargs: dict[str, Any] = {"lr": t.learning_rate, "betas": (t.beta1, t.beta2), "weight_decay": t.weight_decay}
+    if t.optimizer_impl == "foreach":
+        kwargs["foreach"] = True
+    elif t.optimizer_impl == "fused":
+        kwargs["fused"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.decay_matrices_only:
+        params = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _peak(t, device: torch.device) -> float | None:
+    if t.peak_flops is not None:
+        return t.peak_flops
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    try:
+        return peak_flops(device, dtype)
+    except RuntimeError:
+        return None
+
+
+def _get_rng(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _sample(model: GPTModel, cfg: Config, prompt: str, max_new_tokens: int) -> str:
+    """The book's generate_and_print_sample: greedy, newlines folded to spaces."""
+    model.eval()
+    ids = encode(prompt)
+    # The book's full recompute keeps book-exact samples exact; the fused model uses the cache.
+    out = generate(model, [ids], max_new_tokens, use_cache=cfg.model.impl != "book")[0]
+    model.train()
+    return decode(ids + out).replace("\n", " ")
+
+
+def _check_batches(splits: Splits, batch_size: int, world_size: int) -> None:
+    need = batch_size * world_size
+    if len(splits.train) < need:
+        raise InputError(
+            f"{splits.source}: the training split has {len(splits.train)} window(s) "
+            f"({splits.train_tokens} tokens); batch_size {batch_size} x {world_size} process(es) needs {need}"
+        )
+
+
+def _check_shapes(cfg: Config, other: Config, what: str) -> None:
+    fields = SHAPE_FIELDS + ("pad_vocab_multiple",)
+    diff = [f"{k} {getattr(other.model, k)} vs {getattr(cfg.model, k)}"
+            for k in fields if getattr(other.model, k) != getattr(cfg.model, k)]
+    if diff:
+        raise InputError(f"{what}: the model shape differs from the config (checkpoint vs config): {'; '.join(diff)}")
+
+
+def _find_resume(run_dir: Path, cfg: Config) -> Checkpoint:
+    latest, skipped = find_latest(run_dir)
+    if latest is None:
+        why = f" ({skipped[0]})" if skipped else ""
+        raise InputError(f"--resume: no complete checkpoint in {run_dir}{why}")
+    ckpt = load_checkpoint(latest, with_train_state=True)
+    ckpt.skipped = skipped
+    _check_shapes(cfg, ckpt.config, f"--resume {latest}")
+    return ckpt
+
+
+def _on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0; an error there is raised on every rank."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except GptcliError as e:
+            error = e
+    if info.enabled:
+        error = broadcast_object(error, info)
+    if error is not None:
+        raise error
+    return result
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
+    """Check the run directory, create it, take its lock; returns the open lock file."""
+    existing = run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: exists and is not a directory")
+    if resume and not existing:
+        raise InputError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if existing and not resume and not overwrite:
+        raise InputError(f"{run_dir}: run directory exists; pass --resume to continue it or --overwrite to start over")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".tmp-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{run_dir}: output directory is not writable ({e.strerror})") from None
+    lock = _lock(run_dir)
+    if overwrite and not resume:
+        for p in run_dir.iterdir():
+            if p.name == LOCK:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    clean_temporaries(run_dir)
+    return lock
+
+
+def _lock(run_dir: Path):
+    """An exclusive lock on RUN/.lock holding our pid; the kernel drops it when the holder dies."""
+    import fcntl
+
+    f = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"{run_dir}: in use by gptcli train (pid {holder}); wait for it or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _write_run_manifest(run_dir: Path, cfg: Config, splits: Splits, device, info: DistInfo, resumed_at) -> None:
+    import json
+
+    path = run_dir / RUN_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError):
+        manifest = {}
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if resumed_at is None or not manifest:
+        manifest = {
+            "started": now,
+            "command": sys.argv,
+            "config_source": cfg.source,
+            "git_commit": _git_commit(),
+            "versions": _versions(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "world_size": info.world_size,
+            "corpus": {"path": splits.source, "sha256": splits.sha256,
+                       "train_tokens": splits.train_tokens, "val_tokens": splits.val_tokens},
+            "resumes": [],
+        }
+    else:
+        manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
+                                                   "device": str(device), "world_size": info.world_size})
+    tmp = path.with_name(f".tmp-run-{os.getpid()}.json")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("gptcli", "torch", "tiktoken", "numpy", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class _StopSignals:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step.
+
+    A second SIGINT stops at once (KeyboardInterrupt); the checkpoints already on
+    disk stay valid because every write is atomic.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading_main():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        return False
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
