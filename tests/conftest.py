@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny CPU configs, the book's corpus, the book's code as an oracle, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli.config import Config, ModelConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
+CONFIGS = ROOT / "configs"
+
+# tiktoken's download URLs for the gpt2 files; its cache key is the sha1 of the URL.
+TIKTOKEN_GPT2_URLS = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, corpus {VERDICT}"
+
+
+@pytest.fixture(scope="session")
+def _cache_dir(tmp_path_factory) -> Path:
+    """One gptcli cache per test session: the peak-FLOPs probe runs once, not per test."""
+    return tmp_path_factory.mktemp("gptcli-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch, _cache_dir):
+    """Each test runs in its own working directory (so checkpoints/ starts empty)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPTCLI_CACHE_DIR", str(_cache_dir))
+
+
+@pytest.fixture
+def verdict() -> Path:
+    """The book's corpus, as laid beside the checkout in ../shared/data/."""
+    if not VERDICT.is_file():
+        pytest.fail(f"{VERDICT} is missing: tests need the book's corpus beside the checkout")
+    return VERDICT
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def tiktoken_offline(tmp_path, monkeypatch):
+    """Make tiktoken.get_encoding("gpt2") work offline by pre-filling its cache with the
+    verified BPE files, so the book's code (which calls it) can serve as an oracle."""
+    import tiktoken.registry
+
+    from gptcli.tokenizer import bpe_files
+
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    vocab_bpe, encoder_json = bpe_files()
+    for name, path in (("vocab.bpe", vocab_bpe), ("encoder.json", encoder_json)):
+        key = hashlib.sha1(TIKTOKEN_GPT2_URLS[name].encode()).hexdigest()
+        shutil.copy(path, cache / key)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    return cache
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    values = dict(vocab_size=50257, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1, qkv_bias=False)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture
+def tiny_config(verdict) -> Config:
+    """configs/tiny.yaml on the book's corpus, on the CPU."""
+    return load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.device": "cpu"})
+
+
+def book_config(cfg: ModelConfig) -> dict:
+    """The book's GPT_CONFIG dict for a ModelConfig."""
+    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def book_model(cfg: ModelConfig, seed: int = 123):
+    """The book's GPTModel (llms-from-scratch), seeded, with the GELU of `cfg`."""
+    from llms_from_scratch.ch04 import GPTModel
+
+    torch.manual_seed(seed)
+    model = GPTModel(book_config(cfg))
+    if cfg.gelu == "exact":
+        for block in model.trf_blocks:
+            block.ff.layers[1] = torch.nn.GELU()
+    return model
+
+
+class Cli:
+    """Runs `gptcli` in-process and keeps stdout and stderr apart."""
+
+    def __init__(self):
+        from gptcli.cli import app
+
+        self.app = app
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, input: str | None = None):
+        return self.runner.invoke(self.app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+def gptcli_cmd() -> list[str]:
+    """argv for running gptcli as a real process (signals, kills)."""
+    return [sys.executable, "-m", "gptcli"]
+
+
+@pytest.fixture
+def subprocess_env(_cache_dir) -> dict:
+    env = dict(os.environ)
+    env["GPTCLI_CACHE_DIR"] = str(_cache_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
