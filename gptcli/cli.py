@@ -16,9 +16,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # recent Typer vendors its own click; its usage exceptions are the ones raised
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older Typer uses click itself
+    import click
 
 from gptcli.errors import GptcliError, InputError, first_line
 
@@ -33,7 +37,7 @@ class _OneLineErrors(TyperGroup):
             where = e.ctx.command_path if e.ctx is not None else "gptcli"
             click.echo(f"{where}: {e.format_message()} (see --help)", err=True)
             rv = 2
-        except click.exceptions.Abort:
+        except typer.Abort:
             click.echo("gptcli: aborted", err=True)
             rv = 130
         except click.ClickException as e:
@@ -75,7 +79,7 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException):
+        except (typer.Exit, typer.Abort, click.ClickException):
             raise
         except GptcliError as e:
             if _state["debug"]:
@@ -149,38 +153,51 @@ def _load_config(config: Optional[Path], overrides: dict[str, Any], sets: Option
     return load_config(config, overrides, sets or ())
 
 
-def _model_for(
-    checkpoint: Optional[Path], config: Optional[Path], sets: Optional[list[str]], seed: Optional[int],
-    device: Optional[str], search: bool = True,
+def _model_source(
+    checkpoint: Optional[Path], config: Optional[Path], sets: Optional[list[str]], device: Optional[str],
+    search: bool = True,
 ):
-    """(model, cfg, where) from --checkpoint, else the newest checkpoint, else an untrained model."""
-    import torch
-
+    """(cfg, checkpoint or None): --checkpoint, else the newest under checkpoints/, else the config alone."""
     from gptcli.checkpoint import find_newest_anywhere, load_checkpoint
-    from gptcli.device import resolve_device
-    from gptcli.model import GPTModel, load_state_dict
 
     cfg = _load_config(config, {"train.device": device}, sets)
     if checkpoint is None and search:
         checkpoint = find_newest_anywhere(CHECKPOINTS_ROOT)
-    if checkpoint is not None:
-        ckpt = load_checkpoint(checkpoint)
-        for reason in ckpt.skipped:
-            _err(f"warning: skipped a damaged checkpoint: {reason}")
-        cfg = ckpt.config
-        cfg.train.device = device or cfg.train.device
-        dev = resolve_device(cfg.train.device)
+    if checkpoint is None:
+        return cfg, None
+    ckpt = load_checkpoint(checkpoint)
+    for reason in ckpt.skipped:
+        _err(f"warning: skipped a damaged checkpoint: {reason}")
+    ckpt.config.train.device = device or ckpt.config.train.device
+    return ckpt.config, ckpt
+
+
+def _build_model(cfg, ckpt, seed: Optional[int]):
+    """(model in eval mode on the config's device, description): the checkpoint's weights or a seeded init."""
+    import torch
+
+    from gptcli.device import resolve_device
+    from gptcli.model import GPTModel, load_state_dict
+
+    device = resolve_device(cfg.train.device)
+    if ckpt is not None:
         model = GPTModel(cfg.model)
         try:
             load_state_dict(model, ckpt.weights)
         except ValueError as e:
             raise GptcliError(f"{ckpt.path}: weights do not fit the model ({e})") from None
-        return model.to(dev).eval(), cfg, str(ckpt.path)
+        return model.to(device).eval(), str(ckpt.path)
     seed = cfg.train.seed if seed is None else seed
     _err(f"warning: no checkpoint found; using an untrained model (seed {seed})")
     torch.manual_seed(seed)
-    model = GPTModel(cfg.model)
-    return model.to(resolve_device(cfg.train.device)).eval(), cfg, f"untrained (seed {seed})"
+    return GPTModel(cfg.model).to(device).eval(), f"untrained (seed {seed})"
+
+
+def _model_for(checkpoint, config, sets, seed, device):
+    """(model, cfg, description) in one step, for commands that read no data first."""
+    cfg, ckpt = _model_source(checkpoint, config, sets, device)
+    model, where = _build_model(cfg, ckpt, seed)
+    return model, cfg, where
 
 
 # ---------------------------------------------------------------- train
@@ -363,9 +380,10 @@ def loss(
     from gptcli.device import resolve_device
     from gptcli.evaluate import evaluate_loss
 
-    model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
+    cfg, ckpt = _model_source(checkpoint, config, sets, device)
     splits = load_splits(cfg.data, cfg.model.context_length, path=str(data) if data else None,
                          progress=_TrainEvents().download)
+    model, where = _build_model(cfg, ckpt, seed)
     bs = batch_size or cfg.train.batch_size
     dev = resolve_device(cfg.train.device)
     rows = {}

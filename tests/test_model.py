@@ -1,0 +1,140 @@
+"""The model is the book's GPTModel, weight for weight and logit for logit."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import book_model, tiny_model_config
+from gptcli.config import ModelConfig
+from gptcli.loss import cross_entropy
+from gptcli.model import GPTModel, export_state_dict, flops_per_token, load_state_dict
+from gptcli.weights import from_book_state_dict, load_book_state_dict
+
+# The chapter-5 toy batch: "every effort moves" / "I really like" and their shifted targets.
+TOY_INPUTS = torch.tensor([[16833, 3626, 6100], [40, 1107, 588]])
+TOY_TARGETS = torch.tensor([[3626, 6100, 345], [588, 428, 11311]])
+
+
+@pytest.mark.parametrize("gelu, toy_loss", [("exact", 10.7723), ("tanh", 10.7722)])
+def test_124m_at_seed_123_equals_the_books_model(gelu, toy_loss):
+    cfg = ModelConfig(gelu=gelu)  # the book's GPT_CONFIG_124M at context 256
+    torch.manual_seed(123)
+    ours = GPTModel(cfg).eval()
+    book = book_model(cfg).eval()
+    for (name, p), (book_name, q) in zip(ours.named_parameters(), book.named_parameters()):
+        assert name == book_name and torch.equal(p, q), name
+    with torch.no_grad():
+        logits = ours(TOY_INPUTS)
+        torch.testing.assert_close(logits, book(TOY_INPUTS), rtol=0, atol=1e-5)
+    assert round(cross_entropy(logits, TOY_TARGETS).item(), 4) == toy_loss
+    # The book prints 163,009,536 at context 1024; at 256 the position table is 768 x 768 smaller.
+    assert ours.num_params() == 163_009_536 - 768 * 768
+
+
+def test_book_model_pth_loads_and_gives_the_books_logits(tmp_path):
+    cfg = tiny_model_config(gelu="tanh")
+    book = book_model(cfg, seed=7).eval()
+    torch.save(book.state_dict(), tmp_path / "model.pth")
+    torch.save({"model_state_dict": book.state_dict(), "optimizer_state_dict": {}}, tmp_path / "model_and_optimizer.pth")
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    for name in ("model.pth", "model_and_optimizer.pth"):
+        torch.manual_seed(0)  # a different init, overwritten by the load
+        ours = GPTModel(cfg).eval()
+        load_state_dict(ours, from_book_state_dict(load_book_state_dict(tmp_path / name)))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), book(x), rtol=0, atol=1e-5)
+
+
+def test_code_in_a_pickle_is_refused(tmp_path):
+    from gptcli.errors import InputError
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": torch.zeros(1), "evil": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(InputError, match="refused"):
+        load_book_state_dict(tmp_path / "evil.pth")
+
+
+def test_fused_impl_matches_book_impl_within_1e5():
+    for gelu in ("exact", "tanh"):
+        cfg = tiny_model_config(gelu=gelu, drop_rate=0.0)
+        torch.manual_seed(1)
+        book_impl = GPTModel(cfg).eval()
+        fused = GPTModel(dataclasses.replace(cfg, impl="fused")).eval()
+        fused.load_state_dict(book_impl.state_dict())
+        x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), book_impl(x), rtol=0, atol=1e-5)
+
+
+def test_shapes_and_initial_loss_near_ln_vocab():
+    cfg = tiny_model_config(drop_rate=0.0)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.context_length))
+    logits = model(x)
+    assert logits.shape == (4, cfg.context_length, cfg.vocab_size)
+    loss = cross_entropy(logits, torch.randint(0, cfg.vocab_size, x.shape)).item()
+    assert abs(loss - torch.log(torch.tensor(cfg.vocab_size)).item()) < 0.5
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    cfg = tiny_model_config(drop_rate=0.0)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    y = torch.roll(x, -1, dims=1)
+    first = None
+    for _ in range(80):
+        loss = cross_entropy(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    cfg = tiny_model_config(drop_rate=0.0)
+    for impl in ("book", "fused"):
+        torch.manual_seed(0)
+        model = GPTModel(dataclasses.replace(cfg, impl=impl)).eval()
+        x = torch.randint(0, cfg.vocab_size, (1, 12))
+        y = x.clone()
+        y[0, 8:] = (y[0, 8:] + 1) % cfg.vocab_size
+        with torch.no_grad():
+            torch.testing.assert_close(model(x)[:, :8], model(y)[:, :8])
+
+
+def test_padded_vocabulary_keeps_logits_and_checkpoints_at_vocab_size():
+    cfg = tiny_model_config(drop_rate=0.0, impl="fused")
+    torch.manual_seed(0)
+    plain = GPTModel(cfg).eval()
+    padded = GPTModel(dataclasses.replace(cfg, pad_vocab_multiple=64)).eval()
+    assert padded.tok_emb.weight.shape[0] == 50304
+    load_state_dict(padded, export_state_dict(plain))
+    assert export_state_dict(padded)["out_head.weight"].shape[0] == cfg.vocab_size
+    x = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), plain(x))
+
+
+def test_load_state_dict_names_missing_and_mismatched_tensors():
+    cfg = tiny_model_config()
+    model = GPTModel(cfg)
+    sd = export_state_dict(model)
+    del sd["final_norm.scale"]
+    sd["pos_emb.weight"] = torch.zeros(5, cfg.emb_dim)
+    with pytest.raises(ValueError) as e:
+        load_state_dict(model, sd)
+    assert "final_norm.scale" in str(e.value) and "pos_emb.weight" in str(e.value)
+
+
+def test_flops_per_token_formula():
+    cfg = ModelConfig(context_length=1024, qkv_bias=True)
+    n = 12 * 12 * 768**2 + 768 * 50257  # block matmuls + head
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 1024 * 768
