@@ -290,9 +290,20 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
     removed = []
     for path in list_step_checkpoints(run_dir)[:-keep_last]:
         if path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_dir(path)
             removed.append(path)
     return removed
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that no partly deleted copy is ever visible under its name.
+
+    It is renamed to a hidden name first (atomic), then removed; a crash in between
+    leaves only a hidden leftover that `clean_temporaries` removes.
+    """
+    hidden = path.parent / f".old-{path.name}-{os.getpid()}"
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def clean_temporaries(run_dir: Path) -> None:

@@ -43,6 +43,7 @@ from gptcli.checkpoint import (
     load_checkpoint,
     point,
     prune,
+    remove_dir,
     save_checkpoint,
     step_dir_name,
 )
@@ -508,9 +509,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
             if p.name == LOCK:
                 continue
             if p.is_dir() and not p.is_symlink():
-                import shutil
-
-                shutil.rmtree(p)
+                remove_dir(p)
             else:
                 p.unlink()
     clean_temporaries(run_dir)
