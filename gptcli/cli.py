@@ -589,7 +589,7 @@ class _DownloadProgress:
         if not sys.stderr.isatty():
             if label not in self.tasks:
                 self.tasks[label] = None
-                _err(f"downloading {label}" + (f" ({total / 1e6:,.1f} MB)" if total else ""))
+                _err(f"downloading {label}" + (f" ({total:,} bytes)" if total else ""))
             return
         if self.progress is None:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,

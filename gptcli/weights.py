@@ -181,7 +181,7 @@ def from_gpt2_state_dict(
     Raises:
         InputError: a tensor is missing, unexpected, or of the wrong shape.
     """
-    names = {_gpt2_name(k): k for k in src}
+    names = {k.removeprefix("transformer."): k for k in src}
     # Drop the causal-mask buffers older transformers saved, and a tied head's copy.
     names = {k: v for k, v in names.items()
              if not re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k) and not (tied and k == "lm_head.weight")}
@@ -211,10 +211,6 @@ def from_gpt2_state_dict(
             out[f"trf_blocks.{i}.att.{w}.bias"] = bias[j * c:(j + 1) * c].clone()
     out["out_head.weight"] = out["tok_emb.weight"].clone() if tied else get("lm_head.weight")
     return out
-
-
-def _gpt2_name(key: str) -> str:
-    return key.removeprefix("transformer.")
 
 
 def _gpt2_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -627,7 +623,7 @@ def _download_from_hub(base: str, spec: Pretrained, revision: str, cache: Path, 
     etag = re.sub(r'^(W/)?"|"$', "", headers.get("x-linked-etag") or headers.get("etag") or "")
     if not re.fullmatch(r"[0-9a-f]{64}", etag):
         raise RunError(f"{url}: the hub published no sha256 for the file (ETag {etag!r}); refusing an unverified download")
-    size = headers.get("x-linked-size") or headers.get("content-length")
+    size = headers.get("x-linked-size") or (headers.get("content-length") if status == 200 else None)
     pinned = f"{base}/{spec.hub_repo}/resolve/{commit or revision}/{filename}"
     dest = dl.download(pinned, cache / filename, sha256=etag, size=int(size) if size else None,
                        progress=_labelled(progress, filename))

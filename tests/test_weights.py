@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from conftest import CONFIGS, book_model, tiny_model_config
 from gptcli.checkpoint import load_checkpoint
 from gptcli.model import GPTModel, load_state_dict
 
-transformers = pytest.importorskip("transformers")
 FIXTURES = Path(__file__).parent / "fixtures"
 PROMPT = "Every effort moves you"
 
@@ -212,9 +212,19 @@ def test_imported_weights_serve_generate_eval_loss_and_train(cli, verdict, tmp_p
     want = hf.generate(prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt),
                        pad_token_id=50256)
     assert json.loads(r.stdout)["samples"][0]["ids"] == want[0, prompt.shape[1]:].tolist()  # greedy: same tokens
+    # The chapter's closing call, sampled: the same tokens as the book's generate() on the same weights.
     r = cli("generate", "--checkpoint", ckpt, PROMPT, "--temperature", "1.5", "--top-k", "50", "--seed", "123",
-            "--max-new-tokens", "5", "--device", "cpu")
-    assert r.exit_code == 0 and r.stdout.startswith(PROMPT)
+            "--max-new-tokens", "12", "--no-eos", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.stderr
+    from llms_from_scratch.ch05 import generate as book_generate
+
+    cfg = load_checkpoint(ckpt).config.model
+    book = book_model(cfg).eval()
+    missing, unexpected = book.load_state_dict(load_checkpoint(ckpt).weights, strict=False)  # the book's names
+    assert unexpected == [] and all(k.endswith(".att.mask") for k in missing)  # its causal masks are buffers
+    torch.manual_seed(123)
+    want = book_generate(book, prompt, max_new_tokens=12, context_size=cfg.context_length, top_k=50, temperature=1.5)
+    assert json.loads(r.stdout)["samples"][0]["ids"] == want[0, prompt.shape[1]:].tolist()
 
     for args in (("eval", ckpt, "--data", verdict, "--num-batches", "1"),
                  ("loss", "--checkpoint", ckpt, "--data", verdict, "--num-batches", "1")):
