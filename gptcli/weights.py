@@ -356,7 +356,7 @@ def read_hf_tensors(directory: Path) -> Mapping[str, torch.Tensor]:
         return _LazyTensors([directory / s for s in shards])
     path = directory / "pytorch_model.bin"
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: 2019-era files predate zip
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
         raise RunError(f"{path}: refused or unreadable ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

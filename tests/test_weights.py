@@ -74,13 +74,24 @@ def test_pytorch_model_bin_imports_too(cli, tmp_path):
     hf = random_hf_model(**SHAPES["ctx48-untied"])
     (tmp_path / "hf").mkdir()
     hf.config.save_pretrained(tmp_path / "hf")
-    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    # The legacy (pre-zip) serialization of torch < 1.6, which older .bin files on the hub use.
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     r = cli("import", tmp_path / "hf")  # default --out: checkpoints/pretrained/<name>
     assert r.exit_code == 0, r.stderr
     model = our_model(Path("checkpoints/pretrained/hf"))
     x = tokens(16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_sharded_safetensors_import(cli, tmp_path):
+    hf = random_hf_model(**SHAPES["ctx48-untied"])
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="1MB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert cli("import", tmp_path / "hf", "--out", tmp_path / "ckpt").exit_code == 0
+    x = tokens(16)
+    with torch.no_grad():
+        torch.testing.assert_close(our_model(tmp_path / "ckpt")(x), hf(x).logits, atol=1e-4, rtol=0)
 
 
 def test_export_of_a_trained_checkpoint_loads_in_transformers(cli, verdict, tmp_path):
