@@ -488,7 +488,11 @@ def import_weights(path: Path, n_heads: int | None = None) -> Imported:
 def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = False) -> Path:
     """Write `imported` as a gptcli checkpoint directory `out` (weights, config.yaml, manifest).
 
-    The manifest records the source and ``pretrained: name``.
+    Args:
+        imported: what import_weights (or a download) produced.
+        out: the directory; a download's DOWNLOADS folder inside it is left alone.
+        name: recorded in the manifest as ``pretrained``, beside the source.
+        overwrite: replace what `out` holds (only after the conversion succeeded).
 
     Raises:
         InputError: `out` holds other files and `overwrite` is false.
