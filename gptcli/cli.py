@@ -308,6 +308,10 @@ def train(
                  "train.learning_rate": learning_rate, "train.seed": seed}
     if config is None and resume and out is not None and (out / "latest" / "config.yaml").is_file():
         config = out / "latest" / "config.yaml"  # resume a run with the config it was started with
+    if config is None and init_from is not None:  # continue pretraining with the weights' own config
+        from gptcli.checkpoint import CONFIG, resolve_checkpoint
+
+        config = resolve_checkpoint(init_from, check_hashes=False)[0] / CONFIG
     cfg = _load_config(config, overrides, sets)
     run_dir = out or Path(cfg.train.out_dir or CHECKPOINTS_ROOT / (config.stem if config else "default"))
     events = _TrainEvents()
@@ -576,6 +580,112 @@ def _render_token_report(result: dict[str, Any], show_tokens: bool) -> None:
         console.print(table)
     console.print(f"loss {result['loss']:.5f} · perplexity {result['ppl']:.2f} · "
                   f"bits/byte {result['bpb']:.4f} · {result['tokens']} predicted tokens", markup=False)
+
+
+# ---------------------------------------------------------------- pretrained weights
+
+PRETRAINED_ROOT = CHECKPOINTS_ROOT / "pretrained"
+
+
+class WeightSource(str, Enum):
+    hf = "hf"
+    openai = "openai"
+
+
+class ExportFormat(str, Enum):
+    hf = "hf"
+
+
+class _DownloadProgress:
+    """Download progress on stderr: a rich bar per file on a terminal, one line per file otherwise."""
+
+    def __init__(self):
+        self.progress = None
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, label: str, done: int, total: Optional[int]) -> None:
+        if not sys.stderr.isatty():
+            if label not in self.tasks:
+                self.tasks[label] = None
+                _err(f"downloading {label}" + (f" ({total:,} bytes)" if total else ""))
+            return
+        if self.progress is None:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr_console())
+            self.progress.start()
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command("download")
+@_handle_errors
+def download_(
+    name: Annotated[str, typer.Argument(help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl (124M to 1558M).")],
+    source: Annotated[WeightSource, typer.Option(help="hf: the Hugging Face hub; openai: OpenAI's TensorFlow files.")] = WeightSource.hf,
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/NAME).")] = None,
+    revision: Annotated[str, typer.Option(help="Hub branch, tag or commit (--source hf).")] = "main",
+    endpoint: Annotated[Optional[str], typer.Option(help="Base URL of a mirror (default: $HF_ENDPOINT or the hub; OpenAI's storage).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Download and convert again into an existing directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download OpenAI's GPT-2 weights, verify them and convert them into a gptcli checkpoint."""
+    from gptcli.weights import download_pretrained
+
+    progress = _DownloadProgress()
+    try:
+        result = download_pretrained(name, out or PRETRAINED_ROOT / name, source=source.value, revision=revision,
+                                     endpoint=endpoint, overwrite=overwrite, progress=progress)
+    finally:
+        progress.close()
+    if not result["downloaded"]:
+        _err(f"{result['checkpoint']}: already downloaded (--overwrite fetches it again)")
+    if json_out:
+        _print_json(result)
+    else:
+        print(result["checkpoint"])
+
+
+@app.command("import")
+@_handle_errors
+def import_(
+    path: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2 directory, an OpenAI checkpoint directory or a book .pth file.")],
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/<PATH's name>).")] = None,
+    n_heads: Annotated[Optional[int], typer.Option(min=1, help="Attention heads of a book .pth whose width is not GPT-2's.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert local GPT-2 weights into a gptcli checkpoint (OpenAI's files are read without TensorFlow)."""
+    from gptcli.weights import import_weights, save_imported
+
+    imported = import_weights(path, n_heads)
+    saved = save_imported(imported, out or PRETRAINED_ROOT / imported.name, imported.name, overwrite)
+    if json_out:
+        _print_json({"checkpoint": saved, "source": imported.source, "model": imported.config.to_dict()["model"]})
+    else:
+        print(saved)
+
+
+@app.command("export")
+@_handle_errors
+def export_(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run directory (a run exports its newest valid step).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="hf: a Hugging Face GPT-2 directory.")] = ExportFormat.hf,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+) -> None:
+    """Export a checkpoint for other tools (hf: config.json, model.safetensors and GPT-2's tokenizer files)."""
+    from gptcli.weights import export_hf
+
+    exporters = {ExportFormat.hf: export_hf}
+    print(exporters[fmt](checkpoint, out, overwrite))
 
 
 def main() -> None:  # python -m gptcli

@@ -55,6 +55,9 @@ def download(
 ) -> Path:
     """Download `url` to `dest`, resuming `dest`.part, verifying, then renaming into place.
 
+    A `dest` that already matches `sha256`/`size` is kept as it is. A transfer cut
+    short keeps its .part file for the next attempt to resume.
+
     Args:
         url: an http(s) URL.
         dest: the final path; its parent is created.
@@ -64,10 +67,15 @@ def download(
         timeout: seconds to wait for the server at connect and between reads.
 
     Raises:
-        RunError: the server cannot be reached or answers with an error, or the
-            file does not match `size`/`sha256` (the partial file is then deleted).
+        RunError: the server cannot be reached or answers with an error, the
+            transfer stops early, or the file does not match `size`/`sha256`
+            (it is then deleted).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if (sha256 is not None or size is not None) and dest.is_file() and _matches(dest, sha256, size):
+        if progress is not None:
+            progress(dest.stat().st_size, dest.stat().st_size)
+        return dest
     part = dest.with_name(dest.name + ".part")
     done = part.stat().st_size if part.exists() else 0
     if size is not None and done > size:
@@ -76,16 +84,19 @@ def download(
     total = size
     if size is None or done < size:
         total = _fetch(url, part, done, size, progress, timeout)
-    if size is not None and part.stat().st_size != size:
-        got = part.stat().st_size
+    got = part.stat().st_size
+    expected = size if size is not None else total
+    if expected is not None and got < expected:  # the connection closed early: keep the part to resume
+        raise RunError(f"download {url}: interrupted after {got} of {expected} bytes; run again to resume")
+    if size is not None and got != size:
         part.unlink()
-        raise RunError(f"download {url}: got {got} bytes, expected {size}; the partial file was removed")
+        raise RunError(f"download {url}: got {got} bytes, expected {size}; the file was removed")
     if sha256 is not None:
         digest = sha256_file(part)
         if digest != sha256.lower():
             part.unlink()
             raise RunError(
-                f"download {url}: sha256 {digest} does not match the expected {sha256}; the file was removed"
+                f"download {url}: sha256 {digest} does not match the expected {sha256.lower()}; the file was removed"
             )
     if progress is not None:
         progress(part.stat().st_size, total)
@@ -94,21 +105,65 @@ def download(
     return dest
 
 
+def head(url: str, *, timeout: float = 10.0, follow_redirects: bool = True) -> tuple[int, dict[str, str]]:
+    """(HTTP status, headers with lower-case names) of a HEAD request for `url`.
+
+    With ``follow_redirects=False`` a redirect is returned as it is (status 3xx):
+    a file host may put facts about the file (its hash, say) on the redirect
+    rather than on the final answer.
+
+    Raises:
+        RunError: the server cannot be reached, or answers with an error status.
+    """
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "gptcli", "Accept-Encoding": "identity"})
+    try:
+        response = _open(request, timeout, None if follow_redirects else _NoRedirect())
+    except urllib.error.HTTPError as e:
+        if not follow_redirects and 300 <= e.code < 400:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}
+        raise RunError(f"download {url}: the server answered HTTP {e.code} {e.reason}") from None
+    with response:
+        return response.status, {k.lower(): v for k, v in response.headers.items()}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError carrying the redirect's status and headers
+
+
+def _open(request: urllib.request.Request, timeout: float, handler: urllib.request.BaseHandler | None = None):
+    """urlopen, with network failures (offline, refused, timed out) as one-line RunErrors.
+
+    HTTPError (the server answered) is left to the caller.
+    """
+    try:
+        if handler is None:
+            return urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.build_opener(handler).open(request, timeout=timeout)
+    except urllib.error.HTTPError:
+        raise
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RunError(f"download {request.full_url}: cannot connect ({reason}); offline?") from None
+
+
+def _matches(path: Path, sha256: str | None, size: int | None) -> bool:
+    if size is not None and path.stat().st_size != size:
+        return False
+    return sha256 is None or sha256_file(path) == sha256.lower()
+
+
 def _fetch(url: str, part: Path, done: int, size: int | None, progress: Progress | None, timeout: float) -> int | None:
     """Stream the rest of `url` into `part`; return the total size if the server said it."""
     headers = {"User-Agent": "gptcli"}
     if done:
         headers["Range"] = f"bytes={done}-"
-    request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = _open(urllib.request.Request(url, headers=headers), timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and done:  # nothing left to send: the partial file is complete
             return size or done
         raise RunError(f"download {url}: the server answered HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise RunError(f"download {url}: cannot connect ({reason})") from None
     with response:
         total = size
         if response.status == 206:

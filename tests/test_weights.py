@@ -1,0 +1,252 @@
+"""GPT-2 weights in and out: Hugging Face, OpenAI's TensorFlow files and the book's .pth,
+checked against transformers' GPT-2 and the book's GPTModel, and used by every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import CONFIGS, book_model, tiny_model_config
+from gptcli.checkpoint import load_checkpoint
+from gptcli.model import GPTModel, load_state_dict
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROMPT = "Every effort moves you"
+
+
+def random_hf_model(seed: int = 0, **config) -> "transformers.GPT2LMHeadModel":
+    """A transformers GPT-2 with every parameter drawn at a scale where any mix-up shows in the logits."""
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.2)
+    return model
+
+
+SHAPES = {
+    # GPT-2's own context, tied head, tanh GELU (the released models' settings at a tiny width)
+    "ctx1024-tied": dict(vocab_size=50257, n_positions=1024, n_embd=32, n_layer=2, n_head=4),
+    # another context, an untied head and the exact GELU
+    "ctx48-untied": dict(vocab_size=50257, n_positions=48, n_embd=24, n_layer=3, n_head=3,
+                         activation_function="gelu", tie_word_embeddings=False),
+}
+
+
+def our_model(path: Path) -> GPTModel:
+    ckpt = load_checkpoint(path)
+    model = GPTModel(ckpt.config.model)
+    load_state_dict(model, ckpt.weights)
+    return model.eval()
+
+
+def tokens(n: int, vocab: int = 50257, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hf_import_gives_transformers_logits(cli, tmp_path, shape, no_network):
+    hf = random_hf_model(**SHAPES[shape])
+    hf.save_pretrained(tmp_path / "hf")
+    r = cli("import", tmp_path / "hf", "--out", tmp_path / "ckpt")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "ckpt")
+    model = our_model(tmp_path / "ckpt")
+    cfg = model.cfg
+    assert (cfg.context_length, cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.qkv_bias) == (
+        SHAPES[shape]["n_positions"], SHAPES[shape]["n_embd"], SHAPES[shape]["n_layer"], SHAPES[shape]["n_head"], True)
+    x = tokens(min(cfg.context_length, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["source"]["format"] == "huggingface" and manifest["pretrained"] == "hf"
+
+
+def test_pytorch_model_bin_imports_too(cli, tmp_path):
+    hf = random_hf_model(**SHAPES["ctx48-untied"])
+    (tmp_path / "hf").mkdir()
+    hf.config.save_pretrained(tmp_path / "hf")
+    # The legacy (pre-zip) serialization of torch < 1.6, which older .bin files on the hub use.
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    r = cli("import", tmp_path / "hf")  # default --out: checkpoints/pretrained/<name>
+    assert r.exit_code == 0, r.stderr
+    model = our_model(Path("checkpoints/pretrained/hf"))
+    x = tokens(16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_sharded_safetensors_import(cli, tmp_path):
+    hf = random_hf_model(**SHAPES["ctx48-untied"])
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="1MB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert cli("import", tmp_path / "hf", "--out", tmp_path / "ckpt").exit_code == 0
+    x = tokens(16)
+    with torch.no_grad():
+        torch.testing.assert_close(our_model(tmp_path / "ckpt")(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_export_of_a_trained_checkpoint_loads_in_transformers(cli, verdict, tmp_path):
+    r = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--max-steps", "3", "--out", tmp_path / "run", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    r = cli("export", tmp_path / "run", "--format", "hf", tmp_path / "hf")
+    assert r.exit_code == 0, r.stderr
+    ours = our_model(tmp_path / "run")
+    assert ours.cfg.qkv_bias is False and ours.cfg.gelu == "exact"  # zero biases, "gelu"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert hf.config.tie_word_embeddings is False
+    x = tokens(ours.cfg.context_length)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    from gptcli.tokenizer import encode
+
+    text = "Every effort moves you, naïve café <|endoftext|> 2024!!"
+    assert tok(text)["input_ids"] == encode(text)
+
+
+def test_import_then_export_round_trips_hf_weights(cli, tmp_path):
+    hf = random_hf_model(**SHAPES["ctx1024-tied"])
+    hf.save_pretrained(tmp_path / "hf")
+    assert cli("import", tmp_path / "hf", "--out", tmp_path / "ckpt").exit_code == 0
+    assert cli("export", tmp_path / "ckpt", tmp_path / "back").exit_code == 0
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    x = tokens(40)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, hf(x).logits, atol=1e-4, rtol=0)
+    r = cli("export", tmp_path / "ckpt", tmp_path / "back")
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+
+
+def test_openai_checkpoint_imports_without_tensorflow(cli, tmp_path):
+    r = cli("import", FIXTURES / "openai-tiny", "--out", tmp_path / "ckpt")
+    assert r.exit_code == 0, r.stderr
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    hp = json.loads((FIXTURES / "openai-tiny" / "hparams.json").read_text())
+    cfg = ckpt.config.model
+    assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (
+        hp["n_vocab"], hp["n_ctx"], hp["n_embd"], hp["n_head"], hp["n_layer"])
+    assert (cfg.qkv_bias, cfg.gelu) == (True, "tanh")
+    tf = {k.replace(".", "/"): torch.from_numpy(v) for k, v in np.load(FIXTURES / "openai-tiny" / "expected.npz").items()}
+    w, c = ckpt.weights, cfg.emb_dim
+    assert torch.equal(w["tok_emb.weight"], tf["model/wte"]) and torch.equal(w["out_head.weight"], tf["model/wte"])
+    assert torch.equal(w["trf_blocks.2.att.W_key.weight"], tf["model/h2/attn/c_attn/w"][0][:, c:2 * c].T)
+    assert torch.equal(w["trf_blocks.1.ff.layers.2.weight"], tf["model/h1/mlp/c_proj/w"][0].T)
+    assert torch.equal(w["final_norm.scale"], tf["model/ln_f/g"])
+    # The whole mapping: transformers' GPT-2 holding the same values gives the same logits.
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=hp["n_vocab"], n_positions=hp["n_ctx"], n_embd=c, n_layer=hp["n_layer"], n_head=hp["n_head"])).eval()
+    missing, _ = hf.load_state_dict({tf_to_hf_name(k): v.squeeze(0) for k, v in tf.items()}, strict=False)
+    assert set(missing) <= {"lm_head.weight"}  # tied to wte
+    x = tokens(hp["n_ctx"], vocab=hp["n_vocab"])
+    with torch.no_grad():
+        torch.testing.assert_close(our_model(tmp_path / "ckpt")(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def tf_to_hf_name(name: str) -> str:
+    """model/h2/attn/c_attn/w -> transformer.h.2.attn.c_attn.weight (OpenAI's names in transformers' port)."""
+    parts = name.split("/")[1:]
+    if parts[0][0] == "h" and parts[0][1:].isdigit():
+        parts[:1] = ["h", parts[0][1:]]
+    suffix = {"g": "weight", "b": "bias", "w": "weight"}
+    parts = parts[:-1] + [suffix[parts[-1]]] if parts[-1] in suffix else parts + ["weight"]
+    return "transformer." + ".".join(parts)
+
+
+def test_book_pth_imports_and_gives_the_book_logits(cli, tmp_path):
+    cfg = tiny_model_config(gelu="tanh", qkv_bias=True)
+    book = book_model(cfg).eval()
+    torch.save(book.state_dict(), tmp_path / "model.pth")
+    r = cli("import", tmp_path / "model.pth")
+    assert r.exit_code == 2 and "--n-heads" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("import", tmp_path / "model.pth", "--n-heads", cfg.n_heads, "--out", tmp_path / "ckpt")
+    assert r.exit_code == 0, r.stderr
+    ours = our_model(tmp_path / "ckpt")
+    assert ours.cfg.impl == "book"
+    x = tokens(cfg.context_length)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), book(x), atol=0, rtol=0)
+
+
+def one_line_error(r, code: int) -> str:
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.stdout == ""
+    return lines[0]
+
+
+def test_bad_sources_are_one_line_errors(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    line = one_line_error(cli("import", tmp_path / "empty"), 2)
+    assert "looked for" in line and "config.json" in line and "hparams.json" in line and ".pth" in line
+
+    hf = random_hf_model(**SHAPES["ctx48-untied"])
+    hf.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = one_line_error(cli("import", tmp_path / "hf"), 1)
+    assert "model.safetensors" in line
+
+    hf.save_pretrained(tmp_path / "hf2")
+    config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    config["n_positions"] = 64
+    (tmp_path / "hf2" / "config.json").write_text(json.dumps(config))
+    line = one_line_error(cli("import", tmp_path / "hf2"), 2)
+    assert "wpe.weight" in line and "(48, 24)" in line and "(64, 24)" in line
+
+    config.update(n_positions=48, model_type="llama")
+    (tmp_path / "hf2" / "config.json").write_text(json.dumps(config))
+    assert "only GPT-2" in one_line_error(cli("import", tmp_path / "hf2"), 2)
+
+
+def test_imported_weights_serve_generate_eval_loss_and_train(cli, verdict, tmp_path):
+    hf = random_hf_model(**dict(SHAPES["ctx48-untied"], n_positions=32))
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt = tmp_path / "pretrained"
+    assert cli("import", tmp_path / "hf", "--out", ckpt).exit_code == 0
+
+    r = cli("generate", "--checkpoint", ckpt, PROMPT, "--max-new-tokens", "8", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.stderr
+    from gptcli.tokenizer import encode
+
+    prompt = torch.tensor([encode(PROMPT)])
+    want = hf.generate(prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt),
+                       pad_token_id=50256)
+    assert json.loads(r.stdout)["samples"][0]["ids"] == want[0, prompt.shape[1]:].tolist()  # greedy: same tokens
+    # The chapter's closing call, sampled: the same tokens as the book's generate() on the same weights.
+    r = cli("generate", "--checkpoint", ckpt, PROMPT, "--temperature", "1.5", "--top-k", "50", "--seed", "123",
+            "--max-new-tokens", "12", "--no-eos", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.stderr
+    from llms_from_scratch.ch05 import generate as book_generate
+
+    cfg = load_checkpoint(ckpt).config.model
+    book = book_model(cfg).eval()
+    missing, unexpected = book.load_state_dict(load_checkpoint(ckpt).weights, strict=False)  # the book's names
+    assert unexpected == [] and all(k.endswith(".att.mask") for k in missing)  # its causal masks are buffers
+    torch.manual_seed(123)
+    want = book_generate(book, prompt, max_new_tokens=12, context_size=cfg.context_length, top_k=50, temperature=1.5)
+    assert json.loads(r.stdout)["samples"][0]["ids"] == want[0, prompt.shape[1]:].tolist()
+
+    for args in (("eval", ckpt, "--data", verdict, "--num-batches", "1"),
+                 ("loss", "--checkpoint", ckpt, "--data", verdict, "--num-batches", "1")):
+        r = cli(*args, "--device", "cpu", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert str(ckpt) in r.stdout
+
+    r = cli("train", "--init-from", ckpt, "--data", verdict, "--max-steps", "2", "--learning-rate", "1e-5",
+            "--out", tmp_path / "run", "--device", "cpu", "--set", "train.eval_freq=100", "--set", "train.sample_tokens=0")
+    assert r.exit_code == 0, r.stderr
+    before, after = load_checkpoint(ckpt).weights, load_checkpoint(tmp_path / "run").weights
+    assert set(before) == set(after)
+    drift = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert 0 < drift < 1e-3  # two small AdamW steps away from the imported weights, not a fresh init
