@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from gptcli.config import Config, ConfigError, config_from_dict, save_config
 from gptcli.download import fsync_dir, sha256_file
-from gptcli.errors import RunError, first_line
+from gptcli.errors import InputError, RunError, first_line
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -40,6 +40,18 @@ TRAIN_STATE = "train_state.pt"
 CONFIG = "config.yaml"
 FORMAT = "gptcli-checkpoint"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def named_dir(root: Path, name: str, what: str) -> Path:
+    """`root/name` for a run or model name given on the command line, refusing names that
+    would lead outside `root` (``..``, absolute paths, path separators).
+
+    Raises:
+        InputError: the name is empty, hidden, or not a single path component.
+    """
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+        raise InputError(f"{what} {name!r}: must be a plain name (no '/', no '..', not hidden)")
+    return root / name
 
 
 def step_dir_name(step: int) -> str:
@@ -92,7 +104,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_config(config, tmp / CONFIG)
         if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE)
+            _torch_save(train_state, tmp / TRAIN_STATE)
         files = {}
         for f in sorted(tmp.iterdir()):
             _fsync_file(f)
@@ -119,10 +131,26 @@ def save_checkpoint(
             else:
                 os.replace(tmp, final)
         fsync_dir(run_dir)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"{final}: cannot write checkpoint ({e.strerror or e}); earlier checkpoints are intact") from None
+        reason = getattr(e, "strerror", None) or first_line(e)
+        raise RunError(f"{final}: cannot write checkpoint ({reason}); earlier checkpoints are intact") from None
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, but a failing write (ENOSPC, EIO) surfaces as the OSError it is.
+
+    torch reports write errors as a RuntimeError ("unexpected pos ...") whose
+    context holds the OSError raised by the file object.
+    """
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def _fsync_file(path: Path) -> None:

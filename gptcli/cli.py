@@ -283,7 +283,8 @@ class _TrainEvents:
 def train(
     config: ConfigOpt = None,
     data: DataOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: checkpoints/<config name>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: checkpoints/<--name or config name>).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: the run directory is checkpoints/NAME.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest valid checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run directory first.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from these weights (continued pretraining).")] = None,
@@ -301,6 +302,7 @@ def train(
     """Train a model (the book's train_model_simple: AdamW, periodic evaluation, epoch samples)."""
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(nproc)
+    from gptcli.checkpoint import named_dir
     from gptcli.train import train as run_training
 
     overrides = {"data.path": str(data) if data else None, "train.device": device, "train.num_epochs": num_epochs,
@@ -313,6 +315,10 @@ def train(
 
         config = resolve_checkpoint(init_from, check_hashes=False)[0] / CONFIG
     cfg = _load_config(config, overrides, sets)
+    if out is not None and name is not None:
+        raise InputError("--out and --name: give one (--name NAME means --out checkpoints/NAME)")
+    if name is not None:
+        out = named_dir(CHECKPOINTS_ROOT, name, "--name")
     run_dir = out or Path(cfg.train.out_dir or CHECKPOINTS_ROOT / (config.stem if config else "default"))
     events = _TrainEvents()
     try:
@@ -663,10 +669,12 @@ def import_(
     json_out: JsonOpt = False,
 ) -> None:
     """Convert local GPT-2 weights into a gptcli checkpoint (OpenAI's files are read without TensorFlow)."""
+    from gptcli.checkpoint import named_dir
     from gptcli.weights import import_weights, save_imported
 
     imported = import_weights(path, n_heads)
-    saved = save_imported(imported, out or PRETRAINED_ROOT / imported.name, imported.name, overwrite)
+    target = out or named_dir(PRETRAINED_ROOT, imported.name, f"{path}: model name")
+    saved = save_imported(imported, target, imported.name, overwrite)
     if json_out:
         _print_json({"checkpoint": saved, "source": imported.source, "model": imported.config.to_dict()["model"]})
     else:

@@ -1,0 +1,184 @@
+"""Faults a long run meets, and files that try to run code: nothing is lost, nothing is executed."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, ROOT, gptcli_cmd
+from gptcli.checkpoint import find_latest, list_step_checkpoints, verify_checkpoint
+
+TINY = ["--config", CONFIGS / "tiny.yaml"]
+
+
+def _tiny_run(cli, verdict, run, *extra):
+    result = cli("train", *TINY, "--data", verdict, "--out", run, *extra)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_disk_full_on_a_real_tmpfs_keeps_the_previous_checkpoint(verdict, tmp_path, subprocess_env):
+    """A 64 MB filesystem holds one checkpoint of the tiny model (39 MB) but not two."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "64m"):
+        pytest.skip("cannot mount a tmpfs here (not root?); the injected-ENOSPC test covers this")
+    try:
+        run = disk / "run"
+        done = subprocess.run([*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run),
+                               "--set", "train.save_every=2", "--set", "train.keep_last=5"],
+                              env=subprocess_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert "step-000004" in last and "No space left on device" in last and "intact" in last
+        assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
+        verify_checkpoint(run / "step-000002")
+        assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_injected_enospc_during_a_checkpoint_write(cli, verdict, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from gptcli import checkpoint
+
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the second checkpoint: the disk fills half-way through the file
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    run = tmp_path / "run"
+    result = cli("train", *TINY, "--data", verdict, "--out", run, "--set", "train.save_every=2")
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr and "step-000004" in result.stderr
+    assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
+    verify_checkpoint(run / "step-000002")
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+    resumed = cli("train", "--out", run, "--resume", "--data", verdict, "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.stderr
+
+
+def test_second_trainer_on_the_same_run_refuses_and_a_stale_lock_is_taken_over(verdict, tmp_path, subprocess_env):
+    run = tmp_path / "run"
+    args = [*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run), "--num-epochs", "100"]
+    first = subprocess.Popen(args, env=subprocess_env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stderr:
+            if line.startswith("step 3/"):
+                break
+        second = subprocess.run([*args[:-2], "--resume"], env=subprocess_env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert f"pid {first.pid}" in second.stderr and "in use" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / ".lock").read_text().strip() == str(first.pid)  # a stale lock: its holder is dead
+    third = subprocess.run([*args[:-2], "--resume", "--max-steps", "12"], env=subprocess_env,
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr
+
+
+def test_a_flipped_byte_is_caught_and_resume_uses_the_previous_checkpoint(cli, verdict, tmp_path):
+    run = tmp_path / "run"
+    _tiny_run(cli, verdict, run, "--max-steps", "6", "--set", "train.save_every=3")
+    weights = run / "step-000006" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    latest, skipped = find_latest(run)
+    assert latest.name == "step-000003" and "sha256" in skipped[0]
+    result = cli("train", "--out", run, "--resume", "--data", verdict, "--max-steps", "8")
+    assert result.exit_code == 0, result.stderr
+    assert "warning" in result.stderr and "step-000006" in result.stderr and "corrupted" in result.stderr
+    assert "resuming" in result.stderr
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, 9))  # 4..8 redone from step 3
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def _plant_evil_train_state(ckpt: Path) -> None:
+    """Replace train_state.pt by a code-running pickle and fix the manifest so only the unpickler can object."""
+    state = ckpt / "train_state.pt"
+    torch.save({"step": 1, "evil": _Evil()}, state)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["train_state.pt"] = {"sha256": hashlib.sha256(state.read_bytes()).hexdigest(),
+                                           "bytes": state.stat().st_size}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_code_in_pickles_is_never_run(cli, verdict, tmp_path):
+    run = tmp_path / "run"
+    _tiny_run(cli, verdict, run, "--max-steps", "1")
+    _plant_evil_train_state(run / "step-000001")
+    result = cli("train", "--out", run, "--resume", "--data", verdict)
+    assert result.exit_code == 1 and "refused" in result.stderr and "train_state.pt" in result.stderr
+
+    evil_pth = tmp_path / "model.pth"
+    torch.save({"tok_emb.weight": torch.zeros(2, 2), "x": _Evil()}, evil_pth)
+    assert cli("import", evil_pth).exit_code == 2
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2,
+                                                "n_positions": 32, "vocab_size": 50257}))
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2), "x": _Evil()}, hf / "pytorch_model.bin")
+    assert cli("import", hf).exit_code in (1, 2)
+    assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_every_torch_load_is_weights_only():
+    """No code path can unpickle arbitrary objects: every torch.load passes weights_only=True."""
+    for path in (ROOT / "gptcli").glob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, f"{path.name}: {call}"
+        assert "pickle.load" not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize("name", ["../escape", "..", "a/b", "/abs", ".hidden", ""])
+def test_names_cannot_leave_the_checkpoints_folder(cli, verdict, tmp_path, name):
+    result = cli("train", *TINY, "--data", verdict, "--name", name, "--max-steps", "1")
+    assert result.exit_code == 2 and "--name" in result.stderr
+    assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_saves_and_exits_143(verdict, tmp_path, subprocess_env):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run),
+                             "--num-epochs", "100"], env=subprocess_env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("step 5/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143
+    assert "SIGTERM" in rest and "--resume" in rest
+    latest, _ = find_latest(run)
+    assert latest is not None and latest.name >= "step-000005"
