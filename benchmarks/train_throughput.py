@@ -1,0 +1,218 @@
+"""Training throughput and memory: gptcli's loop against the book's, measured in the same run.
+
+    python benchmarks/train_throughput.py                       # reference config, batch 2 and 8, CPU
+    python benchmarks/train_throughput.py --batch-sizes 2 --steps 4
+    python benchmarks/train_throughput.py --config configs/gpt2-124m.yaml --device cuda \\
+        --fast-config configs/gpt2-124m-fast.yaml --batch-sizes 8
+
+Each variant runs in a fresh process (so its peak resident memory is its own):
+  book         the book's code: create_dataloader_v1, GPTModel, AdamW, train_model_simple
+  gptcli       `gptcli train`'s loop (gptcli.train.train) with the config as given (book-exact)
+  gptcli-fast  the same loop with --fast-config (fused kernels, fused AdamW, ...)
+All start from the same seed, so they train the same weights on the same batches. Step
+times come from the moment each optimizer step ends; the first --warmup steps are dropped.
+The device's dense matmul peak is measured in this run too, and MFU = model FLOPs per
+token (gptcli.model.flops_per_token: 6N + 12 L T C) x tokens/s / that peak.
+
+Needs the test extras (the book's package: pip install --no-deps llms-from-scratch==1.0.19)
+and the book's corpus (--data, default ../shared/data/the-verdict.txt or data/the-verdict.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = next((p for p in (ROOT.parent / "shared/data/the-verdict.txt", ROOT / "data/the-verdict.txt") if p.exists()),
+                    ROOT / "data/the-verdict.txt")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _offline_tiktoken() -> None:
+    """Let the book's code call tiktoken.get_encoding("gpt2") offline (cache pre-filled with the verified files)."""
+    from gptcli.tokenizer import bpe_files
+
+    cache = Path(tempfile.mkdtemp(prefix="tiktoken-"))
+    urls = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+            "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+    for url, path in zip(urls, bpe_files()):
+        shutil.copy(path, cache / hashlib.sha1(url.encode()).hexdigest())
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+
+
+def _config(path: str, batch_size: int, steps: int, data: str, device: str):
+    from gptcli.config import load_config
+
+    return load_config(path, {
+        "train.batch_size": batch_size, "train.max_steps": steps, "train.device": device, "data.path": data,
+        "train.eval_freq": 10**9, "train.sample_tokens": 0, "train.save_every": None, "train.log_every": 1,
+        "train.num_epochs": 10**6,
+    })
+
+
+def worker_book(args) -> list[float]:
+    """The book's chapter-5 training code, with a clock on optimizer.step."""
+    import tiktoken
+    import torch
+    from llms_from_scratch.ch02 import create_dataloader_v1
+    from llms_from_scratch.ch04 import GPTModel
+    from llms_from_scratch.ch05 import train_model_simple
+
+    from gptcli.device import resolve_device
+
+    _offline_tiktoken()
+    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device)
+    m, t = cfg.model, cfg.train
+    device = resolve_device(t.device)
+    text = Path(args.data).read_text(encoding="utf-8")
+    split = int(cfg.data.train_ratio * len(text))
+    torch.manual_seed(t.seed)
+    train_loader = create_dataloader_v1(text[:split], batch_size=t.batch_size, max_length=m.context_length,
+                                        stride=m.context_length, drop_last=True, shuffle=True)
+    val_loader = create_dataloader_v1(text[split:], batch_size=t.batch_size, max_length=m.context_length,
+                                      stride=m.context_length, drop_last=False, shuffle=False)
+    torch.manual_seed(t.seed)
+    model = GPTModel({k: getattr(m, k) for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                                                 "drop_rate", "qkv_bias")})
+    if m.gelu == "exact":  # the config's GELU, as gptcli's book-exact mode uses it
+        for block in model.trf_blocks:
+            block.ff.layers[1] = torch.nn.GELU()
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    ends: list[float] = []
+    step = optimizer.step
+
+    def timed_step(*a, **k):
+        out = step(*a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+        if len(ends) == args.steps:
+            raise _Stop
+        return out
+
+    optimizer.step = timed_step
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(_Stop):
+        train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs=10**6,
+                           eval_freq=10**9, eval_iter=1, start_context="Every effort moves you",
+                           tokenizer=tiktoken.get_encoding("gpt2"))
+    return ends
+
+
+def worker_gptcli(args) -> list[float]:
+    """gptcli's training loop (the function behind `gptcli train`), timed at each logged step."""
+    from gptcli.train import Events, train
+
+    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device)
+    ends: list[float] = []
+
+    class Clock(Events):
+        def log(self, record):
+            ends.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg, Path(tmp) / "run", events=Clock())
+    return ends
+
+
+def run_worker(variant: str, config: str, batch_size: int, args) -> dict:
+    """Run one variant in a fresh process; return its step times and peak resident memory."""
+    cmd = [sys.executable, __file__, "--worker", variant, "--config", config, "--batch-size", str(batch_size),
+           "--steps", str(args.warmup + args.steps), "--data", str(args.data), "--device", args.device]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(variant: str, config: str, batch_size: int, args, flops_token: float, peak: float) -> dict:
+    r = run_worker(variant, config, batch_size, args)
+    ends = r["ends"][args.warmup - 1:] if args.warmup > 0 else [r["start"], *r["ends"]]
+    steps = len(ends) - 1
+    seconds = (ends[-1] - ends[0]) / steps
+    tokens = batch_size * r["context_length"]
+    tps = tokens / seconds
+    return {"variant": variant, "batch": batch_size, "step_s": seconds, "tokens_per_s": tps,
+            "mfu": flops_token * tps / peak, "peak_rss_mb": r["peak_rss_mb"], "steps": steps}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs/gpt2-124m-256.yaml"))
+    p.add_argument("--fast-config", default=str(ROOT / "configs/gpt2-124m-256-fast.yaml"))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--variants", nargs="+", default=["book", "gptcli", "gptcli-fast"])
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        import resource
+
+        start = time.perf_counter()
+        ends = (worker_book if args.worker == "book" else worker_gptcli)(args)
+        from gptcli.config import load_config
+
+        ctx = load_config(args.config).model.context_length
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"start": start, "ends": ends, "context_length": ctx, "peak_rss_mb": rss_kb / 1024}))
+        return
+
+    import torch
+
+    from gptcli.config import load_config
+    from gptcli.device import resolve_device
+    from gptcli.model import flops_per_token
+    from gptcli.perf import measure_matmul_flops
+
+    device = resolve_device(args.device)
+    base = load_config(args.config)
+    fast = load_config(args.fast_config)
+    dtype = torch.bfloat16 if fast.train.precision == "bf16" else torch.float32
+    peak32 = measure_matmul_flops(device, torch.float32)
+    peak_fast = peak32 if dtype == torch.float32 else measure_matmul_flops(device, dtype)
+    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"measured dense matmul peak: fp32 {peak32 / 1e9:,.1f} GFLOP/s"
+          + (f", {str(dtype)[6:]} {peak_fast / 1e9:,.1f} GFLOP/s" if dtype != torch.float32 else ""))
+    print(f"model: {args.config} ({flops_per_token(base.model) / 1e6:,.0f} MFLOP per training token); "
+          f"{args.steps} timed steps after {args.warmup} warm-up steps\n")
+    header = f"{'batch':>5}  {'variant':<12} {'tokens/s':>10} {'step s':>8} {'MFU':>6} {'peak MB':>9} {'speed vs book':>14} {'memory vs book':>15}"
+    print(header)
+    results = []
+    for bs in args.batch_sizes:
+        rows = {}
+        for variant in args.variants:
+            cfg_path, peak = (args.fast_config, peak_fast) if variant == "gptcli-fast" else (args.config, peak32)
+            ftok = flops_per_token(load_config(cfg_path).model)
+            rows[variant] = measure(variant, cfg_path, bs, args, ftok, peak)
+            r, ref = rows[variant], rows.get("book")
+            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
+            memory = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x" if ref else ""
+            print(f"{bs:>5}  {variant:<12} {r['tokens_per_s']:>10,.0f} {r['step_s']:>8.2f} {100 * r['mfu']:>5.1f}% "
+                  f"{r['peak_rss_mb']:>9,.0f} {speed:>14} {memory:>15}", flush=True)
+        results.extend(rows.values())
+    if args.json:
+        print(json.dumps({"peak_flops_fp32": peak32, "peak_flops_fast": peak_fast, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
