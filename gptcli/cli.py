@@ -404,13 +404,14 @@ def generate(
     """Continue a prompt (greedy by default, like the book's generate_text_simple)."""
     import torch
 
-    from gptcli.generate import check_sampling, generate as run_generate
+    from gptcli.generate import check_sampling, generate as run_generate, optimize_for_decoding
     from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
     prompts = _read_prompts(prompt, prompts_file)
     model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
     ids = [encode(p) for p in prompts for _ in range(num_samples)]
+    optimize_for_decoding(model, len(ids))
     seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)  # the book seeds right before it samples
     live = (sys.stdout.isatty() if stream is None else stream) and not json_out

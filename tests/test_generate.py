@@ -5,8 +5,8 @@ import torch
 
 from conftest import tiny_model_config
 from gptcli.errors import InputError
-from gptcli.generate import TextStream, generate, sample_next, top_p_filter
-from gptcli.model import GPTModel
+from gptcli.generate import TextStream, generate, optimize_for_decoding, sample_next, top_p_filter
+from gptcli.model import GPTModel, export_state_dict
 from gptcli.tokenizer import encode
 
 
@@ -61,6 +61,30 @@ def test_last_only_logits_equal_the_last_row_of_the_full_forward():
         last = model(x, last_only=True)
     assert last.shape == (2, 1, 50257)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
+
+
+def test_decoding_layout_changes_storage_not_results(tmp_path):
+    from gptcli.checkpoint import load_checkpoint, save_checkpoint
+    from gptcli.config import Config
+
+    model = tiny_model(impl="fused")
+    prompts = random_prompts([7], 50257)
+    x = torch.tensor(prompts)
+    with torch.no_grad():
+        before = model(x)
+    expected = generate(model, prompts, 20)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    optimize_for_decoding(model, batch_size=1)
+    assert all(not m.weight.is_contiguous() and m.weight.t().is_contiguous() for m in linears)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    assert generate(model, prompts, 20) == expected
+    saved = save_checkpoint(tmp_path, "step-000001", export_state_dict(model), Config(model=model.cfg))
+    for key, value in load_checkpoint(saved).weights.items():
+        assert torch.equal(value, export_state_dict(model)[key]), key
+    optimize_for_decoding(model, batch_size=8)  # more rows: the usual layout is faster again
+    assert all(m.weight.is_contiguous() for m in linears)
+    assert generate(model, prompts, 20) == expected
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
