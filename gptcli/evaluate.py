@@ -6,10 +6,11 @@ that training uses, so `gptcli train`, `gptcli eval` and `gptcli loss` agree.
 
 In a notebook::
 
+    from pathlib import Path
     from gptcli import evaluate as ev
     from gptcli.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint("checkpoints/tiny")          # a run's newest valid checkpoint
+    ckpt = load_checkpoint(Path("checkpoints/tiny"))    # a run's newest valid checkpoint
     model = ev.model_from_checkpoint(ckpt, "cpu")
     ev.evaluate_datasets(model, ev.eval_datasets(ckpt.config, ["notes.txt"]), batch_size=4)
     ev.evaluate_run("checkpoints/tiny")["results"]      # every checkpoint, oldest first

@@ -81,7 +81,7 @@ def sample_next(
         temperature: 0 = greedy; otherwise logits are divided by it before sampling.
         top_k: keep the k largest logits of each row (ties with the k-th are kept too).
         top_p: keep the smallest set of most likely tokens whose probability reaches p.
-        generator: RNG for the draw; None uses the global torch RNG, as the book does.
+        generator: RNG on the logits' device for the draw; None uses the global torch RNG, as the book does.
     """
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1); the book's [:, -1] only broadcasts at B = 1
@@ -174,7 +174,8 @@ def generate(
         eos_id: a sequence ends when it produces this id (which is not returned).
         use_cache: prefill + one token per step; False runs the book's full recompute,
             op for op (logits of every position), for book-exact output.
-        generator: RNG for sampling; None uses the global torch RNG, as the book does.
+        generator: RNG on the model's device for sampling; None uses the global torch RNG
+            (seeded by ``torch.manual_seed``), as the book does.
         on_tokens: called after each step with the new ids (B,) and a (B,) bool mask
             of the sequences still running (False from the step that produced
             `eos_id` on); for streaming. It reads device values every step.

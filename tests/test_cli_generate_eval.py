@@ -15,6 +15,7 @@ from gptcli.evaluate import model_from_checkpoint
 from gptcli.generate import generate
 from gptcli.tokenizer import decode, encode
 from test_evaluate import save_model_checkpoint
+from test_generate import one_thread  # noqa: F401 (an autouse fixture)
 
 TINY = str(CONFIGS / "tiny.yaml")
 

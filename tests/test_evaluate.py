@@ -14,6 +14,7 @@ from gptcli.data import load_splits, split_text
 from gptcli.errors import InputError, RunError
 from gptcli.loss import cross_entropy
 from gptcli.model import GPTModel, export_state_dict
+from test_generate import one_thread  # noqa: F401 (an autouse fixture)
 
 
 def save_model_checkpoint(run_dir: Path, cfg: Config, step: int, seed: int) -> Path:

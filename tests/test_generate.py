@@ -10,6 +10,15 @@ from gptcli.model import GPTModel, export_state_dict
 from gptcli.tokenizer import encode
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose much when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed: int = 1, **overrides) -> GPTModel:
     torch.manual_seed(seed)
     return GPTModel(tiny_model_config(**overrides)).eval()
