@@ -171,7 +171,9 @@ def generate(
         temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
         top_k: sample among the k most likely tokens only (1 = greedy).
         top_p: sample from the smallest set of most likely tokens with probability >= top_p.
-        eos_id: a sequence ends when it produces this id (which is not returned).
+        eos_id: a sequence ends when it produces this id (which is not returned). Whether
+            all have ended is looked at every EOS_CHECK_EVERY steps (every step with
+            `on_tokens`), so the RNG may have made a few more draws than the book's loop.
         use_cache: prefill + one token per step; False runs the book's full recompute,
             op for op (logits of every position), for book-exact output.
         generator: RNG on the model's device for sampling; None uses the global torch RNG
