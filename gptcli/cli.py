@@ -177,16 +177,12 @@ def _build_model(cfg, ckpt, seed: Optional[int]):
     import torch
 
     from gptcli.device import resolve_device
-    from gptcli.model import GPTModel, load_state_dict
+    from gptcli.evaluate import model_from_checkpoint
+    from gptcli.model import GPTModel
 
-    device = resolve_device(cfg.train.device)
     if ckpt is not None:
-        model = GPTModel(cfg.model)
-        try:
-            load_state_dict(model, ckpt.weights)
-        except ValueError as e:
-            raise GptcliError(f"{ckpt.path}: weights do not fit the model ({e})") from None
-        return model.to(device).eval(), str(ckpt.path)
+        return model_from_checkpoint(ckpt, cfg.train.device), str(ckpt.path)
+    device = resolve_device(cfg.train.device)
     seed = cfg.train.seed if seed is None else seed
     _err(f"warning: no checkpoint found; using an untrained model (seed {seed})")
     torch.manual_seed(seed)
@@ -419,15 +415,15 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="Text to continue.")] = None,
     checkpoint: CheckpointOpt = None,
     config: ConfigOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(min=0, help="Tokens to generate.")] = 50,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher = more random.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = 50,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; higher = more random.")] = 0.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set with probability >= p, in (0, 1].")] = None,
-    eos: Annotated[bool, typer.Option("--eos/--no-eos", help="Stop at <|endoftext|>.")] = True,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set of tokens with probability >= p, in (0, 1].")] = None,
+    eos: Annotated[bool, typer.Option("--eos/--no-eos", help="Stop a sample at <|endoftext|>.")] = True,
     num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
-    prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line, generated as one batch.")] = None,
-    seed: SeedOpt = None,
-    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal).")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line, generated as one batch, printed in order.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling draws (and of an untrained model); default: the config's train.seed.")] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal; one sample only).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context per token (the book's loop).")] = False,
     device: DeviceOpt = None,
     sets: SetOpt = None,
@@ -436,75 +432,74 @@ def generate(
     """Continue a prompt (greedy by default, like the book's generate_text_simple)."""
     import torch
 
-    from gptcli.generate import generate as run_generate
+    from gptcli.generate import check_sampling, generate as run_generate, optimize_for_decoding
     from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
     prompts = _read_prompts(prompt, prompts_file)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise InputError(f"--top-p: must be in (0, 1], got {top_p}")
     model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
-    if top_k is not None and not 1 <= top_k <= cfg.model.vocab_size:
-        raise InputError(f"--top-k: must be between 1 and the vocabulary size {cfg.model.vocab_size}, got {top_k}")
     ids = [encode(p) for p in prompts for _ in range(num_samples)]
-    if any(max(i) >= cfg.model.vocab_size for i in ids):
-        raise InputError(f"prompt: has token ids beyond this model's vocabulary ({cfg.model.vocab_size})")
-    # The book truncates the prompt on the left to the context length.
-    ids = [i[-cfg.model.context_length:] for i in ids]
-    torch.manual_seed(cfg.train.seed if seed is None else seed)  # the book seeds right before sampling
-    live = (sys.stdout.isatty() if stream is None else stream) and not json_out and len(ids) == 1
-    printer = _StreamPrinter(ids[0]) if live else None
-    outs = run_generate(
-        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=END_OF_TEXT_ID if eos else None, use_cache=not no_cache,
-        on_tokens=printer.feed if printer else None,
-    )
-    texts = [decode(i + o) for i, o in zip(ids, outs)]
-    if json_out:
-        items = [{"prompt": decode(i), "text": t, "new_tokens": len(o), "ids": o} for i, t, o in zip(ids, texts, outs)]
-        _print_json({"model": where, "samples": items})
-    elif printer is not None:
+    optimize_for_decoding(model, len(ids))
+    seed = cfg.train.seed if seed is None else seed
+    torch.manual_seed(seed)  # the book seeds right before it samples
+    live = (sys.stdout.isatty() if stream is None else stream) and not json_out
+    if live and len(ids) > 1:
+        live = False
+        if stream:
+            _err(f"warning: --stream shows one sample; the {len(ids)} samples print when done")
+    printer = _StreamPrinter(prompts[0]) if live else None
+    outs = run_generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_id=END_OF_TEXT_ID if eos else None, use_cache=not no_cache,
+                        on_tokens=printer.feed if printer else None)
+    texts = [p + decode(o) for p, o in zip((p for p in prompts for _ in range(num_samples)), outs)]
+    if printer is not None:
         printer.finish()
+    elif json_out:
+        samples = [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "text": t, "completion": decode(o),
+                    "ids": o, "new_tokens": len(o), "finish": "eos" if len(o) < max_new_tokens else "length"}
+                   for i, (t, o) in enumerate(zip(texts, outs))]
+        _print_json({"model": where, "seed": seed, "samples": samples})
     else:
-        print("\n".join(texts) if len(texts) == 1 else "\n\n".join(texts))
+        print("\n\n".join(texts))
 
 
 def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
+    """The prompt argument, then each non-blank line of --prompts-file."""
+    prompts = [] if prompt is None else [prompt]
     if prompts_file is not None:
         try:
             text = prompts_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or "not UTF-8 text"
             raise InputError(f"--prompts-file {prompts_file}: cannot read ({reason})") from None
-        prompts = [line for line in text.splitlines() if line.strip()]
-        if not prompts:
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
             raise InputError(f"--prompts-file {prompts_file}: no prompts (one per line expected)")
-        return ([prompt] if prompt else []) + prompts
-    if prompt is None or not prompt.strip():
+        prompts += lines
+    if not prompts or "" in prompts:
         raise InputError("prompt: empty; give the text to continue (or --prompts-file)")
-    return [prompt]
+    return prompts
 
 
 class _StreamPrinter:
-    """Prints the prompt, then each new token's text as soon as its bytes form complete characters."""
+    """Writes the prompt, then each new token's text to stdout as soon as it forms whole characters."""
 
-    def __init__(self, prompt_ids: list[int]):
-        import codecs
+    def __init__(self, prompt: str):
+        from gptcli.generate import TextStream
 
-        from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
-
-        self.enc = get_tokenizer()
-        self.eos = END_OF_TEXT_ID
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        sys.stdout.write(self.decoder.decode(self.enc.decode_bytes(prompt_ids)))
-        sys.stdout.flush()
+        self.text = TextStream()
+        self._write(prompt)
 
     def feed(self, ids, running) -> None:
         if bool(running[0]):
-            sys.stdout.write(self.decoder.decode(self.enc.decode_single_token_bytes(int(ids[0]))))
-            sys.stdout.flush()
+            self._write(self.text.push(int(ids[0])))
 
     def finish(self) -> None:
-        sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
+        self._write(self.text.flush() + "\n")
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
 
 
@@ -515,11 +510,13 @@ class _StreamPrinter:
 @_handle_errors
 def eval_(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run directory (default: the newest).")] = None,
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate these text files too (repeatable).")] = None,
-    all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: validation loss by step.")] = False,
-    text: Annotated[Optional[str], typer.Option(help="Evaluate this text.")] = None,
-    show_tokens: Annotated[bool, typer.Option("--show-tokens", help="Per-token probabilities, ranks and alternatives.")] = False,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this text file or folder too (repeatable).")] = None,
+    val: Annotated[bool, typer.Option("--val/--no-val", help="Evaluate the config's validation split.")] = True,
+    all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: loss against step.")] = False,
+    text: Annotated[Optional[str], typer.Option(help="Score this text instead of datasets.")] = None,
+    show_tokens: Annotated[bool, typer.Option("--show-tokens", help="With --text: each token's probability, rank and top-5 alternatives.")] = False,
     num_batches: Annotated[Optional[int], typer.Option(min=1, help="At most this many batches per dataset.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per batch (default: the config's).")] = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -529,36 +526,64 @@ def eval_(
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
     from gptcli import evaluate as ev
 
+    files = [str(p) for p in data or []]
+    if show_tokens and text is None:
+        raise InputError("--show-tokens: needs --text TEXT")
+    if text is not None and (all_checkpoints or files):
+        raise InputError("--text: cannot be combined with --all or --data")
+    if not val and not files and text is None:
+        raise InputError("--no-val: nothing left to evaluate; add --data FILE")
     if all_checkpoints:
-        run = checkpoint or CHECKPOINTS_ROOT
-        rows = ev.evaluate_run(run, data=[str(p) for p in data or []], num_batches=num_batches, device=device)
-        _render_rows(rows, ["checkpoint", "step", "dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"run": str(run)})
+        report = ev.evaluate_run(checkpoint or _newest_run(), files, val, num_batches, batch_size, device)
+        for reason in report["skipped"]:
+            _err(f"warning: skipped a damaged checkpoint: {reason}")
+        columns = ["step", "checkpoint", "dataset", "loss", "ppl", "bpb", "tokens"]
+        _render_rows(report["results"], columns, json_out, {"run": report["run"], "skipped": report["skipped"]})
         return
     model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
-    if text is not None or show_tokens:
-        if not text:
-            raise InputError("--text: empty; give the text to evaluate")
+    if text is not None:
         result = ev.token_report(model, text)
         if json_out:
             _print_json(_json_safe({"model": where, **result}))
         else:
             _render_token_report(result, show_tokens)
         return
-    rows = ev.evaluate_datasets(model, cfg, data=[str(p) for p in data or []], num_batches=num_batches)
+    datasets = ev.eval_datasets(cfg, files, val)
+    rows = ev.evaluate_datasets(model, datasets, batch_size or cfg.train.batch_size, num_batches)
     _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
+
+
+def _newest_run() -> Path:
+    """The run directory of the newest checkpoint under checkpoints/ (or that checkpoint itself)."""
+    from gptcli.checkpoint import STEP_DIR, find_newest_anywhere
+    from gptcli.errors import RunError
+
+    newest = find_newest_anywhere(CHECKPOINTS_ROOT)
+    if newest is None:
+        raise RunError(f"{CHECKPOINTS_ROOT}: no checkpoint found; pass a run directory")
+    return newest.parent if STEP_DIR.match(newest.name) else newest
+
+
+_HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}
 
 
 def _render_rows(rows: list[dict[str, Any]], columns: list[str], json_out: bool, extra: dict[str, Any]) -> None:
     if json_out:
         _print_json(_json_safe({**extra, "results": rows}))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(*columns, box=None, pad_edge=False)
+    table = Table(*[_HEADERS.get(c, c) for c in columns], box=None, pad_edge=False)
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in columns])
-    Console(highlight=False, soft_wrap=True).print(table)
+    _stdout_console().print(table)
+
+
+def _stdout_console():
+    """Rich output for stdout: fitted to a terminal; unwrapped, untruncated lines into a pipe or file."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 
 
 def _fmt(x: Any) -> str:
@@ -567,25 +592,29 @@ def _fmt(x: Any) -> str:
     return "" if x is None else str(x)
 
 
+def _prob(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def _render_token_report(result: dict[str, Any], show_tokens: bool) -> None:
-    from rich.console import Console
+    """The chapter's target-probability table, coloured green (likely) to red (unlikely)."""
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = _stdout_console()
     if show_tokens:
         table = Table("pos", "token", "p(token)", "rank", "top-5 alternatives", box=None, pad_edge=False)
         for t in result["tokens"]:
-            if t["prob"] is None:
+            if t["prob"] is None:  # the first token is context only
                 table.add_row(str(t["pos"]), repr(t["token"]), "", "", "")
                 continue
             colour = "green" if t["prob"] >= 0.5 else "yellow" if t["prob"] >= 0.05 else "red"
-            alts = ", ".join(f"{a['token']!r} {a['prob']:.3f}" for a in t["top"])
-            table.add_row(str(t["pos"]), Text(repr(t["token"]), style=colour), Text(f"{t['prob']:.4f}", style=colour),
+            alts = ", ".join(f"{a['token']!r} {_prob(a['prob'])}" for a in t["top"])
+            table.add_row(str(t["pos"]), Text(repr(t["token"]), style=colour), Text(_prob(t["prob"]), style=colour),
                           str(t["rank"]), alts)
         console.print(table)
     console.print(f"loss {result['loss']:.5f} · perplexity {result['ppl']:.2f} · "
-                  f"bits/byte {result['bpb']:.4f} · {result['tokens']} predicted tokens", markup=False)
+                  f"bits/byte {result['bpb']:.4f} · {result['tokens_predicted']} predicted tokens", markup=False)
 
 
 # ---------------------------------------------------------------- pretrained weights

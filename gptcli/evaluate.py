@@ -3,6 +3,18 @@
 ``evaluate_loss`` is the book's ``calc_loss_loader``: the mean cross-entropy over
 the first `num_batches` batches of a loader, computed with the one loss function
 that training uses, so `gptcli train`, `gptcli eval` and `gptcli loss` agree.
+
+In a notebook::
+
+    from pathlib import Path
+    from gptcli import evaluate as ev
+    from gptcli.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path("checkpoints/tiny"))    # a run's newest valid checkpoint
+    model = ev.model_from_checkpoint(ckpt, "cpu")
+    ev.evaluate_datasets(model, ev.eval_datasets(ckpt.config, ["notes.txt"]), batch_size=4)
+    ev.evaluate_run("checkpoints/tiny")["results"]      # every checkpoint, oldest first
+    ev.token_report(model, "Every effort moves you")["tokens"]
 """
 
 from __future__ import annotations
@@ -11,12 +23,12 @@ import functools
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from gptcli.checkpoint import list_step_checkpoints, load_checkpoint, resolve_checkpoint
+from gptcli.checkpoint import Checkpoint, list_step_checkpoints, load_checkpoint, resolve_checkpoint
 from gptcli.config import Config
 from gptcli.data import TokenWindows, WindowBatchSampler, load_splits, make_loader, read_corpus
 from gptcli.device import resolve_device
@@ -52,11 +64,12 @@ def evaluate_loss(
         device: where the batches go.
         num_batches: at most this many batches; None = the whole loader.
         autocast: a context manager factory for mixed precision.
-        all_reduce: sums [loss_sum, tokens, batches, bytes] over processes (distributed evaluation).
-        byte_lengths: UTF-8 length of each token id; adds "bytes" and "bpb" to the result.
+        all_reduce: sums [loss_sum, tokens, batches, bytes, nats] over processes (distributed evaluation).
+        byte_lengths: (V,) UTF-8 length of each token id (see ``token_byte_lengths``); adds
+            "bytes" (of the target tokens) and "bpb" (bits per byte) to the result.
 
     Returns:
-        {"loss", "ppl", "tokens", "batches"}; loss is NaN when there are no batches.
+        {"loss", "ppl", "tokens", "batches"} (+ "bytes", "bpb"); loss is NaN when there are no batches.
     """
     limit = len(loader) if num_batches is None else min(num_batches, len(loader))
     sampler = getattr(loader, "batch_sampler", None)
@@ -66,31 +79,36 @@ def evaluate_loss(
         limit = len(range(sampler.rank, total, sampler.world_size))
     was_training = model.training
     model.eval()
-    loss_sum, tokens, num_bytes = 0.0, 0, 0
+    loss_sum, nats, tokens, num_bytes = 0.0, 0.0, 0, 0
     try:
         if limit > 0:
             for i, (inputs, targets) in enumerate(loader):
                 if i >= limit:
                     break
+                if byte_lengths is not None:
+                    num_bytes += int(byte_lengths[targets].sum())
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 with autocast():
                     logits = model(inputs)
-                loss_sum += cross_entropy(logits, targets).item()
+                batch_loss = cross_entropy(logits, targets).item()
+                loss_sum += batch_loss
+                nats += batch_loss * targets.numel()
                 tokens += targets.numel()
-                if byte_lengths is not None:
-                    num_bytes += int(byte_lengths[targets.cpu()].sum())
     finally:
         model.train(was_training)
     batches = limit
     if all_reduce is not None:
-        loss_sum, tokens, batches, num_bytes = all_reduce([loss_sum, float(tokens), float(batches), float(num_bytes)])
+        loss_sum, tokens, batches, num_bytes, nats = all_reduce(
+            [loss_sum, float(tokens), float(batches), float(num_bytes), nats]
+        )
         tokens, batches, num_bytes = int(tokens), int(batches), int(num_bytes)
     loss = loss_sum / batches if batches else float("nan")
     result = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens, "batches": batches}
     if byte_lengths is not None:
+        # From the summed nats, not `loss`: a partial last batch would otherwise weigh its tokens more.
         result["bytes"] = num_bytes
-        result["bpb"] = bits_per_byte(loss, tokens, num_bytes) if num_bytes else float("nan")
+        result["bpb"] = bits_per_byte(nats / tokens, tokens, num_bytes) if num_bytes else float("nan")
     return result
 
 
@@ -103,81 +121,170 @@ def perplexity(loss: float) -> float:
 
 
 def bits_per_byte(loss: float, num_tokens: int, num_bytes: int) -> float:
-    """Total information in bits divided by UTF-8 bytes: comparable across tokenizers.
+    """Bits per UTF-8 byte of text: comparable across tokenizers, unlike perplexity.
 
-    The summed cross-entropy is ``loss * num_tokens`` nats; dividing by ln 2 gives bits.
+    The summed cross-entropy is ``loss * num_tokens`` nats; dividing by ln 2 gives
+    bits, and by the bytes those tokens decode to gives bits per byte.
+
+    Args:
+        loss: mean cross-entropy per token, in nats.
+        num_tokens: tokens the mean is over.
+        num_bytes: UTF-8 bytes of those tokens.
     """
     return loss * num_tokens / (math.log(2) * num_bytes)
 
 
 @functools.lru_cache(maxsize=1)
 def token_byte_lengths() -> torch.Tensor:
-    """UTF-8 byte length of every GPT-2 token id (for bits per byte)."""
+    """(V,) UTF-8 byte length of every GPT-2 token id (for bits per byte)."""
     enc = get_tokenizer()
     return torch.tensor([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=torch.long)
 
 
-def evaluate_datasets(
-    model: GPTModel, cfg: Config, data: list[str] = (), num_batches: int | None = None, batch_size: int | None = None
-) -> list[dict[str, Any]]:
-    """Loss, perplexity and bits per byte on the config's validation split and on each file in `data`.
+def file_windows(path: str | Path, context_length: int) -> TokenWindows:
+    """The book's windows (stride = context length) over a whole text file or folder of .txt files.
 
-    Files are read whole and cut into the book's windows (stride = context length).
+    Tokens after the last full window are not scored, as in the book's loaders; a
+    text shorter than one window is scored as one shorter window.
 
     Raises:
-        InputError: a file cannot be read or is shorter than one window.
+        InputError: the file cannot be read or has fewer than two tokens.
+    """
+    tokens = torch.tensor(encode(read_corpus(Path(path))), dtype=torch.long)
+    if len(tokens) < 2:
+        raise InputError(f"{path}: {len(tokens)} token(s); scoring needs at least 2")
+    length = min(context_length, len(tokens) - 1)
+    return TokenWindows(tokens, length, length)
+
+
+def eval_datasets(cfg: Config, data: Sequence[str | Path] = (), val: bool = True) -> list[tuple[str, TokenWindows]]:
+    """(name, windows) to evaluate: the config's validation split (if `val`) and each file in `data`.
+
+    The validation split is the one `gptcli train` and `gptcli loss` use, cut the same way.
+
+    Raises:
+        InputError: a file cannot be read, or the corpus is missing (and cannot be downloaded).
+    """
+    ctx = cfg.model.context_length
+    datasets = []
+    if val:
+        splits = load_splits(cfg.data, ctx)
+        datasets.append((f"val ({Path(splits.source).name})", splits.val))
+    datasets += [(str(path), file_windows(path, ctx)) for path in data]
+    return datasets
+
+
+def evaluate_datasets(
+    model: GPTModel,
+    datasets: Sequence[tuple[str, TokenWindows]],
+    batch_size: int,
+    num_batches: int | None = None,
+) -> list[dict[str, Any]]:
+    """Loss, perplexity, bits per byte and token counts of `model` on each dataset, in order.
+
+    Batches are taken in order with the last partial one kept (the book's
+    validation loader), so the validation row equals what `gptcli loss` reports.
+
+    Args:
+        model: a GPTModel (its device is used).
+        datasets: from ``eval_datasets``.
+        batch_size: windows per batch.
+        num_batches: at most this many batches per dataset; None = all.
+
+    Returns:
+        One dict per dataset: {"dataset", "loss", "ppl", "bpb", "tokens", "bytes", "batches"}.
     """
     device = model.tok_emb.weight.device
-    bs = batch_size or cfg.train.batch_size
-    ctx = cfg.model.context_length
-    lengths = token_byte_lengths()
     rows = []
-    if not data:
-        splits = load_splits(cfg.data, ctx)
-        loader = make_loader(splits.val, bs, shuffle=False, drop_last=False)
-        rows.append({"dataset": f"val ({splits.source})",
-                     **evaluate_loss(model, loader, device, num_batches, byte_lengths=lengths)})
-    for path in data:
-        tokens = torch.tensor(encode(read_corpus(Path(path))), dtype=torch.long)
-        if len(tokens) < ctx + 1:
-            raise InputError(f"{path}: {len(tokens)} tokens, one window needs {ctx + 1} (context_length + 1)")
-        loader = make_loader(TokenWindows(tokens, ctx, ctx), bs, shuffle=False, drop_last=False)
-        rows.append({"dataset": str(path), **evaluate_loss(model, loader, device, num_batches, byte_lengths=lengths)})
+    for name, windows in datasets:
+        loader = make_loader(windows, batch_size, shuffle=False, drop_last=False)
+        rows.append({"dataset": name, **evaluate_loss(model, loader, device, num_batches, byte_lengths=token_byte_lengths())})
     return rows
 
 
-def evaluate_run(run: Path, data: list[str] = (), num_batches: int | None = None, device: str | None = None) -> list[dict[str, Any]]:
-    """Evaluate every complete step checkpoint of a run directory, oldest first.
+def model_from_checkpoint(ckpt: Checkpoint, device: str | None = None) -> GPTModel:
+    """A GPTModel in eval mode holding a loaded checkpoint's weights, on `device` (default: the config's).
 
     Raises:
-        RunError: the run holds no complete checkpoint.
+        RunError: the weights do not fit the checkpoint's own config.
+        InputError: the device is not available.
     """
-    paths = list_step_checkpoints(Path(run))
+    dev = resolve_device(device or ckpt.config.train.device)
+    model = GPTModel(ckpt.config.model)
+    try:
+        load_state_dict(model, ckpt.weights)
+    except ValueError as e:
+        raise RunError(f"{ckpt.path}: weights do not fit the model ({e})") from None
+    return model.to(dev).eval()
+
+
+def evaluate_run(
+    run: str | Path,
+    data: Sequence[str | Path] = (),
+    val: bool = True,
+    num_batches: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate every step checkpoint of a run directory, oldest first (validation loss against step).
+
+    A damaged or incomplete checkpoint is skipped and listed with its reason, as
+    resuming would skip it. `run` may also be one checkpoint directory.
+
+    Args:
+        run: a run directory (holding step-NNNNNN/) or a checkpoint directory.
+        data, val: what to evaluate on (see ``eval_datasets``).
+        num_batches: at most this many batches per dataset.
+        batch_size: windows per batch (default: each checkpoint's train.batch_size).
+        device: where to run (default: each checkpoint's train.device).
+
+    Returns:
+        {"run", "results": rows as ``evaluate_datasets`` plus "checkpoint" and "step",
+        "skipped": ["reason", ...]}.
+
+    Raises:
+        RunError: `run` does not exist or holds no complete checkpoint.
+    """
+    run = Path(run)
+    paths = list_step_checkpoints(run)
     if not paths:
-        ckpt_dir, _ = resolve_checkpoint(Path(run))
-        paths = [ckpt_dir]
-    rows = []
+        paths = [resolve_checkpoint(run)[0]]
+    rows, skipped, cache = [], [], {}
     for path in paths:
         try:
             ckpt = load_checkpoint(path)
-        except RunError:
-            continue  # incomplete or damaged: skipped, as resume would skip it
+            model = model_from_checkpoint(ckpt, device)
+        except RunError as e:
+            skipped.append(str(e))
+            continue
         cfg = ckpt.config
-        model = GPTModel(cfg.model)
-        load_state_dict(model, ckpt.weights)
-        model.to(resolve_device(device or cfg.train.device)).eval()
-        for row in evaluate_datasets(model, cfg, data, num_batches):
+        key = (repr(cfg.data), cfg.model.context_length)  # checkpoints of one run share their data
+        if key not in cache:
+            cache[key] = eval_datasets(cfg, data, val)
+        for row in evaluate_datasets(model, cache[key], batch_size or cfg.train.batch_size, num_batches):
             rows.append({"checkpoint": path.name, "step": ckpt.manifest.get("step"), **row})
     if not rows:
-        raise RunError(f"{run}: no complete checkpoint to evaluate")
-    return rows
+        reason = f" ({skipped[-1]})" if skipped else ""
+        raise RunError(f"{run}: no complete checkpoint to evaluate{reason}")
+    return {"run": str(run), "results": rows, "skipped": skipped}
 
 
 @torch.no_grad()
 def token_report(model: GPTModel, text: str, top: int = 5) -> dict[str, Any]:
-    """For each token of `text`, the probability the model gave it, its rank and the top alternatives.
+    """Per-token view of `text`: for each token, the probability the model gave it, its rank and the top alternatives.
 
-    Text longer than the context is scored in consecutive windows of context_length tokens.
+    The chapter-5 table of target probabilities, for any text. The first token is
+    context only; text longer than the context is scored in consecutive windows
+    of context_length tokens (like the loss windows).
+
+    Args:
+        model: a GPTModel (its device is used; evaluated in eval mode).
+        text: the text to score; needs at least two tokens.
+        top: alternatives listed per position.
+
+    Returns:
+        {"text", "tokens": [{"pos", "id", "token", "prob", "rank", "top": [{"id", "token", "prob"}]}],
+        "loss", "ppl", "bpb", "bytes", "tokens_predicted"}; the first token has prob/rank None.
 
     Raises:
         InputError: the text has fewer than two tokens (nothing to predict).
@@ -187,25 +294,30 @@ def token_report(model: GPTModel, text: str, top: int = 5) -> dict[str, Any]:
         raise InputError("--text: needs at least two tokens (the first one is only context)")
     ctx = model.cfg.context_length
     device = model.tok_emb.weight.device
+    was_training = model.training
     model.eval()
     tokens = [{"pos": 0, "id": ids[0], "token": decode([ids[0]]), "prob": None, "rank": None, "top": []}]
     nats = 0.0
-    for start in range(0, len(ids) - 1, ctx):
-        chunk = ids[start : start + ctx + 1]
-        x = torch.tensor([chunk[:-1]], device=device)
-        logprobs = torch.log_softmax(model(x)[0].float(), dim=-1)  # (T, V)
-        for i, target in enumerate(chunk[1:]):
-            lp = logprobs[i]
-            p_target = float(lp[target].exp())
-            rank = int((lp > lp[target]).sum()) + 1
-            top_lp, top_ids = lp.topk(top)
-            nats -= float(lp[target])
-            tokens.append({
-                "pos": start + i + 1, "id": target, "token": decode([target]), "prob": p_target, "rank": rank,
-                "top": [{"id": int(j), "token": decode([int(j)]), "prob": float(v.exp())} for v, j in zip(top_lp, top_ids)],
-            })
+    try:
+        for start in range(0, len(ids) - 1, ctx):
+            chunk = torch.tensor(ids[start : start + ctx + 1], device=device)
+            logprobs = torch.log_softmax(model(chunk[None, :-1])[0].float(), dim=-1)  # (T, V)
+            targets = chunk[1:]
+            target_lp = logprobs.gather(1, targets[:, None])  # (T, 1)
+            ranks = (logprobs > target_lp).sum(dim=1) + 1  # (T,)
+            top_lp, top_ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)  # (T, top)
+            nats -= float(target_lp.sum())
+            rows = zip(targets.tolist(), target_lp[:, 0].exp().tolist(), ranks.tolist(),
+                       top_ids.tolist(), top_lp.exp().tolist())
+            for i, (target, prob, rank, alt_ids, alt_probs) in enumerate(rows):
+                tokens.append({
+                    "pos": start + i + 1, "id": target, "token": decode([target]), "prob": prob, "rank": rank,
+                    "top": [{"id": j, "token": decode([j]), "prob": p} for j, p in zip(alt_ids, alt_probs)],
+                })
+    finally:
+        model.train(was_training)
     predicted = len(ids) - 1
-    num_bytes = sum(int(token_byte_lengths()[t]) for t in ids[1:])
+    num_bytes = int(token_byte_lengths()[torch.tensor(ids[1:])].sum())
     loss = nats / predicted
     return {"text": text, "tokens": tokens, "loss": loss, "ppl": perplexity(loss),
             "bpb": bits_per_byte(loss, predicted, num_bytes), "bytes": num_bytes, "tokens_predicted": predicted}

@@ -1,22 +1,66 @@
 """Sampling from a GPT model: the book's loop, made fast with a KV cache.
 
-The book's ``generate`` feeds the last `context_length` tokens through the model
-for every new token. ``generate`` here gives the same tokens: it prefills the
-prompt once and then feeds one token per step through a KV cache. Once a
-sequence outgrows the context, every position embedding shifts with the sliding
-window, so from then on each step recomputes the window, exactly as the book does.
+The book's ``generate`` (chapter 5) feeds the last `context_length` tokens
+through the model for every new token and computes the logits of every position.
+``generate`` here gives the same tokens: it prefills the prompt once, then feeds
+one token per step through a KV cache and computes the output head for the last
+position only. Once a sequence outgrows the context, every position embedding
+shifts with the sliding window (GPT-2's positions are absolute), so cached keys
+and values no longer apply: from then on each step recomputes the window, as the
+book does, still with the head on the last position only.
 
 Prompts of different lengths share a batch by left padding: pad positions are
-masked out of attention and each row's real tokens keep positions 0, 1, ...
+masked out of attention and each row's real tokens keep positions 0, 1, ..., so
+every row gets the tokens it would get alone.
+
+Sampling keeps the book's order and random draws: top-k filter, temperature,
+``torch.multinomial`` on the global torch RNG (or on `generator`), so a seeded
+batch-1 run gives the book's tokens. Top-p (nucleus) filtering is our addition,
+applied after the temperature.
+
+Example::
+
+    from gptcli.generate import generate
+    from gptcli.tokenizer import decode, encode
+
+    torch.manual_seed(123)
+    new = generate(model.eval(), [encode("Every effort moves you")], 25, temperature=1.4, top_k=25)
+    print(decode(new[0]))
 """
 
 from __future__ import annotations
 
+import codecs
 from typing import Callable
 
 import torch
 
-from gptcli.model import GPTModel
+from gptcli.errors import InputError
+from gptcli.model import GPTModel, KVCache
+from gptcli.tokenizer import get_tokenizer
+
+# With `eos_id` set and no `on_tokens` callback, look every this many steps whether all
+# sequences have ended: reading a device value stalls a GPU's queue of launched kernels.
+EOS_CHECK_EVERY = 8
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None
+) -> None:
+    """Raise InputError, naming the command-line flag, for a sampling argument out of range.
+
+    `top_k` is checked against `vocab_size` when that is given, else only for >= 1.
+    """
+    if max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0.0:  # also refuses NaN
+        raise InputError(f"--temperature: must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"--top-k: must be >= 1, got {top_k}")
+    if top_k is not None and vocab_size is not None and top_k > vocab_size:
+        raise InputError(f"--top-k: must be at most the vocabulary size {vocab_size}, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InputError(f"--top-p: must be in (0, 1], got {top_p}")
 
 
 def sample_next(
@@ -26,17 +70,23 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick the next token (B, 1) from last-position logits (B, V).
+    """Pick the next token ids (B, 1) from last-position logits (B, V).
 
-    The book's order: keep the top-k logits, scale by the temperature, then (our
-    addition) keep the nucleus of probability `top_p`, and draw with
-    ``torch.multinomial``; temperature 0 is greedy (argmax).
+    The book's order: keep the `top_k` largest logits, then either take the argmax
+    (temperature 0) or divide by the temperature, keep the nucleus of probability
+    `top_p` (our addition) and draw one token with ``torch.multinomial``.
+
+    Args:
+        logits: (B, V) scores of the next token.
+        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+        top_k: keep the k largest logits of each row (ties with the k-th are kept too).
+        top_p: keep the smallest set of most likely tokens whose probability reaches p.
+        generator: RNG on the logits' device for the draw; None uses the global torch RNG, as the book does.
     """
-    if top_k is not None:
-        top_logits, _ = torch.topk(logits, top_k)
-        min_val = top_logits[:, -1:]  # (B, 1): the k-th largest of each row
-        logits = torch.where(logits < min_val, torch.tensor(float("-inf"), device=logits.device), logits)
-    if temperature <= 0.0:
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1); the book's [:, -1] only broadcasts at B = 1
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits / temperature
     if top_p is not None and top_p < 1.0:
@@ -48,39 +98,54 @@ def sample_next(
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the smallest set of tokens whose probability reaches `top_p`.
 
-    Tokens are taken in order of probability; a token stays if the probability of
-    the tokens before it is still below `top_p` (so the most likely token always stays).
+    Tokens are taken from the most likely down; a token stays while the probability
+    of the tokens before it is still below `top_p`, so the most likely token always
+    stays and the kept set is the smallest one with mass >= `top_p` (Holtzman et
+    al. 2020, "The Curious Case of Neural Text Degeneration", section 3.1).
+
+    Args:
+        logits: (B, V) scores; -inf entries have probability 0.
+        top_p: the nucleus mass, in (0, 1].
     """
-    probs = torch.softmax(logits, dim=-1)
+    # Float64 prefix sums, so a set whose mass is exactly `top_p` is not lost to rounding.
+    probs = torch.softmax(logits.double(), dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    drop_sorted = before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    mass_before = torch.cumsum(sorted_probs, dim=-1)
+    mass_before = torch.cat([torch.zeros_like(mass_before[:, :1]), mass_before[:, :-1]], dim=-1)
+    drop_sorted = mass_before >= top_p
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _window(idx: torch.Tensor, lengths: torch.Tensor, context: int):
-    """The last `context` columns of a left-padded batch, with positions and an attention mask.
+def optimize_for_decoding(model: GPTModel, batch_size: int) -> GPTModel:
+    """Lay out the model's matrices for fast decoding of `batch_size` sequences on the CPU; returns `model`.
 
-    Returns (idx, positions, mask); positions and mask are None when no row has
-    padding inside the window, which is the book's plain call ``model(idx[:, -context:])``.
+    Decoding multiplies `batch_size` rows by every weight matrix, so its speed is
+    the memory bandwidth of those small products. On the CPU (torch 2.13, x86),
+    ``x @ W`` with W stored (in, out) streams 15-35 % faster than nn.Linear's
+    ``x @ W.T`` with W stored (out, in) for 1 or 2 rows, and 15 % slower for 8
+    (benchmarks/generate_speed.py shows the effect). So for <= 2 sequences each
+    Linear weight keeps its shape (out, in), name and values but is stored
+    column-major, making ``W.T`` the contiguous (in, out) operand; otherwise (and
+    on other devices) the usual row-major storage is restored. Outputs are
+    unchanged, and checkpoints store contiguous copies either way.
+
+    For inference only: call it on a model no optimizer or DDP/FSDP wrapper holds
+    (they keep views of the old storage).
     """
-    idx = idx[:, -context:]
-    width = idx.shape[1]
-    real = torch.clamp(lengths, max=width)  # real tokens of each row inside the window
-    if bool((real == width).all()):
-        return idx, None, None
-    pad = (width - real).unsqueeze(1)  # (B, 1)
-    cols = torch.arange(width, device=idx.device).unsqueeze(0)  # (1, W)
-    positions = torch.clamp(cols - pad, min=0)  # (B, W)
-    is_real = cols >= pad  # (B, W)
-    causal = torch.ones(width, width, dtype=torch.bool, device=idx.device).tril()
-    # A pad query attends to itself only, so its row stays finite; real queries never see pads.
-    mask = (causal & is_real.unsqueeze(1)) | torch.eye(width, dtype=torch.bool, device=idx.device)
-    return idx, positions, mask.unsqueeze(1)  # mask (B, 1, W, W)
+    column_major = model.tok_emb.weight.device.type == "cpu" and batch_size <= 2
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.data
+                if column_major and w.is_contiguous():
+                    module.weight.data = w.T.contiguous().T
+                elif not column_major and not w.is_contiguous():
+                    module.weight.data = w.contiguous()
+    return model
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: GPTModel,
     prompts: list[list[int]],
@@ -95,68 +160,139 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
+    Each row gets the tokens the book's ``generate`` gives it alone: a prompt
+    longer than the context is cut to its last `context_length` tokens, and a
+    sequence that outgrows the context keeps its last `context_length` tokens.
+
     Args:
-        model: a GPTModel (put in eval mode by the caller).
+        model: a GPTModel in eval mode (dropout would make greedy decoding random).
         prompts: token ids, one non-empty list per sequence; lengths may differ.
-        max_new_tokens: tokens to add to each sequence.
-        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
-        top_k: sample among the k most likely tokens only.
-        top_p: sample from the smallest set of tokens with probability >= top_p.
-        eos_id: a sequence stops once it produces this id (which is not returned).
-        use_cache: prefill + one token per step; False runs the book's full recompute.
-        generator: RNG for sampling; None uses the global torch RNG, as the book does.
-        on_tokens: called after each step with the new ids (B,) and a (B,) mask of
-            the sequences still running, for streaming.
+        max_new_tokens: tokens to add to each sequence (>= 0).
+        temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+        top_k: sample among the k most likely tokens only (1 = greedy).
+        top_p: sample from the smallest set of most likely tokens with probability >= top_p.
+        eos_id: a sequence ends when it produces this id (which is not returned). Whether
+            all have ended is looked at every EOS_CHECK_EVERY steps (every step with
+            `on_tokens`), so the RNG may have made a few more draws than the book's loop.
+        use_cache: prefill + one token per step; False runs the book's full recompute,
+            op for op (logits of every position), for book-exact output.
+        generator: RNG on the model's device for sampling; None uses the global torch RNG
+            (seeded by ``torch.manual_seed``), as the book does.
+        on_tokens: called after each step with the new ids (B,) and a (B,) bool mask
+            of the sequences still running (False from the step that produced
+            `eos_id` on); for streaming. It reads device values every step.
 
     Returns:
-        The new tokens of each sequence (the prompt not included).
+        The new tokens of each sequence, in prompt order, without the prompt and without `eos_id`.
+
+    Raises:
+        InputError: an empty prompt, a token id outside the vocabulary, or a
+            sampling argument out of range (see ``check_sampling``).
     """
+    cfg = model.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    device = model.tok_emb.weight.device
-    context = model.cfg.context_length
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
-    idx = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        idx[row, width - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
-
-    running = torch.ones(len(prompts), dtype=torch.bool, device=device)
-    new_tokens: list[torch.Tensor] = []
-    cache = model.new_kv_cache(len(prompts)) if use_cache and width < context else None
-    for step in range(max_new_tokens):
-        if cache is not None and idx.shape[1] <= context:
-            logits = _cached_step(model, cache, idx, lengths, first=step == 0)
-        else:
-            cache = None  # the window slides from here on: positions shift, recompute
-            window, positions, mask = _window(idx, lengths, context)
-            logits = model(window, positions=positions, attn_mask=mask)[:, -1, :]
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        if eos_id is not None:
-            running &= next_ids.squeeze(1) != eos_id
-        new_tokens.append(torch.where(running.unsqueeze(1), next_ids, torch.full_like(next_ids, -1)))
-        if on_tokens is not None:
-            on_tokens(next_ids.squeeze(1), running)
-        if not bool(running.any()):
-            break
-        idx = torch.cat([idx, next_ids], dim=1)
-        lengths = lengths + 1
-    if not new_tokens:
+        raise InputError("prompt: empty; every prompt needs at least one token")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+    low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
+    if low < 0 or high >= cfg.vocab_size:
+        raise InputError(f"prompt: token id {low if low < 0 else high} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    if max_new_tokens == 0:
         return [[] for _ in prompts]
-    out = torch.cat(new_tokens, dim=1).tolist()
-    return [[t for t in row if t >= 0] for row in out]
+
+    device = model.tok_emb.weight.device
+    context = cfg.context_length
+    prompts = [p[-context:] for p in prompts]  # the book's idx[:, -context_size:]
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    # All tokens, left-padded, with room for the new ones: columns [0, width) hold the prompts.
+    seq = torch.zeros(batch, width + max_new_tokens, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        seq[row, pads[row] : width] = torch.tensor(p, dtype=torch.long)
+    seq = seq.to(device)
+    pad = torch.tensor(pads, device=device).unsqueeze(1)  # (B, 1)
+    max_pad = max(pads)
+    # The cache serves while the sequence fits the context: it holds at most the fed tokens.
+    cache = model.new_kv_cache(batch, min(context, width + max_new_tokens - 1)) if use_cache else None
+    running = torch.ones(batch, dtype=torch.bool, device=device)
+
+    steps = 0
+    for step in range(max_new_tokens):
+        cur = width + step  # columns of `seq` filled so far
+        if cache is not None and cur <= context:
+            logits = _cached_logits(model, cache, seq, cur, pad, max_pad, prefill=step == 0)
+        else:
+            logits = _window_logits(model, seq, cur, pad, max_pad, context, last_only=use_cache)
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)[:, 0]  # (B,)
+        seq[:, cur] = next_ids
+        steps = step + 1
+        if eos_id is not None:
+            running &= next_ids != eos_id
+        if on_tokens is not None:
+            on_tokens(next_ids, running)
+        if eos_id is not None and (on_tokens is not None or steps % EOS_CHECK_EVERY == 0) and not bool(running.any()):
+            break
+    new = seq[:, width : width + steps].tolist()  # the one device -> host copy
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
 
 
-def _cached_step(model: GPTModel, cache, idx: torch.Tensor, lengths: torch.Tensor, first: bool) -> torch.Tensor:
-    """Last-position logits (B, V), feeding the whole prompt on the first step and one token after."""
-    width = idx.shape[1]
-    padded = bool((lengths != width).any())
-    if first:
-        _, positions, mask = _window(idx, lengths, width)
-        return model(idx, positions=positions, attn_mask=mask, kv_cache=cache)[:, -1, :]
-    positions = (lengths - 1).unsqueeze(1) if padded else None  # (B, 1): each row's own position
-    mask = None
-    if padded:
-        pad = (width - lengths).unsqueeze(1)  # (B, 1)
-        mask = (torch.arange(width, device=idx.device).unsqueeze(0) >= pad)[:, None, None, :]  # (B, 1, 1, S)
-    return model(idx[:, -1:], positions=positions, attn_mask=mask, kv_cache=cache)[:, -1, :]
+def _cached_logits(
+    model: GPTModel, cache: KVCache, seq: torch.Tensor, cur: int, pad: torch.Tensor, max_pad: int, prefill: bool
+) -> torch.Tensor:
+    """Last-position logits (B, V): the whole prompt on the first step, then the newest token only."""
+    if prefill:
+        positions, mask = _padding_positions_and_mask(cur, pad) if max_pad else (None, None)
+        return model(seq[:, :cur], positions=positions, attn_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+    x = seq[:, cur - 1 : cur]  # (B, 1)
+    if not max_pad:
+        return model(x, kv_cache=cache, last_only=True)[:, -1]  # positions continue from cache.pos
+    positions = (cur - 1) - pad  # (B, 1): each row's own position
+    keys_real = torch.arange(cur, device=seq.device) >= pad  # (B, S): the pad keys stay hidden
+    return model(x, positions=positions, attn_mask=keys_real[:, None, None, :], kv_cache=cache, last_only=True)[:, -1]
+
+
+def _window_logits(
+    model: GPTModel, seq: torch.Tensor, cur: int, pad: torch.Tensor, max_pad: int, context: int, last_only: bool
+) -> torch.Tensor:
+    """Last-position logits (B, V) of the last `context` tokens, recomputed from scratch (the book's step)."""
+    start = max(0, cur - context)
+    x = seq[:, start:cur]
+    if max_pad <= start:  # no row has padding inside the window: the book's plain call
+        return model(x, last_only=last_only)[:, -1]
+    positions, mask = _padding_positions_and_mask(cur - start, (pad - start).clamp(min=0))
+    return model(x, positions=positions, attn_mask=mask, last_only=last_only)[:, -1]
+
+
+def _padding_positions_and_mask(width: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, W) and attention mask (B, 1, W, W) for rows with `pad` (B, 1) leading pad tokens.
+
+    Real tokens get positions 0, 1, ... and see only real tokens before them. A pad
+    query sees itself only, which keeps its row finite: a NaN there would reach the
+    real rows through the 0 * NaN of the attention-weighted sum.
+    """
+    cols = torch.arange(width, device=pad.device).unsqueeze(0)  # (1, W)
+    positions = (cols - pad).clamp(min=0)  # (B, W)
+    is_real = cols >= pad  # (B, W)
+    causal = torch.ones(width, width, dtype=torch.bool, device=pad.device).tril()
+    mask = (causal & is_real.unsqueeze(1)) | torch.eye(width, dtype=torch.bool, device=pad.device)
+    return positions, mask.unsqueeze(1)
+
+
+class TextStream:
+    """Turns token ids, one at a time, into text as soon as their bytes form whole characters.
+
+    A GPT-2 token is a byte string, and one character (an emoji, a CJK character)
+    can be split over several tokens; decoding each token alone would print U+FFFD
+    for each piece. Incomplete bytes wait here for the next token instead.
+    """
+
+    def __init__(self):
+        self._tokenizer = get_tokenizer()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """The text that `token_id` completes ("" while a character is still incomplete)."""
+        return self._decoder.decode(self._tokenizer.decode_single_token_bytes(token_id))
+
+    def flush(self) -> str:
+        """What is left at the end: U+FFFD for a character that never completed."""
+        return self._decoder.decode(b"", final=True)

@@ -196,8 +196,9 @@ class GPTModel(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T).
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); (B, 1, vocab_size) with `last_only`.
 
         Args:
             idx: token ids.
@@ -206,6 +207,8 @@ class GPTModel(nn.Module):
             attn_mask: (B, 1, T, S) boolean, True where a query may attend a key;
                 default causal. Used for left-padded batches.
             kv_cache: keys/values of earlier positions; advanced by T on return.
+            last_only: compute the logits of the last position only (generation). The
+                output head is a C x V matmul per position, the largest in the model.
         """
         b, t = idx.shape
         if positions is None:
@@ -221,6 +224,8 @@ class GPTModel(nn.Module):
                 x = block(x, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += t
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         x = self.final_norm(x)
         logits = self.out_head(x)  # (B, T, padded V)
         if logits.shape[-1] != self.cfg.vocab_size:

@@ -237,7 +237,7 @@ def test_imported_weights_serve_generate_eval_loss_and_train(cli, verdict, tmp_p
     want = book_generate(book, prompt, max_new_tokens=12, context_size=cfg.context_length, top_k=50, temperature=1.5)
     assert json.loads(r.stdout)["samples"][0]["ids"] == want[0, prompt.shape[1]:].tolist()
 
-    for args in (("eval", ckpt, "--data", verdict, "--num-batches", "1"),
+    for args in (("eval", ckpt, "--data", verdict, "--no-val", "--num-batches", "1"),
                  ("loss", "--checkpoint", ckpt, "--data", verdict, "--num-batches", "1")):
         r = cli(*args, "--device", "cpu", "--json")
         assert r.exit_code == 0, r.stderr

@@ -1,0 +1,188 @@
+"""`gptcli generate` and `gptcli eval`: what they print, on which stream, with which exit code."""
+
+import json
+import math
+import os
+import subprocess
+import threading
+
+import pytest
+import torch
+
+from conftest import CONFIGS, gptcli_cmd
+from gptcli.checkpoint import load_checkpoint
+from gptcli.evaluate import model_from_checkpoint
+from gptcli.generate import generate
+from gptcli.tokenizer import decode, encode
+from test_evaluate import save_model_checkpoint
+from test_generate import one_thread  # noqa: F401 (an autouse fixture)
+
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture
+def ckpt(tiny_config, tmp_path):
+    """A tiny step checkpoint (random weights) in ./checkpoints/tiny/."""
+    return save_model_checkpoint(tmp_path / "checkpoints" / "tiny", tiny_config, 10, seed=3)
+
+
+def test_untrained_generate_prints_the_books_text(cli):
+    # The book's chapter-4/5 output of the untrained 124M model at seed 123.
+    r = cli("generate", "Every effort moves you", "--max-new-tokens", "10", "--seed", "123")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == "Every effort moves you rentingetic wasnم refres RexMeCHicular stren\n"
+    assert "untrained" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([""], "prompt: empty"),
+    ([], "prompt: empty"),
+    (["x", "--temperature", "-1"], "--temperature"),
+    (["x", "--top-k", "0"], "--top-k"),
+    (["x", "--top-k", "50258"], "--top-k: must be at most the vocabulary size 50257"),
+    (["x", "--top-p", "0"], "--top-p"),
+    (["x", "--top-p", "1.5"], "--top-p"),
+    (["x", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--prompts-file", "missing.txt"], "--prompts-file missing.txt: cannot read (No such file or directory)"),
+    (["--prompts-file", "."], "--prompts-file .: cannot read (Is a directory)"),
+    (["--prompts-file", "latin1.txt"], "--prompts-file latin1.txt: cannot read (not UTF-8 text)"),
+    (["--prompts-file", "blank.txt"], "--prompts-file blank.txt: no prompts"),
+])
+def test_bad_generate_input_is_one_line_and_exit_2(cli, ckpt, tmp_path, args, message):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    r = cli("generate", *args, "--checkpoint", ckpt)
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and message in r.stderr
+
+
+def test_missing_or_corrupt_checkpoint_is_exit_1_with_path_and_reason(cli, ckpt, tmp_path):
+    for command in (["generate", "x", "--checkpoint"], ["eval"]):
+        r = cli(*command, tmp_path / "nowhere")
+        assert r.exit_code == 1
+        assert r.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such checkpoint or run directory"
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes
+    weights.write_bytes(bytes(data))
+    for command in (["generate", "x", "--checkpoint"], ["eval"]):
+        r = cli(*command, ckpt)
+        assert r.exit_code == 1 and r.stdout == ""
+        assert len(r.stderr.splitlines()) == 1
+        assert str(weights) in r.stderr and "sha256 does not match" in r.stderr
+
+
+def test_prompts_file_and_samples_in_order_as_json_seeded(cli, ckpt, tmp_path):
+    prompts = ["Every effort moves you", "I HAD always thought", "The height of his glory"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n", encoding="utf-8")
+    args = ["generate", "--prompts-file", "prompts.txt", "--num-samples", "2", "--temperature", "1.0",
+            "--top-k", "40", "--max-new-tokens", "12", "--checkpoint", ckpt, "--json"]
+    r = cli(*args, "--seed", "7")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["seed"] == 7
+    samples = out["samples"]
+    assert [(s["prompt"], s["sample"]) for s in samples] == [(p, k) for p in prompts for k in range(2)]
+    for s in samples:
+        assert s["text"] == s["prompt"] + s["completion"] and decode(s["ids"]) == s["completion"]
+        assert (s["finish"] == "length") == (s["new_tokens"] == 12)
+    # The same draws as the library with the same seed, and reproducible run to run.
+    model = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
+    torch.manual_seed(7)
+    expected = generate(model, [encode(p) for p in prompts for _ in range(2)], 12, temperature=1.0, top_k=40,
+                        eos_id=50256)
+    assert [s["ids"] for s in samples] == expected
+    assert cli(*args, "--seed", "7").stdout == r.stdout
+    assert cli(*args, "--seed", "8").stdout != r.stdout
+    assert samples[0]["ids"] != samples[1]["ids"]  # two samples of one prompt differ
+
+
+def test_stream_prints_what_the_plain_output_prints(cli, ckpt):
+    plain = cli("generate", "Every effort moves you", "--checkpoint", ckpt, "--max-new-tokens", "40")
+    streamed = cli("generate", "Every effort moves you", "--checkpoint", ckpt, "--max-new-tokens", "40", "--stream")
+    assert plain.exit_code == streamed.exit_code == 0
+    assert streamed.stdout == plain.stdout and plain.stdout.startswith("Every effort moves you")
+    assert len(encode(plain.stdout)) > 30
+    no_cache = cli("generate", "Every effort moves you", "--checkpoint", ckpt, "--max-new-tokens", "40", "--no-cache")
+    assert no_cache.stdout == plain.stdout
+
+
+def test_stream_flushes_each_token_to_a_pipe(ckpt, subprocess_env):
+    # A pipe is block-buffered: without a flush per token the first read would get a full block.
+    env = {k: v for k, v in subprocess_env.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([*gptcli_cmd(), "generate", "Every effort moves you", "--checkpoint", str(ckpt),
+                             "--stream", "--no-eos", "--max-new-tokens", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        received = b""
+        while len(received) <= len(b"Every effort moves you") + 10:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, "gptcli ended before streaming"
+            assert len(chunk) < 4096
+            received += chunk
+        assert proc.poll() is None  # still generating: the text arrived as it was produced
+        assert received.startswith(b"Every effort moves you")
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+
+
+def test_eval_perplexity_is_exp_of_the_loss_that_gptcli_loss_reports(cli, ckpt):
+    loss = cli("loss", "--checkpoint", ckpt, "--json")
+    ev = cli("eval", ckpt, "--json")
+    assert loss.exit_code == ev.exit_code == 0, ev.stderr
+    val = json.loads(loss.stdout)["val"]
+    (row,) = json.loads(ev.stdout)["results"]
+    assert row["dataset"] == "val (the-verdict.txt)"
+    assert row["loss"] == val["loss"] and row["tokens"] == val["tokens"]
+    assert row["ppl"] == pytest.approx(math.exp(val["loss"]), rel=1e-12)
+    assert 0 < row["bpb"] < row["loss"] / math.log(2)  # a GPT-2 token is more than one byte
+
+
+def test_eval_files_table_and_usage_errors(cli, ckpt, tmp_path, verdict):
+    (tmp_path / "notes.txt").write_text("It had always been his fate to have women say such things. " * 20)
+    r = cli("eval", ckpt, "--data", "notes.txt", "--data", verdict)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["dataset", "loss", "perplexity", "bits/byte", "tokens"]
+    assert [line.split()[0] for line in lines[1:]] == ["val", "notes.txt", str(verdict)]
+    r = cli("eval", ckpt, "--data", "notes.txt", "--no-val", "--json")
+    assert [row["dataset"] for row in json.loads(r.stdout)["results"]] == ["notes.txt"]
+    for args, message in ((["--no-val"], "--no-val"), (["--show-tokens"], "--show-tokens: needs --text"),
+                          (["--text", "a b c", "--all"], "--text: cannot be combined"),
+                          (["--data", "missing.txt"], "missing.txt: data file not found")):
+        r = cli("eval", ckpt, *args)
+        assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_eval_show_tokens_table_and_json(cli, ckpt):
+    r = cli("eval", ckpt, "--text", "Every effort moves you", "--show-tokens")
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["pos", "token", "p(token)"]
+    assert len(lines) == 6  # header, 4 tokens, summary: no wrapping into a pipe
+    assert [line.split()[0] for line in lines[1:5]] == ["0", "1", "2", "3"]
+    assert "'Every'" in lines[1] and "' effort'" in lines[2] and "' you'" in lines[4]
+    assert lines[4].count(",") == 4  # five alternatives
+    assert lines[-1].startswith("loss ") and "3 predicted tokens" in lines[-1]
+    data = json.loads(cli("eval", ckpt, "--text", "Every effort moves you", "--json").stdout)
+    assert [t["token"] for t in data["tokens"]] == ["Every", " effort", " moves", " you"]
+    assert all(len(t["top"]) == 5 and 1 <= t["rank"] <= 50257 for t in data["tokens"][1:])
+    assert data["ppl"] == pytest.approx(math.exp(data["loss"]))
+
+
+def test_eval_all_prints_loss_against_step_and_warns_about_damage(cli, tiny_config, tmp_path):
+    run = tmp_path / "checkpoints" / "tiny"
+    for step in (10, 20, 30):
+        save_model_checkpoint(run, tiny_config, step, seed=step)
+    (run / "step-000020" / "manifest.json").unlink()
+    r = cli("eval", "--all", "--num-batches", "1")  # the newest run under ./checkpoints
+    assert r.exit_code == 0, r.stderr
+    assert [line.split()[:2] for line in r.stdout.splitlines()[1:]] == [["10", "step-000010"], ["30", "step-000030"]]
+    assert "warning: skipped a damaged checkpoint" in r.stderr and "step-000020" in r.stderr
+    data = json.loads(cli("eval", run, "--all", "--num-batches", "1", "--json").stdout)
+    assert [row["step"] for row in data["results"]] == [10, 30] and len(data["skipped"]) == 1
