@@ -725,5 +725,74 @@ def export_(
     print(exporters[fmt](checkpoint, out, overwrite))
 
 
+# ---------------------------------------------------------------- prepare
+
+
+class _PrepareProgress:
+    """Renders prepare progress on stderr: input MB/s and tokens/s (one updating line on a terminal)."""
+
+    def __init__(self):
+        import time
+
+        self.clock = time.perf_counter
+        self.tty = sys.stderr.isatty()
+        self.mark = (self.clock(), 0, 0)  # (time, bytes, tokens) at the last rendered line
+        self.shown = False
+
+    def __call__(self, done: int, total: int, tokens: int) -> None:
+        now = self.clock()
+        t0, bytes0, tokens0 = self.mark
+        if now - t0 < (0.5 if self.tty else 10.0) and done < total:
+            return
+        dt = max(now - t0, 1e-9)
+        line = (f"prepare {100 * done / max(total, 1):5.1f}% · {done / 1e6:,.1f}/{total / 1e6:,.1f} MB · "
+                f"{(done - bytes0) / dt / 1e6:,.1f} MB/s · {(tokens - tokens0) / dt:,.0f} tokens/s")
+        self.mark = (now, done, tokens)
+        if self.tty:
+            print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
+            self.shown = True
+        else:
+            _err(line)
+
+    def close(self) -> None:
+        if self.shown:
+            print(file=sys.stderr, flush=True)
+
+
+@app.command()
+@_handle_errors
+def prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="Text files (.txt, .txt.gz), JSON Lines (.jsonl, .jsonl.gz) or folders of them.")],
+    out: Annotated[Path, typer.Option(help="Output directory, e.g. data/NAME; a rerun keeps its finished shards.")],
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Tokenizer threads (default: the number of CPUs).")] = None,
+    val_ratio: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of documents (chosen by hash) for validation.")] = 0.01,
+    shard_mb: Annotated[float, typer.Option(min=0.001, help="Input megabytes per shard.")] = 64.0,
+    field: Annotated[str, typer.Option(help="The JSON Lines field that holds the text.")] = "text",
+    json_out: JsonOpt = False,
+) -> None:
+    """Tokenize a corpus into uint16 token shards with a document-level train/validation split."""
+    from gptcli.shards import prepare as run_prepare
+
+    render = _PrepareProgress()
+    try:
+        result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
+                             progress=render)
+    finally:
+        render.close()
+    splits = result.index["splits"]
+    summary = {"out": str(out), "pieces_done": result.pieces_done, "pieces_kept": result.pieces_kept,
+               **{f"{s}_{k}": splits[s][k] for s in ("train", "val") for k in ("tokens", "documents")},
+               "shards": sum(len(splits[s]["shards"]) for s in ("train", "val"))}
+    _err(f"{summary['train_tokens']:,} training tokens ({summary['train_documents']:,} documents), "
+         f"{summary['val_tokens']:,} validation tokens ({summary['val_documents']:,} documents) in "
+         f"{summary['shards']} shards; {result.pieces_kept} finished piece(s) kept")
+    if splits["val"]["tokens"] == 0:
+        _err("warning: no document went to validation; training needs some: raise --val-ratio or add documents")
+    if json_out:
+        _print_json(summary)
+    else:
+        print(out)
+
+
 def main() -> None:  # python -m gptcli
     app()

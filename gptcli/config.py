@@ -73,7 +73,7 @@ class DataConfig:
     # A UTF-8 text file, a folder of .txt files, or a folder made by `gptcli prepare`.
     # The default is the book's corpus, downloaded and sha256-checked when missing.
     path: str = "data/the-verdict.txt"
-    train_ratio: float = 0.90  # the book splits the text by character: first 90 % trains
+    train_ratio: float = 0.90  # the book splits the text by character: first 90 % trains (prepared dirs: unused)
     stride: Optional[int] = None  # window step in tokens; None = context_length (the book's choice)
     # "sliding": the book's windows at every `stride`, shuffled each epoch;
     # "random": windows at random offsets (for prepared corpora too large to enumerate).

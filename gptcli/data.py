@@ -5,6 +5,10 @@ The book's pipeline (chapter 2 and 5): split the raw text by character at
 `stride` tokens (the target is the window shifted by one), shuffle the training
 windows each epoch and drop its last partial batch; validation keeps order and
 its partial batch.
+
+A directory written by ``gptcli prepare`` holds its own document-level split;
+its windows read from memory-mapped token shards (see shards.py). With
+``data.sampling: random`` training windows start at random offsets instead.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptcli.config import DataConfig
-from gptcli.download import Progress, download
+from gptcli.download import Progress, download, sha256_file
 from gptcli.errors import InputError, RunError
+from gptcli.shards import INDEX, ShardTokens, is_prepared, read_index
 from gptcli.tokenizer import END_OF_TEXT, encode
 
 DEFAULT_CORPUS = "data/the-verdict.txt"
@@ -205,13 +210,16 @@ class Splits:
     train: TokenWindows
     val: TokenWindows
     source: str  # the corpus path
-    sha256: str  # of the corpus text (UTF-8)
+    sha256: str  # of the corpus text (UTF-8), or of a prepared directory's index.json
     train_tokens: int
     val_tokens: int
 
 
 def load_splits(cfg: DataConfig, context_length: int, path: str | None = None, progress: Progress | None = None) -> Splits:
     """Read, split and tokenize the corpus into the book's windows.
+
+    A directory written by ``gptcli prepare`` is read from its memory-mapped
+    shards instead, with the split it was prepared with (`train_ratio` unused).
 
     Args:
         cfg: the data section (path, train_ratio, stride).
@@ -223,23 +231,20 @@ def load_splits(cfg: DataConfig, context_length: int, path: str | None = None, p
         InputError: the corpus cannot be read, or a split is too short for one window.
     """
     corpus = Path(path or cfg.path)
-    ensure_default_corpus(corpus, progress)
-    text = read_corpus(corpus)
-    stride = cfg.stride or context_length
-    train_text, val_text = split_text(text, cfg.train_ratio)
-    windows = []
-    for name, part in (("training", train_text), ("validation", val_text)):
-        tokens = torch.tensor(encode(part), dtype=torch.long)
+    if is_prepared(corpus):
+        index = read_index(corpus)
+        parts = [ShardTokens(corpus, split, index) for split in ("train", "val")]
+        digest = sha256_file(corpus / INDEX)
+    else:
+        ensure_default_corpus(corpus, progress)
+        text = read_corpus(corpus)
+        parts = [torch.tensor(encode(part), dtype=torch.long) for part in split_text(text, cfg.train_ratio)]
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    for name, tokens in zip(("training", "validation"), parts):
         check_split(corpus, name, len(tokens), context_length)
-        windows.append(TokenWindows(tokens, context_length, stride))
-    return Splits(
-        train=windows[0],
-        val=windows[1],
-        source=str(corpus),
-        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        train_tokens=len(windows[0].tokens),
-        val_tokens=len(windows[1].tokens),
-    )
+    stride = cfg.stride or context_length
+    train, val = (TokenWindows(tokens, context_length, stride) for tokens in parts)
+    return Splits(train, val, source=str(corpus), sha256=digest, train_tokens=len(parts[0]), val_tokens=len(parts[1]))
 
 
 def check_split(source: Path | str, name: str, num_tokens: int, context_length: int) -> None:

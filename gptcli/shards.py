@@ -1,0 +1,700 @@
+"""Token shards: `gptcli prepare` writes them, training reads them memory-mapped.
+
+Layout of a prepared directory::
+
+    OUT/index.json              format, tokenizer, split rule, and per shard: file,
+                                tokens, documents, sha256, and its boundaries file
+    OUT/train-000000.bin        uint16 token ids; every document is followed by <|endoftext|>
+    OUT/train-000000.docs.npy   uint64 offsets (within the shard) where documents start
+    OUT/val-000000.bin, ...     the same for the validation documents
+
+Documents. A text file (``.txt``, ``.txt.gz``) is one document; each line of a
+JSON Lines file (``.jsonl``, ``.jsonl.gz``) is one, its text in a string field
+(``text``). A document goes to validation when the first 8 bytes of the sha256
+of its UTF-8 text, read as a fraction of 2**64, fall below `val_ratio`: the split
+depends on the document alone, so adding files moves no document, and identical
+documents always land on the same side.
+
+Pieces. The inputs are cut into pieces of about `shard_mb` megabytes (a big
+file into several, at a line end or between words; a ``.gz`` file never); piece
+k becomes the shards train-k and val-k. Each finished piece is recorded in
+``OUT/.partial/`` once its files are on disk, so a rerun (after a crash, or
+with the same inputs) keeps the finished shards and redoes the rest; the index
+is written last. The output depends only on the inputs and options, never on
+`workers` or timing, so a rerun writes identical bytes.
+
+Tokenizing in chunks, exactly. One thread reads, decodes and cuts the text;
+`workers` threads tokenize (tiktoken releases the GIL). A long document is cut
+at a non-space character followed by a space or newline. GPT-2's pre-tokenizer
+pattern never puts a non-space character and a following space or newline in
+one piece (only a piece's optional first character may be a space, and the
+all-space pieces hold no other character), and it looks ahead only from
+all-space pieces, so such a cut is a piece boundary: tokenizing the chunks one
+by one gives the ids of tokenizing the document at once. Memory is bounded by
+the chunks in flight, whatever the corpus size (a single JSON Lines record is
+held whole).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import datetime as _dt
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import zlib
+from array import array
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from gptcli.download import fsync_dir, sha256_file
+from gptcli.errors import InputError, RunError
+from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
+
+FORMAT = "gptcli-shards"
+VERSION = 1
+INDEX = "index.json"
+PARTIAL = ".partial"
+SPLITS = ("train", "val")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+READ_BLOCK = 1 << 20  # bytes read from a file at a time
+TASK_CHARS = 1 << 18  # characters per tokenizer task: small enough to spread, big enough to amortise
+SAFE_CUT = re.compile(r"\S[ \n]")  # a cut goes between the two characters (see the module docstring)
+SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(bin|docs\.npy)$")
+
+Progress = Callable[[int, int, int], None]  # (input bytes done, input bytes total, tokens written)
+
+
+# ---------------------------------------------------------------- inputs and plan
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file."""
+
+    path: Path
+    jsonl: bool  # JSON Lines (one document per line) or text (one document)
+    gz: bool
+    size: int  # bytes on disk
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes [start, end) of a source; a .gz source is always whole."""
+
+    source: Source
+    start: int
+    end: int
+    digest: Optional[str] = None  # sha256 of the document, when a text file is cut into several segments
+
+    def spec(self) -> list:
+        s = self.source
+        return [str(s.path), self.start, self.end, s.size, s.mtime_ns, self.digest]
+
+
+def find_sources(inputs: list[Path]) -> list[Source]:
+    """The input files: each file as given, and the supported files below each folder (sorted).
+
+    Raises:
+        InputError: an input is missing, a file cannot be read, or there is no input file at all.
+    """
+    paths: list[Path] = []
+    for given in inputs:
+        if given.is_dir():
+            paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+        elif given.exists():
+            paths.append(given)
+        else:
+            raise InputError(f"{given}: input not found")
+    sources, seen = [], set()
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+            stat = path.stat()
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        name = path.name
+        sources.append(Source(path, name.endswith(JSONL_SUFFIXES), name.endswith(".gz"), stat.st_size, stat.st_mtime_ns))
+    if not sources:
+        kinds = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES)
+        where = " ".join(str(p) for p in inputs) or "(none given)"
+        raise InputError(f"no input files: {where} holds no {kinds} files")
+    return sources
+
+
+def plan_pieces(sources: list[Source], shard_bytes: int) -> list[list[Segment]]:
+    """Group the sources, in order, into pieces of about `shard_bytes` input bytes."""
+    pieces: list[list[Segment]] = []
+    current: list[Segment] = []
+    size = 0
+    for source in sources:
+        for seg in _segments(source, shard_bytes):
+            if current and size + seg.end - seg.start > shard_bytes:
+                pieces.append(current)
+                current, size = [], 0
+            current.append(seg)
+            size += seg.end - seg.start
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _segments(source: Source, shard_bytes: int) -> list[Segment]:
+    if source.gz or source.size <= shard_bytes:
+        return [Segment(source, 0, source.size)]
+    digest = None if source.jsonl else _document_digest(source)
+    cuts = [0]
+    with open(source.path, "rb") as f:
+        while cuts[-1] + shard_bytes < source.size:
+            cut = _cut_after(f, cuts[-1] + shard_bytes, source.jsonl)
+            if cut >= source.size:
+                break
+            cuts.append(cut)
+    cuts.append(source.size)
+    return [Segment(source, a, b, digest) for a, b in zip(cuts, cuts[1:])]
+
+
+def _cut_after(f, offset: int, jsonl: bool) -> int:
+    """The first safe byte position at or after `offset`: after a newline (JSON Lines), or
+    before a space/newline that follows a printable ASCII character (text, see the docstring)."""
+    f.seek(offset - 1)
+    pos = offset - 1
+    while block := f.read(1 << 16):
+        if jsonl:
+            i = block.find(b"\n", 1)
+            if i >= 0:
+                return pos + i + 1
+        else:
+            for i in range(1, len(block)):
+                if block[i] in b" \n" and 0x21 <= block[i - 1] <= 0x7E:
+                    return pos + i
+        pos += len(block) - 1
+        f.seek(pos)
+    return f.seek(0, io.SEEK_END)
+
+
+def _open(source: Source):
+    """The source's (decompressed) bytes as a binary file object."""
+    try:
+        return gzip.open(source.path, "rb") if source.gz else open(source.path, "rb")
+    except OSError as e:
+        raise InputError(f"{source.path}: cannot read ({e.strerror})") from None
+
+
+def _document_digest(source: Source) -> str:
+    h = hashlib.sha256()
+    with _reading(source) as f:
+        while block := f.read(READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_validation(digest: bytes, val_ratio: float) -> bool:
+    """The split rule: the first 8 bytes of a document's sha256, as a fraction of 2**64, below `val_ratio`."""
+    return int.from_bytes(digest[:8], "big") < val_ratio * 2.0**64
+
+
+# ---------------------------------------------------------------- reading documents
+
+
+@dataclass
+class _Part:
+    """A chunk of one document, in order."""
+
+    split: str
+    text: str
+    starts_doc: bool
+    ends_doc: bool
+    nbytes: int  # input bytes consumed with this part (for progress)
+
+
+def cut_text(text: str, size: Optional[int] = None) -> tuple[list[str], str]:
+    """Cut `text` at safe cuts into chunks of at least `size` (TASK_CHARS) characters; return (chunks, rest)."""
+    size = size or TASK_CHARS
+    chunks = []
+    start = 0
+    while len(text) - start > size:
+        m = SAFE_CUT.search(text, start + size - 1)
+        if m is None:
+            break
+        chunks.append(text[start : m.start() + 1])
+        start = m.start() + 1
+    return chunks, text[start:]
+
+
+@contextlib.contextmanager
+def _reading(source: Source):
+    """Open a source; a read error or a damaged .gz file becomes an InputError naming it."""
+    try:
+        with _open(source) as f:
+            yield f
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{source.path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _text_parts(seg: Segment, val_ratio: float) -> Iterator[_Part]:
+    source = seg.source
+    if source.size == 0:
+        return
+    digest = seg.digest or _document_digest(source)
+    split = "val" if is_validation(bytes.fromhex(digest), val_ratio) else "train"
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    first, ends = seg.start == 0, seg.end == source.size
+    pending, offset, done = "", seg.start, 0
+    with _reading(source) as f:
+        f.seek(seg.start)
+        # A .gz file is one segment read to its end; offsets then count decompressed bytes.
+        while source.gz or offset < seg.end:
+            block = f.read(READ_BLOCK if source.gz else min(READ_BLOCK, seg.end - offset))
+            if not block:
+                break
+            try:
+                pending += decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise InputError(f"{source.path}: not UTF-8 text (invalid byte at offset {offset + e.start})") from None
+            offset += len(block)
+            done += 0 if source.gz else len(block)
+            chunks, pending = cut_text(pending)
+            for chunk in chunks:
+                yield _Part(split, chunk, first, False, done)
+                first, done = False, 0
+    try:
+        pending += decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise InputError(f"{source.path}: not UTF-8 text (truncated character at offset {offset})") from None
+    if pending or (ends and not first):
+        yield _Part(split, pending, first, ends, done)
+
+
+def _jsonl_parts(seg: Segment, val_ratio: float, field: str) -> Iterator[_Part]:
+    source = seg.source
+    offset = seg.start
+    with _reading(source) as f:
+        f.seek(seg.start)
+        for lineno, line in enumerate(f, 1):
+            offset += len(line)
+            if line.strip():
+                text = _record_text(line, field, source, seg, lineno)
+                if text:
+                    split = "val" if is_validation(hashlib.sha256(text.encode("utf-8")).digest(), val_ratio) else "train"
+                    chunks, rest = cut_text(text) if len(text) > TASK_CHARS else ([], text)
+                    for i, chunk in enumerate(chunks):
+                        yield _Part(split, chunk, i == 0, False, 0)
+                    yield _Part(split, rest, not chunks, True, 0 if source.gz else len(line))
+            if offset >= seg.end and not source.gz:
+                break
+
+
+def _record_text(line: bytes, field: str, source: Source, seg: Segment, lineno: int) -> str:
+    """The text field of one JSON Lines record; errors name the file and line."""
+
+    def where() -> str:
+        before = _count_lines(source.path, seg.start) if seg.start else 0
+        return f"{source.path}:{before + lineno}"
+
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise InputError(f"{where()}: not a JSON record ({getattr(e, 'msg', e)})") from None
+    if not isinstance(record, dict) or field not in record:
+        raise InputError(f'{where()}: the record has no "{field}" field')
+    text = record[field]
+    if not isinstance(text, str):
+        raise InputError(f'{where()}: "{field}" is not a string')
+    return text
+
+
+def _count_lines(path: Path, end: int) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while end > 0 and (block := f.read(min(READ_BLOCK, end))):
+            n += block.count(b"\n")
+            end -= len(block)
+    return n
+
+
+def _piece_parts(piece: list[Segment], val_ratio: float, field: str) -> Iterator[_Part]:
+    for seg in piece:
+        if seg.source.jsonl:
+            yield from _jsonl_parts(seg, val_ratio, field)
+        else:
+            yield from _text_parts(seg, val_ratio)
+
+
+def _tasks(parts: Iterator[_Part]) -> Iterator[list[_Part]]:
+    """Group consecutive parts into tokenizer tasks of about TASK_CHARS characters."""
+    task, chars = [], 0
+    for part in parts:
+        task.append(part)
+        chars += len(part.text)
+        if chars >= TASK_CHARS:
+            yield task
+            task, chars = [], 0
+    if task:
+        yield task
+
+
+def _encode_task(encoding, task: list[_Part]) -> list[np.ndarray]:
+    """Token ids (uint16) of each part, <|endoftext|> appended where a document ends. Runs in a worker thread."""
+    out = []
+    for part in task:
+        # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary,
+        # returned as a uint32 buffer instead of a list of Python ints.
+        ids = encoding.encode_to_numpy(part.text, disallowed_special=()) if part.text else np.empty(0, np.uint32)
+        arr = np.empty(len(ids) + part.ends_doc, dtype=np.uint16)
+        arr[: len(ids)] = ids
+        if part.ends_doc:
+            arr[-1] = END_OF_TEXT_ID
+        out.append(arr)
+    return out
+
+
+# ---------------------------------------------------------------- writing shards
+
+
+class _ShardWriter:
+    """Appends token arrays to NAME.bin (hashing as it goes) and records document starts."""
+
+    def __init__(self, out: Path, name: str):
+        self.out = out
+        self.name = name
+        self.tmp = out / f".tmp-{name}.bin-{os.getpid()}"
+        self.file = None
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+        self.starts = array("Q")
+
+    def write(self, arr: np.ndarray, starts_doc: bool) -> None:
+        if starts_doc:
+            self.starts.append(self.tokens)
+        if not len(arr):
+            return
+        if self.file is None:
+            self.file = open(self.tmp, "wb")
+        self.file.write(arr)
+        self.sha.update(arr)
+        self.tokens += len(arr)
+
+    def finish(self) -> Optional[dict[str, Any]]:
+        """Make the shard durable under its final name; its index entry, or None when empty."""
+        if self.file is None:
+            return None
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.out / f"{self.name}.bin")
+        docs = f"{self.name}.docs.npy"
+        buf = io.BytesIO()
+        np.save(buf, np.frombuffer(self.starts, dtype=np.uint64) if self.starts else np.empty(0, np.uint64))
+        _write_atomic(self.out / docs, buf.getvalue())
+        return {
+            "file": f"{self.name}.bin", "tokens": self.tokens, "documents": len(self.starts),
+            "sha256": self.sha.hexdigest(), "docs_file": docs, "docs_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+        }
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _entry_ok(out: Path, entry: Optional[dict[str, Any]]) -> bool:
+    """Whether a recorded shard is on disk, whole and unchanged."""
+    if entry is None:
+        return True
+    tokens, docs = out / entry["file"], out / entry["docs_file"]
+    try:
+        if tokens.stat().st_size != 2 * entry["tokens"]:
+            return False
+        return sha256_file(tokens) == entry["sha256"] and sha256_file(docs) == entry["docs_sha256"]
+    except OSError:
+        return False
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    index: dict[str, Any]
+    pieces_done: int  # pieces tokenized in this run
+    pieces_kept: int  # finished pieces of an earlier run, kept
+
+
+def prepare(
+    inputs: list[Path],
+    out: Path,
+    *,
+    workers: Optional[int] = None,
+    val_ratio: float = 0.005,
+    shard_mb: float = 64,
+    field: str = "text",
+    progress: Optional[Progress] = None,
+) -> PrepareResult:
+    """Tokenize text files, folders, .txt.gz and JSON Lines into uint16 token shards under `out`.
+
+    Args:
+        inputs: files and folders (folders are searched for .txt, .txt.gz, .jsonl, .jsonl.gz).
+        out: the output directory; finished shards of an earlier run into it are kept.
+        workers: tokenizer threads (default: the CPU count).
+        val_ratio: the fraction of documents, by hash, that go to validation.
+        shard_mb: input megabytes per piece (one train and one val shard each).
+        field: the text field of JSON Lines records.
+        progress: called with (input bytes done, input bytes total, tokens written).
+
+    Raises:
+        InputError: bad inputs (named, with the line for JSON Lines), an output directory
+            that is not ours, or a tokenizer whose vocabulary does not fit uint16.
+        RunError: the output cannot be written.
+    """
+    workers = workers or os.cpu_count() or 1
+    if not 0.0 <= val_ratio < 1.0:
+        raise InputError(f"--val-ratio: must be in [0, 1), got {val_ratio}")
+    if shard_mb <= 0 or workers < 1:
+        raise InputError("--shard-mb and --workers: must be positive")
+    encoding = get_tokenizer()
+    if encoding.n_vocab > np.iinfo(np.uint16).max + 1:
+        raise InputError(f"tokenizer {encoding.name}: its {encoding.n_vocab} token ids do not fit uint16 shards (at most 65536)")
+    sources = find_sources(inputs)
+    _check_out(out)
+    pieces = plan_pieces(sources, max(int(shard_mb * 1e6), 1))
+    options = {"val_ratio": val_ratio, "field": field, "tokenizer": encoding.name, "vocab_size": encoding.n_vocab,
+               "version": VERSION}
+    try:
+        (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+        for p in out.glob(".tmp-*"):
+            p.unlink()
+    except OSError as e:
+        raise RunError(f"{out}: cannot write ({e.strerror})") from None
+    earlier = _earlier_records(out)
+    total = sum(s.size for s in sources)
+    state = {"bytes": 0, "tokens": 0}
+    records, done, kept = [], 0, 0
+    with ThreadPoolExecutor(workers, thread_name_prefix="gptcli-tokenize") as pool:
+        for k, piece in enumerate(pieces):
+            spec = {"segments": [seg.spec() for seg in piece], **options}
+            record = earlier.get(k)
+            bytes_before = state["bytes"]
+            if record is not None and record["spec"] == spec and all(_entry_ok(out, record[s]) for s in SPLITS):
+                kept += 1
+            else:
+                shards = _tokenize_piece(piece, k, out, pool, workers, encoding, val_ratio, field, state, total, progress)
+                record = {"piece": k, "spec": spec, **shards}
+                _write_atomic(out / PARTIAL / f"piece-{k:06d}.json", json.dumps(record).encode())
+                fsync_dir(out / PARTIAL)
+                done += 1
+            records.append(record)
+            state["bytes"] = bytes_before + sum(seg.end - seg.start for seg in piece)
+            state["tokens"] = sum(r[s]["tokens"] for r in records for s in SPLITS if r[s])
+            if progress is not None:
+                progress(state["bytes"], total, state["tokens"])
+    index = _write_index(out, sources, records, options)
+    return PrepareResult(out, index, done, kept)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output path that is a file, or a non-empty directory `prepare` did not write."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not ((out / INDEX).is_file() or (out / PARTIAL).is_dir()):
+        raise InputError(f"--out {out}: exists and was not written by gptcli prepare (no {INDEX}); choose another --out")
+
+
+def _earlier_records(out: Path) -> dict[int, dict[str, Any]]:
+    """Piece records of earlier runs into `out`: from its index, then from .partial/ (newer)."""
+    records: dict[int, dict[str, Any]] = {}
+    try:
+        index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+        records.update({r["piece"]: r for r in index.get("pieces", [])})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    for path in sorted((out / PARTIAL).glob("piece-*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            records[record["piece"]] = record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a torn record (cannot happen with atomic writes, but costs nothing to survive)
+    return records
+
+
+def _tokenize_piece(piece, k, out, pool, workers, encoding, val_ratio, field, state, total, progress) -> dict[str, Any]:
+    """Tokenize one piece into train-k/val-k; return their index entries (None for an empty split)."""
+    writers = {s: _ShardWriter(out, f"{s}-{k:06d}") for s in SPLITS}
+    pending: deque = deque()
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            task, future = pending.popleft()
+            for part, arr in zip(task, future.result()):
+                writers[part.split].write(arr, part.starts_doc)
+                state["bytes"] += part.nbytes
+                state["tokens"] += len(arr)
+            if progress is not None:
+                progress(state["bytes"], total, state["tokens"])
+
+    try:
+        for task in _tasks(_piece_parts(piece, val_ratio, field)):
+            pending.append((task, pool.submit(_encode_task, encoding, task)))
+            drain(2 * workers)  # bounded: at most 2 tasks per worker in flight
+        drain(0)
+        return {s: w.finish() for s, w in writers.items()}
+    except BaseException:
+        for _, future in pending:
+            future.cancel()
+        for w in writers.values():
+            w.abort()
+        raise
+
+
+def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    """Write index.json (atomically, last), then drop shards no record names and the .partial records."""
+    splits = {}
+    for s in SPLITS:
+        shards = [r[s] for r in records if r[s]]
+        splits[s] = {"tokens": sum(e["tokens"] for e in shards), "documents": sum(e["documents"] for e in shards),
+                     "shards": shards}
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tokenizer": options["tokenizer"],
+        "vocab_size": options["vocab_size"],
+        "eot_id": END_OF_TEXT_ID,
+        "dtype": "uint16",
+        "split_rule": "sha256(document UTF-8)[:8] / 2**64 < val_ratio -> val",
+        "val_ratio": options["val_ratio"],
+        "field": options["field"],
+        "sources": {"files": len(sources), "bytes": sum(x.size for x in sources)},
+        "splits": splits,
+        "pieces": [{"piece": r["piece"], "spec": r["spec"], "train": r["train"], "val": r["val"]} for r in records],
+    }
+    try:
+        _write_atomic(out / INDEX, json.dumps(index, indent=1).encode())
+        named = {r[s][key] for r in records for s in SPLITS if r[s] for key in ("file", "docs_file")}
+        for p in out.iterdir():
+            if SHARD_FILE.match(p.name) and p.name not in named:
+                p.unlink()
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+        fsync_dir(out)
+    except OSError as e:
+        raise RunError(f"{out}: cannot write the index ({e.strerror})") from None
+    return index
+
+
+# ---------------------------------------------------------------- reading shards
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether `path` is a directory written by `gptcli prepare`."""
+    return path.is_dir() and (path / INDEX).is_file()
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The index of a prepared directory, checked for format and dtype.
+
+    Raises:
+        InputError: the index is unreadable, of another format, or incomplete.
+    """
+    path = root / INDEX
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the shard index ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("dtype") != "uint16":
+        raise InputError(f"{path}: not a gptcli shard index (format {FORMAT}, dtype uint16)")
+    if index.get("version") != VERSION:
+        raise InputError(f"{path}: shard format version {index.get('version')}, this gptcli reads {VERSION}; rerun gptcli prepare")
+    return index
+
+
+class ShardTokens:
+    """One split of a prepared directory as a single token sequence, read from memory-mapped shards.
+
+    ``len()`` is the number of tokens; slicing returns an int64 tensor (windows
+    may span two shards). The maps are dropped after every `REMAP_BYTES` read:
+    pages of a file mapping count towards the resident memory of the process
+    until unmapped, so reading a corpus larger than RAM would otherwise look like
+    growing memory (nanoGPT recreates its memmap per batch for the same reason).
+    """
+
+    REMAP_BYTES = 256 << 20
+
+    def __init__(self, root: Path, split: str, index: dict[str, Any]):
+        self.root = root
+        self.split = split
+        shards = index["splits"][split]["shards"]
+        self.paths = [root / e["file"] for e in shards]
+        self.offsets = np.cumsum([0] + [e["tokens"] for e in shards])
+        for path, e in zip(self.paths, shards):
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise InputError(f"{path}: shard missing; rerun gptcli prepare") from None
+            if size != 2 * e["tokens"]:
+                raise InputError(f"{path}: {size} bytes, the index says {2 * e['tokens']}; rerun gptcli prepare")
+        self._maps: dict[int, np.memmap] = {}
+        self._read = 0
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardTokens supports contiguous slices only")
+        parts = []
+        pos = start
+        while pos < stop:
+            i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            lo, hi = pos - self.offsets[i], min(stop, self.offsets[i + 1]) - self.offsets[i]
+            parts.append(self._map(i)[lo:hi])
+            pos = int(self.offsets[i] + hi)
+        out = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        self._read += 2 * max(stop - start, 0)
+        result = torch.from_numpy(np.array(out, dtype=np.int64))
+        if self._read > self.REMAP_BYTES:
+            self._maps.clear()
+            self._read = 0
+        return result
+
+    def _map(self, i: int) -> np.memmap:
+        m = self._maps.get(i)
+        if m is None:
+            m = self._maps[i] = np.memmap(self.paths[i], dtype=np.uint16, mode="r")
+        return m
+
+
+def read_documents(root: Path, split: str) -> Iterator[np.ndarray]:
+    """The token ids of each document of a split, in order, without its <|endoftext|>."""
+    index = read_index(root)
+    tokens = ShardTokens(root, split, index)
+    starts = []
+    for offset, e in zip(tokens.offsets, index["splits"][split]["shards"]):
+        starts += [int(offset) + int(x) for x in np.load(root / e["docs_file"])]
+    for a, b in zip(starts, starts[1:] + [len(tokens)]):
+        yield tokens[a : b - 1].numpy()

@@ -1,0 +1,215 @@
+"""gptcli prepare: token shards that read back exactly, a stable split, crash-safe reruns, one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gptcli import shards
+from gptcli.shards import cut_text, is_validation, prepare, read_documents
+from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
+
+from conftest import gptcli_cmd
+
+WORDS = ("the cat's 12 naïve  dogs\tran, über 東京 🙂 -- it'll re-run (x) ... "
+         "<|endoftext|> well\n\nnew\r\nline   spaced\u00a0nbsp\u3000wide").split(" ")
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _corpus(root: Path, rng: random.Random) -> list[str]:
+    """A mixed corpus; returns its documents in input order (folders sorted)."""
+    docs = []
+    (root / "b").mkdir(parents=True)
+    for name in ("a1.txt", "a2.txt"):
+        docs.append(_text(rng, rng.randint(50, 400)))
+        (root / name).write_text(docs[-1], encoding="utf-8")
+    records = [_text(rng, rng.randint(1, 300)) for _ in range(40)]
+    with open(root / "b" / "c.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(records):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+            if i == 5:
+                f.write("\n")  # blank lines are skipped
+    docs += records
+    docs.append(_text(rng, 3000))  # several segments: it is larger than a piece
+    (root / "b" / "d.txt").write_text(docs[-1], encoding="utf-8")
+    docs.append(_text(rng, 500))
+    with gzip.open(root / "b" / "e.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(docs[-1])
+    gz_records = [_text(rng, rng.randint(1, 50)) for _ in range(5)]
+    with gzip.open(root / "b" / "f.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in gz_records)
+    return docs + gz_records
+
+
+def _split_of(text: str, val_ratio: float) -> str:
+    return "val" if is_validation(hashlib.sha256(text.encode("utf-8")).digest(), val_ratio) else "train"
+
+
+def test_prepare_reads_back_each_document_tokenized_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "TASK_CHARS", 97)  # many chunks per document: every cut must be exact
+    docs = _corpus(tmp_path / "corpus", random.Random(0))
+    result = prepare([tmp_path / "corpus"], tmp_path / "out", workers=3, val_ratio=0.3, shard_mb=0.004)
+    enc = get_tokenizer()
+    for split in ("train", "val"):
+        expected = [enc.encode_ordinary(d) for d in docs if _split_of(d, 0.3) == split]
+        got = [d.tolist() for d in read_documents(tmp_path / "out", split)]
+        assert got == expected, split
+        assert expected  # both splits hold documents
+        entry = result.index["splits"][split]
+        assert entry["documents"] == len(expected)
+        assert entry["tokens"] == sum(len(e) + 1 for e in expected)  # each document + <|endoftext|>
+        stream = b"".join((tmp_path / "out" / shard["file"]).read_bytes() for shard in entry["shards"])
+        assert np.frombuffer(stream, dtype=np.uint16).tolist() == [t for e in expected for t in e + [END_OF_TEXT_ID]]
+        for shard in entry["shards"]:
+            data = (tmp_path / "out" / shard["file"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+    assert len(result.index["pieces"]) > 3
+    assert not (tmp_path / "out" / ".partial").exists()
+
+
+TRICKY = st.lists(st.sampled_from(list("ab1 \n\t\r.'s\u00a0\u3000\x1c東🙂-") + ["'ll", "  ", "\n\n"]), max_size=150).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TRICKY, st.integers(1, 12))
+def test_cutting_at_safe_points_tokenizes_like_the_whole_text(text, size):
+    enc = get_tokenizer()
+    chunks, rest = cut_text(text, size)
+    assert "".join(chunks) + rest == text
+    assert [t for c in chunks + [rest] for t in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
+
+
+def test_split_is_stable_when_a_file_is_added(tmp_path):
+    rng = random.Random(1)
+    (tmp_path / "corpus").mkdir()
+    old = [_text(rng, 20) + f" {i}" for i in range(60)]
+    (tmp_path / "corpus" / "m.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in old))
+    prepare([tmp_path / "corpus"], tmp_path / "before", val_ratio=0.5)
+    new = [_text(rng, 20) + f" new {i}" for i in range(30)]
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in new))
+    prepare([tmp_path / "corpus"], tmp_path / "after", val_ratio=0.5)
+
+    def sides(out: Path) -> dict[str, set]:
+        return {s: {tuple(d) for d in read_documents(out, s)} for s in ("train", "val")}
+
+    before, after = sides(tmp_path / "before"), sides(tmp_path / "after")
+    assert before["train"] and before["val"]
+    assert before["train"] <= after["train"] and before["val"] <= after["val"]
+    assert not after["train"] & after["val"]
+    assert len(after["train"]) + len(after["val"]) == 90
+
+
+def test_prepare_killed_with_sigkill_and_rerun_gives_identical_shards(tmp_path, subprocess_env):
+    rng = random.Random(2)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i:02d}.jsonl").write_text(
+            "".join(json.dumps({"text": _text(rng, 150)}) + "\n" for _ in range(150)), encoding="utf-8")
+    args = [str(corpus), "--shard-mb", "0.1", "--val-ratio", "0.1"]
+    reference = subprocess.run(gptcli_cmd() + ["prepare", *args, "--out", "ref", "--workers", "1"],
+                               cwd=tmp_path, env=subprocess_env, capture_output=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+
+    proc = subprocess.Popen(gptcli_cmd() + ["prepare", *args, "--out", "out", "--workers", "2"],
+                            cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "out" / ".partial"
+    deadline = time.monotonic() + 120
+    while not (partial.is_dir() and len(list(partial.glob("piece-*.json"))) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert not (tmp_path / "out" / "index.json").exists()  # it really stopped half way
+
+    rerun = subprocess.run(gptcli_cmd() + ["prepare", *args, "--out", "out", "--json"],
+                           cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["pieces_kept"] >= 2 and summary["pieces_done"] >= 1
+    files = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "out").iterdir())  # no leftovers
+    for name in files:
+        if name != "index.json":
+            assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+    ref_index, out_index = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("ref", "out"))
+    assert {k: v for k, v in ref_index.items() if k != "created"} == {k: v for k, v in out_index.items() if k != "created"}
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+
+def _one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+def test_prepare_without_inputs_is_a_usage_error(cli, tmp_path):
+    _one_line_error(cli("prepare", "--out", tmp_path / "out"), "Missing argument", "inputs")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("not a corpus")
+    _one_line_error(cli("prepare", tmp_path / "empty", "--out", tmp_path / "out"), "no input files", "empty")
+    _one_line_error(cli("prepare", tmp_path / "missing.txt", "--out", tmp_path / "out"), "missing.txt", "not found")
+
+
+def test_unreadable_inputs_are_named(cli, tmp_path):
+    bad_gz = tmp_path / "broken.txt.gz"
+    bad_gz.write_bytes(gzip.compress(b"hello world " * 100)[:-20])
+    _one_line_error(cli("prepare", bad_gz, "--out", tmp_path / "o1"), "broken.txt.gz", "cannot read")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    _one_line_error(cli("prepare", latin, "--out", tmp_path / "o2"), "latin.txt", "not UTF-8", "offset 3")
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked.txt"
+        locked.write_text("secret")
+        locked.chmod(0)
+        _one_line_error(cli("prepare", locked, "--out", tmp_path / "o3"), "locked.txt", "cannot read")
+
+
+def test_jsonl_record_without_the_field_names_file_and_line(cli, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"document number {i} " * 50}) for i in range(400)]
+    lines[321] = json.dumps({"body": "no text here"})
+    path.write_text("\n".join(lines) + "\n")
+    # Small pieces: the bad line lies in a later piece, which counts the lines before it.
+    _one_line_error(cli("prepare", path, "--out", tmp_path / "out", "--shard-mb", "0.05"),
+                    f"{path}:322", '"text"')
+    lines[321] = "{not json"
+    path.write_text("\n".join(lines) + "\n")
+    _one_line_error(cli("prepare", path, "--out", tmp_path / "out2"), f"{path}:322", "not a JSON record")
+
+
+def test_a_vocabulary_beyond_uint16_is_refused(cli, tmp_path, monkeypatch):
+    class Big:
+        name, n_vocab = "cl100k_base", 100277
+
+    monkeypatch.setattr(shards, "get_tokenizer", lambda: Big())
+    (tmp_path / "a.txt").write_text("hello")
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", tmp_path / "out"), "100277", "uint16")
+
+
+def test_out_must_be_a_prepare_directory(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.me").write_text("x")
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", tmp_path / "other"), "other", "not written by gptcli prepare")
+    assert (tmp_path / "other" / "keep.me").exists()
