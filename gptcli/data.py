@@ -123,6 +123,11 @@ class WindowBatchSampler(Sampler[list[int]]):
     windows is cut into per-rank slices (``split``), so N processes with batch b
     see the windows one process with batch N*b sees; for evaluation whole batches
     go round-robin to the ranks (``stride``).
+
+    Random sampling (``draw_from``): an epoch still has `num_windows` windows, but
+    each is an index drawn uniformly from ``range(draw_from)`` (with replacement).
+    Global batch i is drawn by a generator seeded from the epoch seed and i, so
+    every rank draws the same batch and a resumed epoch continues without replay.
     """
 
     def __init__(
@@ -134,8 +139,10 @@ class WindowBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         mode: str = "split",
+        draw_from: int | None = None,
     ):
         self.num_windows = num_windows
+        self.draw_from = draw_from
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -168,13 +175,14 @@ class WindowBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         resume, self._resume = self._resume, None
         seed, windows_done = resume if resume else (None, 0)
-        if self.shuffle:
-            if seed is None:
-                seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
-            generator = torch.Generator()
+        if self.shuffle and seed is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's draw
+        generator = torch.Generator()
+        order = None
+        if self.shuffle and self.draw_from is None:
             generator.manual_seed(seed)
             order = torch.randperm(self.num_windows, generator=generator)
-        else:
+        elif not self.shuffle:
             order = torch.arange(self.num_windows)
         self.seed = seed
         gb = self.global_batch
@@ -182,7 +190,12 @@ class WindowBatchSampler(Sampler[list[int]]):
         for i in range(first, self.num_batches()):
             if self.mode == "stride" and i % self.world_size != self.rank:
                 continue
-            batch = order[i * gb : (i + 1) * gb]
+            if order is None:
+                size = min(gb, self.num_windows - i * gb)
+                generator.manual_seed((seed + (i + 1) * 0x9E3779B97F4A7C15) % 2**64)  # golden-ratio stride between batch seeds
+                batch = torch.randint(self.draw_from, (size,), generator=generator)
+            else:
+                batch = order[i * gb : (i + 1) * gb]
             if self.mode == "split":
                 batch = batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             yield batch.tolist()
@@ -197,9 +210,18 @@ def make_loader(
     world_size: int = 1,
     mode: str = "split",
     pin_memory: bool = False,
+    sampling: str = "sliding",
 ) -> DataLoader:
-    """A DataLoader over `dataset` driven by a `WindowBatchSampler` (no worker processes)."""
-    sampler = WindowBatchSampler(len(dataset), batch_size, shuffle, drop_last, rank, world_size, mode)
+    """A DataLoader over `dataset` driven by a `WindowBatchSampler` (no worker processes).
+
+    With ``sampling="random"`` and `shuffle`, an epoch has as many windows as
+    `dataset` (TokenWindows) but each starts at a random token offset.
+    """
+    num_windows, draw_from = len(dataset), None
+    if sampling == "random" and shuffle:
+        dataset = TokenWindows(dataset.tokens, dataset.max_length, 1)  # window i starts at token i
+        draw_from = len(dataset)
+    sampler = WindowBatchSampler(num_windows, batch_size, shuffle, drop_last, rank, world_size, mode, draw_from)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=pin_memory)
 
 

@@ -182,10 +182,11 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     autocast = _autocast(device, t.precision)
 
     pin = device.type == "cuda"
-    train_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "split", pin)
+    sampling = cfg.data.sampling
+    train_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "split", pin, sampling)
     # The book evaluates on its (shuffling) training loader; a separate loader keeps
     # the training epoch's position intact while drawing the same random numbers.
-    train_eval_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "stride", pin)
+    train_eval_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "stride", pin, sampling)
     val_loader = make_loader(splits.val, t.batch_size, False, False, info.rank, info.world_size, "stride", pin)
     sampler = train_loader.batch_sampler
     per_epoch = sampler.num_batches()  # micro-batches per epoch

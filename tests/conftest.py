@@ -140,3 +140,14 @@ def subprocess_env(_cache_dir) -> dict:
     env["GPTCLI_CACHE_DIR"] = str(_cache_dir)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def keep_checkpoints_up_to(run: Path, dest: Path, step: int) -> Path:
+    """A copy of run directory `run` at `dest` whose newest checkpoint is `step` (later ones removed)."""
+    shutil.copytree(run, dest, symlinks=True)
+    for d in dest.glob("step-*"):
+        if int(d.name.split("-")[1]) > step:
+            shutil.rmtree(d)
+    for link in ("latest", "best"):
+        (dest / link).unlink(missing_ok=True)
+    return dest
