@@ -316,7 +316,7 @@ def train(
     if name is not None:
         out = named_dir(CHECKPOINTS_ROOT, name, "--name")
     run_dir = out or Path(cfg.train.out_dir or CHECKPOINTS_ROOT / (config.stem if config else "default"))
-    events = _TrainEvents()
+    events = _TrainEvents() if os.environ.get("RANK", "0") == "0" else _NoEvents()
     try:
         summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events)
     except GptcliError as e:
@@ -334,8 +334,24 @@ def train(
         print(summary["checkpoint"])
 
 
+class _NoEvents:
+    """The progress of ranks other than 0: rank 0 speaks for all of them."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def _relaunch_with_torchrun(nproc: int) -> None:
-    """Replace this process by `torchrun --nproc_per_node=N -m gptcli <same args without --nproc>`."""
+    """Run `torchrun --standalone --nproc_per_node=N -m gptcli <same args without --nproc>`, exit with its status.
+
+    torchrun's own argument parser and launcher (``torch.distributed.run``) start
+    the processes; a failing process's exit code (2 for bad input, 130/143 when
+    interrupted) becomes ours instead of torchrun's generic 1 and error report.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     args, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -347,10 +363,14 @@ def _relaunch_with_torchrun(nproc: int) -> None:
         if a.startswith("--nproc="):
             continue
         args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "gptcli", *args]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, cmd)
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "gptcli", *args]))
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        raise typer.Exit(code if code > 0 else 128 - code) from None  # negative: killed by that signal
+    except SignalException as e:
+        raise typer.Exit(128 + int(e.sigval)) from None
+    raise typer.Exit(0)
 
 
 @app.command()

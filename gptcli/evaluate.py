@@ -72,11 +72,15 @@ def evaluate_loss(
         {"loss", "ppl", "tokens", "batches"} (+ "bytes", "bpb"); loss is NaN when there are no batches.
     """
     limit = len(loader) if num_batches is None else min(num_batches, len(loader))
+    lockstep = 0
     sampler = getattr(loader, "batch_sampler", None)
     if isinstance(sampler, WindowBatchSampler) and sampler.mode == "stride":
         # Batches go round-robin to the ranks: together they evaluate the first `num_batches`.
         total = sampler.num_batches() if num_batches is None else min(num_batches, sampler.num_batches())
         limit = len(range(sampler.rank, total, sampler.world_size))
+        # FSDP gathers the weights inside every forward, a collective call: every rank
+        # must run as many forwards as the busiest one, so the others repeat one unscored.
+        lockstep = -(-total // sampler.world_size) if all_reduce is not None else 0
     was_training = model.training
     model.eval()
     loss_sum, nats, tokens, num_bytes = 0.0, 0.0, 0, 0
@@ -95,6 +99,9 @@ def evaluate_loss(
                 loss_sum += batch_loss
                 nats += batch_loss * targets.numel()
                 tokens += targets.numel()
+        for _ in range(limit, lockstep):
+            with autocast():
+                model(torch.zeros((1, 1), dtype=torch.long, device=device))
     finally:
         model.train(was_training)
     batches = limit

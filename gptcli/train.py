@@ -145,7 +145,10 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    splits = load_splits(cfg.data, cfg.model.context_length, progress=events.download if info.is_main else None)
+    # Rank 0 first: a missing default corpus is downloaded once, not by every process at the same time.
+    splits = _on_main(info, lambda: load_splits(cfg.data, cfg.model.context_length, progress=events.download))
+    if not info.is_main:
+        splits = load_splits(cfg.data, cfg.model.context_length)
     _check_batches(splits, t.batch_size, info.world_size)
 
     lock = _on_main(info, lambda: _prepare_run_dir(run_dir, resume, overwrite))
