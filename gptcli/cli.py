@@ -321,8 +321,11 @@ def train(
         summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events)
     except GptcliError as e:
         events.close()
-        if hasattr(e, "checkpoint"):  # Interrupted: the checkpoint is saved, say how to go on
-            _err(str(e))
+        # Under torchrun every rank meets the same bad input or interruption: rank 0 reports it.
+        other_rank = os.environ.get("RANK", "0") != "0" and (isinstance(e, InputError) or hasattr(e, "checkpoint"))
+        if hasattr(e, "checkpoint") or other_rank:  # Interrupted: the checkpoint is saved, say how to go on
+            if not other_rank:
+                _err(str(e))
             raise typer.Exit(e.exit_code) from None
         raise
     events.close()
@@ -352,6 +355,11 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    import logging
+
+    # torchrun pins each process to 1 thread (and says so in a banner); share the CPUs instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes report their own errors
     args, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -366,8 +374,11 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "gptcli", *args]))
     except ChildFailedError as e:
-        code = e.get_first_failure()[1].exitcode
-        raise typer.Exit(code if code > 0 else 128 - code) from None  # negative: killed by that signal
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal: it could not say so itself
+            _err(f"error: rank {rank} was killed by {failure.signal_name()}")
+            raise typer.Exit(128 - failure.exitcode) from None
+        raise typer.Exit(failure.exitcode) from None
     except SignalException as e:
         raise typer.Exit(128 + int(e.sigval)) from None
     raise typer.Exit(0)

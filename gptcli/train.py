@@ -342,11 +342,13 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             model.train()
             # ---- checkpoint and stop checks
             interrupted = stop.signum is not None
+            if reduce is not None:  # ranks must agree, or one would save while another steps on
+                interrupted = reduce([float(interrupted)])[0] > 0
             if step == total_steps or interrupted or (t.save_every and step % t.save_every == 0):
                 path = save("interrupt" if interrupted else "end" if step == total_steps else "cadence")
                 last_saved_step = step
                 if interrupted:
-                    raise Interrupted(stop.signum, path, run_dir)
+                    raise Interrupted(stop.signum or signal.SIGTERM, path, run_dir)
             t_log += time.perf_counter() - t_pause  # throughput counts training time only
     if last_saved_step != step:
         save("end")

@@ -9,8 +9,11 @@ windows in the same order and differ only by float summation order.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -68,8 +71,13 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, reference) -> Path:
+    """Two processes, batch 2 each, launched by `gptcli train --nproc 2` (torchrun inside)."""
     out = tmp_path_factory.mktemp("dist") / "ddp"
-    _torchrun(_common(VERDICT, out, 2) + _sets(), dict(os.environ, PYTHONUNBUFFERED="1"), out.parent)
+    cmd = gptcli_cmd() + ["train", "--nproc", "2", *_common(VERDICT, out, 2), *_sets()]
+    result = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=out.parent, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(out / f"step-{STEPS:06d}")  # rank 0 prints the result, once
     return out
 
 
@@ -106,3 +114,48 @@ def test_fsdp_two_processes_equal_one_process_with_twice_the_batch(reference, tm
     cfg = load_config(run / "step-000003" / "config.yaml", {"train.batch_size": 4})
     train(cfg, run, resume=True)
     _assert_same(_weights(reference, STEPS), _weights(run, STEPS))
+
+
+@pytest.mark.slow
+def test_nproc_exits_with_the_processes_code_and_one_line(tmp_path, subprocess_env):
+    cmd = gptcli_cmd() + ["train", "--nproc", "2", "--data", str(tmp_path / "missing.txt"), "--out", "run"]
+    result = subprocess.run(cmd, env=subprocess_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: data file not found"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path, subprocess_env):
+    """SIGTERM to rank 1 alone: every rank stops after the same step, one checkpoint, exit 143."""
+    out = tmp_path / "run"
+    cmd = gptcli_cmd()[:1] + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptcli",
+                              "train", *_common(VERDICT, out, 2)[:-4], "--max-steps", "10000", *_sets()]
+    agent = subprocess.Popen(cmd, env=subprocess_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or "step" not in (out / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and agent.poll() is None
+            time.sleep(0.2)
+        rank1 = next(pid for pid in _children(agent.pid) if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+        os.kill(rank1, signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGKILL)  # the agent and its workers, whatever happened
+    assert stderr.count("stopped after saving") == 1, stderr[-2000:]  # rank 0 reports for both
+    saved = [d.name for d in out.glob("step-*")]
+    assert len(saved) == 1
+    assert "continue with: gptcli train" in stderr and saved[0] in stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
