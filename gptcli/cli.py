@@ -813,7 +813,7 @@ def prepare(
     splits = result.index["splits"]
     summary = {"out": str(out), "pieces_done": result.pieces_done, "pieces_kept": result.pieces_kept,
                **{f"{s}_{k}": splits[s][k] for s in ("train", "val") for k in ("tokens", "documents")},
-               "shards": sum(len(splits[s]["shards"]) for s in ("train", "val"))}
+               "shards": sum(len(splits[s]["shards"]) for s in ("train", "val")), "elapsed_s": result.elapsed_s}
     _err(f"{summary['train_tokens']:,} training tokens ({summary['train_documents']:,} documents), "
          f"{summary['val_tokens']:,} validation tokens ({summary['val_documents']:,} documents) in "
          f"{summary['shards']} shards; {result.pieces_kept} finished piece(s) kept")

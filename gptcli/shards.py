@@ -47,20 +47,23 @@ import json
 import os
 import re
 import shutil
+import time
 import zlib
 from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
-import torch
 
 from gptcli.download import fsync_dir, sha256_file
 from gptcli.errors import InputError, RunError
 from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "gptcli-shards"
 VERSION = 1
@@ -444,6 +447,7 @@ class PrepareResult:
     index: dict[str, Any]
     pieces_done: int  # pieces tokenized in this run
     pieces_kept: int  # finished pieces of an earlier run, kept
+    elapsed_s: float
 
 
 def prepare(
@@ -451,7 +455,7 @@ def prepare(
     out: Path,
     *,
     workers: Optional[int] = None,
-    val_ratio: float = 0.005,
+    val_ratio: float = 0.01,
     shard_mb: float = 64,
     field: str = "text",
     progress: Optional[Progress] = None,
@@ -472,6 +476,7 @@ def prepare(
             that is not ours, or a tokenizer whose vocabulary does not fit uint16.
         RunError: the output cannot be written.
     """
+    t0 = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     if not 0.0 <= val_ratio < 1.0:
         raise InputError(f"--val-ratio: must be in [0, 1), got {val_ratio}")
@@ -487,34 +492,36 @@ def prepare(
                "version": VERSION}
     try:
         (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-        for p in out.glob(".tmp-*"):
+        for p in out.glob(".tmp-*"):  # files a killed run was writing
             p.unlink()
     except OSError as e:
         raise RunError(f"{out}: cannot write ({e.strerror})") from None
     earlier = _earlier_records(out)
     total = sum(s.size for s in sources)
-    state = {"bytes": 0, "tokens": 0}
-    records, done, kept = [], 0, 0
+    done = {"bytes": 0, "tokens": 0}
+
+    def advance(nbytes: int, ntokens: int) -> None:
+        done["bytes"] += nbytes
+        done["tokens"] += ntokens
+        if progress is not None:
+            progress(done["bytes"], total, done["tokens"])
+
+    records, tokenized = [], 0
     with ThreadPoolExecutor(workers, thread_name_prefix="gptcli-tokenize") as pool:
         for k, piece in enumerate(pieces):
             spec = {"segments": [seg.spec() for seg in piece], **options}
             record = earlier.get(k)
-            bytes_before = state["bytes"]
-            if record is not None and record["spec"] == spec and all(_entry_ok(out, record[s]) for s in SPLITS):
-                kept += 1
-            else:
-                shards = _tokenize_piece(piece, k, out, pool, workers, encoding, val_ratio, field, state, total, progress)
-                record = {"piece": k, "spec": spec, **shards}
+            piece_bytes, bytes_before = sum(seg.end - seg.start for seg in piece), done["bytes"]
+            if record is None or record["spec"] != spec or not all(_entry_ok(out, record[s]) for s in SPLITS):
+                record = {"piece": k, "spec": spec, **_tokenize_piece(piece, k, out, pool, workers, encoding, options, advance)}
                 _write_atomic(out / PARTIAL / f"piece-{k:06d}.json", json.dumps(record).encode())
-                fsync_dir(out / PARTIAL)
-                done += 1
+                tokenized += 1
+            else:
+                advance(0, sum(record[s]["tokens"] for s in SPLITS if record[s]))
             records.append(record)
-            state["bytes"] = bytes_before + sum(seg.end - seg.start for seg in piece)
-            state["tokens"] = sum(r[s]["tokens"] for r in records for s in SPLITS if r[s])
-            if progress is not None:
-                progress(state["bytes"], total, state["tokens"])
+            advance(bytes_before + piece_bytes - done["bytes"], 0)  # exact, whatever the parts reported
     index = _write_index(out, sources, records, options)
-    return PrepareResult(out, index, done, kept)
+    return PrepareResult(out, index, tokenized, len(pieces) - tokenized, time.perf_counter() - t0)
 
 
 def _check_out(out: Path) -> None:
@@ -542,7 +549,7 @@ def _earlier_records(out: Path) -> dict[int, dict[str, Any]]:
     return records
 
 
-def _tokenize_piece(piece, k, out, pool, workers, encoding, val_ratio, field, state, total, progress) -> dict[str, Any]:
+def _tokenize_piece(piece, k, out, pool, workers, encoding, options, advance) -> dict[str, Any]:
     """Tokenize one piece into train-k/val-k; return their index entries (None for an empty split)."""
     writers = {s: _ShardWriter(out, f"{s}-{k:06d}") for s in SPLITS}
     pending: deque = deque()
@@ -552,17 +559,16 @@ def _tokenize_piece(piece, k, out, pool, workers, encoding, val_ratio, field, st
             task, future = pending.popleft()
             for part, arr in zip(task, future.result()):
                 writers[part.split].write(arr, part.starts_doc)
-                state["bytes"] += part.nbytes
-                state["tokens"] += len(arr)
-            if progress is not None:
-                progress(state["bytes"], total, state["tokens"])
+            advance(sum(part.nbytes for part in task), sum(len(arr) for arr in future.result()))
 
     try:
-        for task in _tasks(_piece_parts(piece, val_ratio, field)):
+        for task in _tasks(_piece_parts(piece, options["val_ratio"], options["field"])):
             pending.append((task, pool.submit(_encode_task, encoding, task)))
             drain(2 * workers)  # bounded: at most 2 tasks per worker in flight
         drain(0)
-        return {s: w.finish() for s, w in writers.items()}
+        entries = {s: w.finish() for s, w in writers.items()}
+        fsync_dir(out)  # the renames are durable before the piece is recorded as finished
+        return entries
     except BaseException:
         for _, future in pending:
             future.cancel()
@@ -663,7 +669,9 @@ class ShardTokens:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, key: slice) -> torch.Tensor:
+    def __getitem__(self, key: slice) -> "torch.Tensor":
+        import torch  # here, not at the top: `gptcli prepare` never needs torch (1.5 s and 120 MB saved)
+
         start, stop, step = key.indices(len(self))
         if step != 1:
             raise IndexError("ShardTokens supports contiguous slices only")

@@ -119,7 +119,7 @@ def test_prepare_killed_with_sigkill_and_rerun_gives_identical_shards(tmp_path, 
     rng = random.Random(2)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(12):
+    for i in range(24):  # ~3 MB in ~30 pieces: the kill lands half way even on a fast machine
         (corpus / f"{i:02d}.jsonl").write_text(
             "".join(json.dumps({"text": _text(rng, 150)}) + "\n" for _ in range(150)), encoding="utf-8")
     args = [str(corpus), "--shard-mb", "0.1", "--val-ratio", "0.1"]
