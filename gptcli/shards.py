@@ -646,9 +646,12 @@ class ShardTokens:
     pages of a file mapping count towards the resident memory of the process
     until unmapped, so reading a corpus larger than RAM would otherwise look like
     growing memory (nanoGPT recreates its memmap per batch for the same reason).
+    A read counts as at least `PAGES_PER_READ` bytes: a page fault maps the pages
+    around it, a whole large folio of the page cache on recent Linux (up to 2 MiB).
     """
 
     REMAP_BYTES = 256 << 20
+    PAGES_PER_READ = 2 << 20
 
     def __init__(self, root: Path, split: str, index: dict[str, Any]):
         self.root = root
@@ -683,7 +686,7 @@ class ShardTokens:
             parts.append(self._map(i)[lo:hi])
             pos = int(self.offsets[i] + hi)
         out = np.concatenate(parts) if len(parts) != 1 else parts[0]
-        self._read += 2 * max(stop - start, 0)
+        self._read += max(2 * (stop - start), self.PAGES_PER_READ)
         result = torch.from_numpy(np.array(out, dtype=np.int64))
         if self._read > self.REMAP_BYTES:
             self._maps.clear()
