@@ -767,20 +767,23 @@ class _PrepareProgress:
 
         self.clock = time.perf_counter
         self.tty = sys.stderr.isatty()
-        self.mark = (self.clock(), 0, 0)  # (time, bytes, tokens) at the last rendered line
-        self.shown = False
+        self.start = self.mark = (self.clock(), 0, 0)  # (time, bytes, tokens) at the start, at the last line
+        self.shown = self.finished = False
 
     def __call__(self, done: int, total: int, tokens: int) -> None:
         now = self.clock()
-        t0, bytes0, tokens0 = self.mark
-        if now - t0 < (0.5 if self.tty else 10.0) and done < total:
+        if self.finished or (now - self.mark[0] < (0.5 if self.tty else 10.0) and done < total):
             return
+        self.finished = done >= total
+        t0, bytes0, tokens0 = self.start if self.finished else self.mark  # the last line: whole-run rates
         dt = max(now - t0, 1e-9)
-        line = (f"prepare {100 * done / max(total, 1):5.1f}% · {done / 1e6:,.1f}/{total / 1e6:,.1f} MB · "
+        fraction = done / max(total, 1)
+        line = (f"prepare {100 * fraction:5.1f}% · {done / 1e6:,.1f}/{total / 1e6:,.1f} MB · "
                 f"{(done - bytes0) / dt / 1e6:,.1f} MB/s · {(tokens - tokens0) / dt:,.0f} tokens/s")
         self.mark = (now, done, tokens)
         if self.tty:
-            print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
+            bar = "█" * round(24 * fraction) + "░" * (24 - round(24 * fraction))
+            print(f"\r{bar} {line}\x1b[K", end="", file=sys.stderr, flush=True)
             self.shown = True
         else:
             _err(line)
