@@ -56,6 +56,7 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"largest weight difference {worst:.3g}")
     assert worst < TOL, f"weights differ by up to {worst:.3g}"
 
 
@@ -109,10 +110,14 @@ def test_fsdp_two_processes_equal_one_process_with_twice_the_batch(reference, tm
     out = tmp_path / "fsdp"
     _torchrun(_common(VERDICT, out, 2) + _sets(["train.distributed=fsdp"]), subprocess_env, tmp_path)
     _assert_same(_weights(reference, STEPS), _weights(out, STEPS))
-    # ... and an FSDP checkpoint continues in one process.
+    # ... an FSDP checkpoint continues in one process,
     run = keep_checkpoints_up_to(out, tmp_path / "resumed", 3)
     cfg = load_config(run / "step-000003" / "config.yaml", {"train.batch_size": 4})
     train(cfg, run, resume=True)
+    _assert_same(_weights(reference, STEPS), _weights(run, STEPS))
+    # ... and a one-process checkpoint continues sharded over two.
+    run = keep_checkpoints_up_to(reference, tmp_path / "sharded", 3)
+    _torchrun(_common(VERDICT, run, 2) + ["--resume"] + _sets(["train.distributed=fsdp"]), subprocess_env, tmp_path)
     _assert_same(_weights(reference, STEPS), _weights(run, STEPS))
 
 
