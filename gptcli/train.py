@@ -52,6 +52,7 @@ from gptcli.data import Splits, load_splits, make_loader
 from gptcli.device import resolve_device
 from gptcli.distributed import (
     DistInfo,
+    all_gather_objects,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -174,6 +175,10 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     if init_weights is not None:
         load_state_dict(model, init_weights.weights)
     model.to(device)
+    if info.enabled and device.type == "cuda":
+        # Every rank shares the CPU stream (same init, same batch order); dropout on the GPU
+        # draws from the CUDA stream, which gets a per-rank seed so masks differ across ranks.
+        torch.cuda.manual_seed(t.seed + info.rank)
     model.activation_checkpointing = t.activation_checkpointing
     if device.type == "cuda" and cfg.model.impl == "fused":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
@@ -216,7 +221,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         best_val = state.get("best_val_loss", math.inf)
         last_eval = state.get("last_eval", {})
         rng = state["rng"]
-        restore_rng = lambda: _set_rng(rng, device)  # noqa: E731
+        restore_rng = lambda: _set_rng(rng, device, info, t.seed + step)  # noqa: E731
         if pos.windows_done == 0:
             restore_rng()  # a fresh epoch: its loader draws come from the restored stream
             restore_rng = None
@@ -235,12 +240,13 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
 
     def save(reason: str) -> Path:
         model_sd, optim_sd = full_state(wrapped, optimizer)
+        rng_state = _get_rng(device, info)
         path = None
         if info.is_main:
             state = {
                 "optimizer": optim_sd, "step": step, "tokens_seen": tokens_seen,
                 "epoch": pos.epoch, "windows_done": pos.windows_done, "epoch_seed": pos.seed,
-                "rng": _get_rng(device), "best_val_loss": best_val, "last_eval": last_eval,
+                "rng": rng_state, "best_val_loss": best_val, "last_eval": last_eval,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
             }
             meta = {"step": step, "epoch": pos.epoch, "tokens_seen": tokens_seen, "reason": reason,
@@ -427,17 +433,22 @@ def _peak(t, device: torch.device) -> float | None:
         return None
 
 
-def _get_rng(device: torch.device) -> dict[str, Any]:
+def _get_rng(device: torch.device, info: DistInfo) -> dict[str, Any]:
+    """The CPU RNG state (shared by all ranks) and every rank's CUDA RNG state (call on all ranks)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["cuda"] = all_gather_objects(torch.cuda.get_rng_state(device), info)
     return state
 
 
-def _set_rng(state: dict[str, Any], device: torch.device) -> None:
+def _set_rng(state: dict[str, Any], device: torch.device, info: DistInfo, fallback_seed: int) -> None:
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "cuda":
+        per_rank = state.get("cuda")
+        if isinstance(per_rank, list) and len(per_rank) == info.world_size:
+            torch.cuda.set_rng_state(per_rank[info.rank], device)
+        else:  # another process count than the run that saved it: fresh per-rank streams
+            torch.cuda.manual_seed(fallback_seed + info.rank)
 
 
 def _sample(model: GPTModel, cfg: Config, prompt: str, max_new_tokens: int) -> str:

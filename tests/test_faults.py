@@ -83,11 +83,12 @@ def test_injected_enospc_during_a_checkpoint_write(cli, verdict, tmp_path, monke
 
 def test_second_trainer_on_the_same_run_refuses_and_a_stale_lock_is_taken_over(verdict, tmp_path, subprocess_env):
     run = tmp_path / "run"
-    args = [*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run), "--num-epochs", "100"]
+    args = [*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run),
+            "--set", "train.save_every=1", "--num-epochs", "100"]
     first = subprocess.Popen(args, env=subprocess_env, stderr=subprocess.PIPE, text=True)
     try:
         for line in first.stderr:
-            if line.startswith("step 3/"):
+            if line.startswith("saved "):  # the first checkpoint is on disk
                 break
         second = subprocess.run([*args[:-2], "--resume"], env=subprocess_env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1

@@ -55,6 +55,6 @@ def test_tampered_bpe_file_is_refused(monkeypatch, tmp_path):
     vocab_bpe, encoder_json = tokenizer.bpe_files()
     (data / "vocab.bpe").write_bytes(open(vocab_bpe, "rb").read() + b"x")
     (data / "encoder.json").write_bytes(open(encoder_json, "rb").read())
-    monkeypatch.setattr(tok.resources, "files", lambda package: tmp_path)
+    monkeypatch.setattr(tok, "_package_dir", lambda package: tmp_path)
     with pytest.raises(RunError, match="sha256"):
         tok.bpe_files()
