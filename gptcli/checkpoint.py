@@ -250,8 +250,8 @@ def resolve_checkpoint(path: Path, check_hashes: bool = True) -> tuple[Path, lis
     if not path.exists():
         raise RunError(f"{path}: no such checkpoint or run directory")
     path = path.resolve() if path.is_symlink() else path
-    if is_checkpoint_dir(path):
-        verify_checkpoint(path, check_hashes)
+    if is_checkpoint_dir(path) or (path / WEIGHTS).exists() or (path / CONFIG).exists():
+        verify_checkpoint(path, check_hashes)  # a checkpoint's files without a valid manifest: say so
         return path, []
     if path.is_dir():
         latest, skipped = find_latest(path, check_hashes)
@@ -277,7 +277,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
         raw = yaml.safe_load((ckpt_dir / CONFIG).read_text(encoding="utf-8"))
         config = config_from_dict(raw or {}, str(ckpt_dir / CONFIG))
     except (yaml.YAMLError, ConfigError, AttributeError) as e:
-        raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config ({e})") from None
+        raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config ({first_line(e)})") from None
     try:
         weights = load_file(str(ckpt_dir / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

@@ -541,6 +541,7 @@ class _StreamPrinter:
 @_handle_errors
 def eval_(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run directory (default: the newest).")] = None,
+    checkpoint_opt: CheckpointOpt = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this text file or folder too (repeatable).")] = None,
     val: Annotated[bool, typer.Option("--val/--no-val", help="Evaluate the config's validation split.")] = True,
     all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: loss against step.")] = False,
@@ -558,6 +559,9 @@ def eval_(
     from gptcli import evaluate as ev
 
     files = [str(p) for p in data or []]
+    if checkpoint is not None and checkpoint_opt is not None and checkpoint != checkpoint_opt:
+        raise InputError("--checkpoint: give the checkpoint once (as the argument or as --checkpoint)")
+    checkpoint = checkpoint or checkpoint_opt
     if show_tokens and text is None:
         raise InputError("--show-tokens: needs --text TEXT")
     if text is not None and (all_checkpoints or files):
@@ -571,7 +575,9 @@ def eval_(
         columns = ["step", "checkpoint", "dataset", "loss", "ppl", "bpb", "tokens"]
         _render_rows(report["results"], columns, json_out, {"run": report["run"], "skipped": report["skipped"]})
         return
-    model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
+    cfg, ckpt = _model_source(checkpoint, config, sets, device)
+    datasets = ev.eval_datasets(cfg, files, val) if text is None else None  # bad data fails before the model loads
+    model, where = _build_model(cfg, ckpt, seed)
     if text is not None:
         result = ev.token_report(model, text)
         if json_out:
@@ -579,7 +585,6 @@ def eval_(
         else:
             _render_token_report(result, show_tokens)
         return
-    datasets = ev.eval_datasets(cfg, files, val)
     rows = ev.evaluate_datasets(model, datasets, batch_size or cfg.train.batch_size, num_batches)
     _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
 
@@ -775,6 +780,8 @@ class _PrepareProgress:
         if self.finished or (now - self.mark[0] < (0.5 if self.tty else 10.0) and done < total):
             return
         self.finished = done >= total
+        if self.finished and not self.tty:
+            return  # plain mode: the command's summary line reports the whole run
         t0, bytes0, tokens0 = self.start if self.finished else self.mark  # the last line: whole-run rates
         dt = max(now - t0, 1e-9)
         fraction = done / max(total, 1)
@@ -819,7 +826,9 @@ def prepare(
                "shards": sum(len(splits[s]["shards"]) for s in ("train", "val")), "elapsed_s": result.elapsed_s}
     _err(f"{summary['train_tokens']:,} training tokens ({summary['train_documents']:,} documents), "
          f"{summary['val_tokens']:,} validation tokens ({summary['val_documents']:,} documents) in "
-         f"{summary['shards']} shards; {result.pieces_kept} finished piece(s) kept")
+         f"{summary['shards']} shards in {result.elapsed_s:.1f} s "
+         f"({(summary['train_tokens'] + summary['val_tokens']) / max(result.elapsed_s, 1e-9):,.0f} tokens/s); "
+         f"{result.pieces_kept} finished piece(s) kept")
     if splits["val"]["tokens"] == 0:
         _err("warning: no document went to validation; training needs some: raise --val-ratio or add documents")
     if json_out:

@@ -490,12 +490,22 @@ def prepare(
     pieces = plan_pieces(sources, max(int(shard_mb * 1e6), 1))
     options = {"val_ratio": val_ratio, "field": field, "tokenizer": encoding.name, "vocab_size": encoding.n_vocab,
                "version": VERSION}
+    created = not out.exists()
     try:
         (out / PARTIAL).mkdir(parents=True, exist_ok=True)
         for p in out.glob(".tmp-*"):  # files a killed run was writing
             p.unlink()
     except OSError as e:
         raise RunError(f"{out}: cannot write ({e.strerror})") from None
+    try:
+        return _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0)
+    except InputError:
+        if created:  # bad input found part-way: leave no half-made output folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0) -> PrepareResult:
     earlier = _earlier_records(out)
     total = sum(s.size for s in sources)
     done = {"bytes": 0, "tokens": 0}

@@ -152,15 +152,16 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
         splits = load_splits(cfg.data, cfg.model.context_length)
     _check_batches(splits, t.batch_size, info.world_size)
 
+    # Everything that can be wrong with the inputs is checked before the run directory is touched.
+    init_weights = None
+    if init_from is not None:
+        init_weights = load_checkpoint(init_from)
+        _check_shapes(cfg, init_weights.config, f"--init-from {init_from}")
+    ckpt = _find_resume(run_dir, cfg) if resume and run_dir.is_dir() else None  # every rank reads it
     lock = _on_main(info, lambda: _prepare_run_dir(run_dir, resume, overwrite))
     try:
-        ckpt = _find_resume(run_dir, cfg) if resume else None  # every rank reads it from disk
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
-        init_weights = None
-        if init_from is not None:
-            init_weights = load_checkpoint(init_from)
-            _check_shapes(cfg, init_weights.config, f"--init-from {init_from}")
         return _loop(cfg, run_dir, splits, ckpt, init_weights, events, device, info)
     finally:
         if lock is not None:

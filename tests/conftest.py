@@ -151,3 +151,15 @@ def keep_checkpoints_up_to(run: Path, dest: Path, step: int) -> Path:
     for link in ("latest", "best"):
         (dest / link).unlink(missing_ok=True)
     return dest
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report the size of the bad-input matrix (tests/test_bad_input.py) with the results."""
+    counts = {}
+    for outcome in ("passed", "failed"):
+        counts[outcome] = sum(1 for r in terminalreporter.stats.get(outcome, [])
+                              if "test_bad_input.py::test_bad_input[" in r.nodeid and r.when == "call")
+    if counts["passed"] or counts["failed"]:
+        terminalreporter.write_line(
+            f"bad-input matrix: {counts['passed'] + counts['failed']} bad inputs tried, "
+            f"{counts['passed']} handled as specified, {counts['failed']} not")
