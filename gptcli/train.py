@@ -73,6 +73,8 @@ from gptcli.perf import peak_flops
 from gptcli.tokenizer import decode, encode
 
 RUN_MANIFEST = "run.json"
+# None: defer the non-finite check on CUDA only; tests set True to exercise it on the CPU.
+DEFER_NONFINITE_CHECK: bool | None = None
 LOCK = ".lock"
 
 
@@ -239,7 +241,13 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         "val_tokens": splits.val_tokens, "resumed": ckpt is not None,
     })
 
+    def check_deferred() -> None:
+        if defer and int(first_bad) != 0:  # a host sync: only at log, eval and save points
+            raise _nonfinite(float("nan"), int(first_bad), run_dir, last_saved_step,
+                             f"its update was skipped; stopped at step {step}")
+
     def save(reason: str) -> Path:
+        check_deferred()  # never save after a non-finite step
         model_sd, optim_sd = full_state(wrapped, optimizer)
         rng_state = _get_rng(device, info)
         path = None
@@ -270,6 +278,11 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     t_log, tokens_at_log = t_start, tokens_seen
     last_saved_step = step if ckpt is not None else -1
     stream = _micro_batches(train_loader, pos, t.num_epochs, restore_rng)
+    # Defer the non-finite check to log points where a host sync costs (CUDA) and the optimizer
+    # can skip an update on the device (fused AdamW's found_inf, as AMP's GradScaler uses it).
+    defer = (DEFER_NONFINITE_CHECK if DEFER_NONFINITE_CHECK is not None else device.type == "cuda") and (
+        t.optimizer_impl == "fused")
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
     micro_index = step * t.grad_accum_steps
     model.train()
     finished_epochs: list[int] = []  # epochs that ended during the current step
@@ -298,23 +311,38 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 if epoch_done:
                     finished_epochs.append(epoch)
             epoch_number = math.floor(epoch_progress - 1e-9) + 1  # 1-based epoch of the last batch
-            loss_value = (loss_sum / group_size).item() if group_size > 1 else loss_sum.item()
-            if reduce is not None:
-                loss_value = reduce([loss_value])[0] / info.world_size
-            if not math.isfinite(loss_value):
-                kept = f"the last good checkpoint is {run_dir / step_dir_name(last_saved_step)}" if last_saved_step >= 0 else "no checkpoint was written"
-                raise RunError(f"non-finite loss ({loss_value}) at step {step + 1}; stopped before the optimizer step; {kept}")
+            loss_dev = loss_sum / group_size if group_size > 1 else loss_sum
+            log_now = step + 1 == 1 or (step + 1) % t.log_every == 0 or step + 1 == total_steps
+            if not defer or log_now:
+                # ---- non-finite check before the optimizer step (a host sync: free on CPU)
+                loss_value = loss_dev.item()
+                if reduce is not None:
+                    loss_value = reduce([loss_value])[0] / info.world_size
+                if not math.isfinite(loss_value):
+                    raise _nonfinite(loss_value, step + 1, run_dir, last_saved_step, "stopped before the optimizer step")
+            else:
+                # ---- no host sync between log points: a non-finite loss makes the fused AdamW
+                # skip this update on the device; the step is reported at the next check.
+                bad = (~torch.isfinite(loss_dev)).float()
+                if info.enabled:
+                    torch.distributed.all_reduce(bad)  # every rank skips, or none
+                optimizer.found_inf = bad
+                first_bad = torch.where((bad > 0) & (first_bad == 0), step + 1, first_bad)
             grad_norm = None
             if t.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip)
             optimizer.step()
+            optimizer.found_inf = None
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += group_size * tokens_per_micro
+            if defer and (log_now or (step - 1) % t.eval_freq == 0):
+                check_deferred()
 
             # ---- log
             now = time.perf_counter()
-            if info.is_main and (step == 1 or step % t.log_every == 0 or step == total_steps):
+            if info.is_main and log_now:
+                grad_norm = float(grad_norm) if grad_norm is not None else None
                 rate = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
                 record = {
                     "event": "train", "step": step, "epoch": epoch_number,
@@ -350,7 +378,8 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             # ---- checkpoint and stop checks
             interrupted = stop.signum is not None
             if reduce is not None:  # ranks must agree, or one would save while another steps on
-                interrupted = reduce([float(interrupted)])[0] > 0
+                # (a host sync: with deferred checks only at log points, where one happens anyway)
+                interrupted = reduce([float(interrupted)])[0] > 0 if (not defer or log_now) else False
             if step == total_steps or interrupted or (t.save_every and step % t.save_every == 0):
                 path = save("interrupt" if interrupted else "end" if step == total_steps else "cadence")
                 last_saved_step = step
@@ -370,6 +399,12 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         "checkpoint": str(run_dir / step_dir_name(step)), "elapsed_s": elapsed,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,
     }
+
+
+def _nonfinite(value: float, at_step: int, run_dir: Path, last_saved_step: int, what: str) -> RunError:
+    kept = (f"the last good checkpoint is {run_dir / step_dir_name(last_saved_step)}" if last_saved_step >= 0
+            else "no checkpoint was written")
+    return RunError(f"non-finite loss ({value}) at step {at_step}; {what}; {kept}")
 
 
 def _micro_batches(loader, pos: _Position, num_epochs: int, restore_rng: Callable[[], None] | None):

@@ -289,3 +289,18 @@ def test_max_tokens_stops_the_run(verdict, tmp_path):
     cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_tokens": 1000, "train.sample_tokens": 0})
     summary = train(cfg, tmp_path / "run")
     assert summary["tokens_seen"] == 1024 and summary["steps"] == 8  # 128 tokens per step, rounded up
+
+
+def test_deferred_nonfinite_check_skips_the_update_and_stops_at_the_next_check(cli, verdict, tmp_path, monkeypatch):
+    """On CUDA the check waits for log points (no host sync per step); forced here on the CPU."""
+    import gptcli.train
+
+    monkeypatch.setattr(gptcli.train, "DEFER_NONFINITE_CHECK", True)
+    run = tmp_path / "run"
+    result = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", run, "--learning-rate", "1e30",
+                 "--set", "train.optimizer_impl=fused", "--set", "train.save_every=1", "--set", "train.log_every=50")
+    assert result.exit_code == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "non-finite loss" in line and "at step 2" in line and "update was skipped" in line and "step-000001" in line
+    assert [p.name for p in list_step_checkpoints(run)] == ["step-000001"]
+    verify_checkpoint(run / "step-000001")
