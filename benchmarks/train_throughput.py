@@ -10,7 +10,8 @@ Each variant runs in a fresh process (so its peak resident memory is its own):
   gptcli       `gptcli train`'s loop (gptcli.train.train) with the config as given (book-exact)
   gptcli-fast  the same loop with --fast-config (fused kernels, fused AdamW, ...)
 All start from the same seed, so they train the same weights on the same batches. Step
-times come from the moment each optimizer step ends; the first --warmup steps are dropped.
+times come from the moment each optimizer step ends; the first --warmup steps are dropped, and
+the figure is the median over all timed steps of --repeats runs taken in turns.
 The device's dense matmul peak is measured in this run too, and MFU = model FLOPs per
 token (gptcli.model.flops_per_token: 6N + 12 L T C) x tokens/s / that peak.
 
@@ -139,15 +140,20 @@ def run_worker(variant: str, config: str, batch_size: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(variant: str, config: str, batch_size: int, args, flops_token: float, peak: float) -> dict:
-    r = run_worker(variant, config, batch_size, args)
-    ends = r["ends"][args.warmup - 1:] if args.warmup > 0 else [r["start"], *r["ends"]]
-    steps = len(ends) - 1
-    seconds = (ends[-1] - ends[0]) / steps
-    tokens = batch_size * r["context_length"]
-    tps = tokens / seconds
+def step_times(r: dict, warmup: int) -> list[float]:
+    """Seconds of each optimizer step after the warm-up steps."""
+    ends = r["ends"][warmup - 1:] if warmup > 0 else [r["start"], *r["ends"]]
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def summarize(variant: str, batch_size: int, runs: list[dict], args, flops_token: float, peak: float) -> dict:
+    """Median step time over all timed steps of all repeats; the largest peak RSS of the repeats."""
+    times = sorted(t for r in runs for t in step_times(r, args.warmup))
+    seconds = times[len(times) // 2]
+    tps = batch_size * runs[0]["context_length"] / seconds
     return {"variant": variant, "batch": batch_size, "step_s": seconds, "tokens_per_s": tps,
-            "mfu": flops_token * tps / peak, "peak_rss_mb": r["peak_rss_mb"], "steps": steps}
+            "mfu": flops_token * tps / peak, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "steps": len(times), "min_step_s": times[0], "max_step_s": times[-1]}
 
 
 def main() -> None:
@@ -158,6 +164,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["book", "gptcli", "gptcli-fast"])
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each variant, taken in turns (A B C A B C ...) so drifts in machine speed hit all")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -195,20 +203,26 @@ def main() -> None:
           + (f", {str(dtype)[6:]} {peak_fast / 1e9:,.1f} GFLOP/s" if dtype != torch.float32 else ""))
     print(f"model: {args.config} ({flops_per_token(base.model) / 1e6:,.0f} MFLOP per training token); "
           f"{args.steps} timed steps after {args.warmup} warm-up steps\n")
-    header = f"{'batch':>5}  {'variant':<12} {'tokens/s':>10} {'step s':>8} {'MFU':>6} {'peak MB':>9} {'speed vs book':>14} {'memory vs book':>15}"
+    header = (f"{'batch':>5}  {'variant':<12} {'tokens/s':>10} {'step s':>8} {'(min-max)':>12} {'MFU':>6} "
+              f"{'peak MB':>9} {'speed vs book':>14} {'memory vs book':>15}")
     print(header)
     results = []
     for bs in args.batch_sizes:
+        runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+        for _ in range(args.repeats):
+            for variant in args.variants:
+                cfg_path = args.fast_config if variant == "gptcli-fast" else args.config
+                runs[variant].append(run_worker(variant, cfg_path, bs, args))
         rows = {}
         for variant in args.variants:
             cfg_path, peak = (args.fast_config, peak_fast) if variant == "gptcli-fast" else (args.config, peak32)
-            ftok = flops_per_token(load_config(cfg_path).model)
-            rows[variant] = measure(variant, cfg_path, bs, args, ftok, peak)
+            rows[variant] = summarize(variant, bs, runs[variant], args, flops_per_token(load_config(cfg_path).model), peak)
             r, ref = rows[variant], rows.get("book")
             speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
             memory = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x" if ref else ""
-            print(f"{bs:>5}  {variant:<12} {r['tokens_per_s']:>10,.0f} {r['step_s']:>8.2f} {100 * r['mfu']:>5.1f}% "
-                  f"{r['peak_rss_mb']:>9,.0f} {speed:>14} {memory:>15}", flush=True)
+            spread = f"({r['min_step_s']:.2f}-{r['max_step_s']:.2f})"
+            print(f"{bs:>5}  {variant:<12} {r['tokens_per_s']:>10,.0f} {r['step_s']:>8.2f} {spread:>12} "
+                  f"{100 * r['mfu']:>5.1f}% {r['peak_rss_mb']:>9,.0f} {speed:>14} {memory:>15}", flush=True)
         results.extend(rows.values())
     if args.json:
         print(json.dumps({"peak_flops_fp32": peak32, "peak_flops_fast": peak_fast, "results": results}, indent=2))

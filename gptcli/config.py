@@ -118,6 +118,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute blocks in backward to save memory
     num_threads: Optional[int] = None  # CPU threads for torch; None = PyTorch's choice
+    # Keep freed host memory for reuse (glibc malloc): no page faults on the big per-step
+    # buffers. Faster on CPU; numerics unchanged; the resident size stays at its peak.
+    retain_freed_memory: bool = False
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; None = measured and cached
     distributed: Literal["ddp", "fsdp"] = "ddp"  # wrapper when launched with torchrun
 

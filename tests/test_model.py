@@ -138,3 +138,19 @@ def test_flops_per_token_formula():
     cfg = ModelConfig(context_length=1024, qkv_bias=True)
     n = 12 * 12 * 768**2 + 768 * 50257  # block matmuls + head
     assert flops_per_token(cfg) == 6 * n + 12 * 12 * 1024 * 768
+
+
+def test_fused_cpu_dropout_has_the_same_distribution_and_gradient():
+    from gptcli.model import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.1, fused=True).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.005  # p = 0.1 of the values are zeroed
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))  # the survivors are scaled by 1/(1-p)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the same mask and scale
+    assert torch.equal(drop.eval()(x), x)  # identity in eval mode
+    assert not torch.equal(Dropout(0.1, fused=True).train()(x), y)  # a fresh mask each call
