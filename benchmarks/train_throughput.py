@@ -2,18 +2,21 @@
 
     python benchmarks/train_throughput.py                       # reference config, batch 2 and 8, CPU
     python benchmarks/train_throughput.py --batch-sizes 2 --steps 4
-    python benchmarks/train_throughput.py --config configs/gpt2-124m.yaml --device cuda \\
-        --fast-config configs/gpt2-124m-fast.yaml --batch-sizes 8
+    python benchmarks/train_throughput.py --device cuda --config configs/gpt2-124m.yaml \\
+        --set model.impl=book --fast-config configs/gpt2-124m-fast.yaml --batch-sizes 16 \\
+        --repeat-data 40 --steps 20 --warmup 3        # GPU: context 1024, bf16 + compile
 
 Each variant runs in a fresh process (so its peak resident memory is its own):
   book         the book's code: create_dataloader_v1, GPTModel, AdamW, train_model_simple
-  gptcli       `gptcli train`'s loop (gptcli.train.train) with the config as given (book-exact)
+  gptcli       `gptcli train`'s loop (gptcli.train.train) with the config as given (book-exact), after --set
   gptcli-fast  the same loop with --fast-config (fused kernels, fused AdamW, ...)
 All start from the same seed, so they train the same weights on the same batches. Step
 times come from the moment each optimizer step ends; the first --warmup steps are dropped, and
 the figure is the median over all timed steps of --repeats runs taken in turns.
 The device's dense matmul peak is measured in this run too, and MFU = model FLOPs per
-token (gptcli.model.flops_per_token: 6N + 12 L T C) x tokens/s / that peak.
+token (gptcli.model.flops_per_token: 6N + 12 L T C) x tokens/s / that peak: the peak of each
+variant's training dtype, and on a GPU also the dense bf16 peak for every variant.
+--repeat-data N trains on the corpus repeated N times (the-verdict holds only 4 windows of 1024).
 
 Needs the test extras (the book's package: pip install --no-deps llms-from-scratch==1.0.19)
 and the book's corpus (--data, default ../shared/data/the-verdict.txt or data/the-verdict.txt).
@@ -55,14 +58,14 @@ def _offline_tiktoken() -> None:
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
 
 
-def _config(path: str, batch_size: int, steps: int, data: str, device: str):
+def _config(path: str, batch_size: int, steps: int, data: str, device: str, sets: list[str] = ()):
     from gptcli.config import load_config
 
     return load_config(path, {
         "train.batch_size": batch_size, "train.max_steps": steps, "train.device": device, "data.path": data,
         "train.eval_freq": 10**9, "train.sample_tokens": 0, "train.save_every": None, "train.log_every": 1,
         "train.num_epochs": 10**6,
-    })
+    }, sets)
 
 
 def worker_book(args) -> list[float]:
@@ -76,7 +79,7 @@ def worker_book(args) -> list[float]:
     from gptcli.device import resolve_device
 
     _offline_tiktoken()
-    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device)
+    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device, args.set)
     m, t = cfg.model, cfg.train
     device = resolve_device(t.device)
     text = Path(args.data).read_text(encoding="utf-8")
@@ -118,7 +121,8 @@ def worker_gptcli(args) -> list[float]:
     """gptcli's training loop (the function behind `gptcli train`), timed at each logged step."""
     from gptcli.train import Events, train
 
-    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device)
+    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device,
+                  [] if args.worker == "gptcli-fast" else args.set)
     ends: list[float] = []
 
     class Clock(Events):
@@ -133,10 +137,12 @@ def worker_gptcli(args) -> list[float]:
 def run_worker(variant: str, config: str, batch_size: int, args) -> dict:
     """Run one variant in a fresh process; return its step times and peak resident memory."""
     cmd = [sys.executable, __file__, "--worker", variant, "--config", config, "--batch-size", str(batch_size),
-           "--steps", str(args.warmup + args.steps), "--data", str(args.data), "--device", args.device]
+           "--steps", str(args.warmup + args.steps), "--data", str(args.data), "--device", args.device,
+           *(a for s in args.set for a in ("--set", s))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{done.stderr}")
+        print(f"{variant} at batch {batch_size} failed:\n{done.stderr[-4000:]}", file=sys.stderr, flush=True)
+        return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -146,13 +152,16 @@ def step_times(r: dict, warmup: int) -> list[float]:
     return [b - a for a, b in zip(ends, ends[1:])]
 
 
-def summarize(variant: str, batch_size: int, runs: list[dict], args, flops_token: float, peak: float) -> dict:
-    """Median step time over all timed steps of all repeats; the largest peak RSS of the repeats."""
+def summarize(variant: str, batch_size: int, runs: list[dict], args, flops_token: float, peak: float,
+              peak_bf16: float) -> dict:
+    """Median step time over all timed steps of all repeats; the largest peak memory of the repeats."""
     times = sorted(t for r in runs for t in step_times(r, args.warmup))
     seconds = times[len(times) // 2]
     tps = batch_size * runs[0]["context_length"] / seconds
     return {"variant": variant, "batch": batch_size, "step_s": seconds, "tokens_per_s": tps,
-            "mfu": flops_token * tps / peak, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "mfu": flops_token * tps / peak, "mfu_bf16_peak": flops_token * tps / peak_bf16,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "peak_gpu_mb": max(r.get("peak_gpu_mb", 0.0) for r in runs),
             "steps": len(times), "min_step_s": times[0], "max_step_s": times[-1]}
 
 
@@ -167,6 +176,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2,
                    help="runs of each variant, taken in turns (A B C A B C ...) so drifts in machine speed hit all")
     p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--repeat-data", type=int, default=1, metavar="N", help="train on the corpus repeated N times")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override in --config (the book and gptcli variants), as gptcli train --set")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -182,7 +194,11 @@ def main() -> None:
 
         ctx = load_config(args.config).model.context_length
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({"start": start, "ends": ends, "context_length": ctx, "peak_rss_mb": rss_kb / 1024}))
+        import torch
+
+        gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        print(json.dumps({"start": start, "ends": ends, "context_length": ctx, "peak_rss_mb": rss_kb / 1024,
+                          "peak_gpu_mb": gpu_mb}))
         return
 
     import torch
@@ -193,18 +209,29 @@ def main() -> None:
     from gptcli.perf import measure_matmul_flops
 
     device = resolve_device(args.device)
-    base = load_config(args.config)
+    if args.repeat_data > 1:
+        text = Path(args.data).read_text(encoding="utf-8")
+        repeated = Path(tempfile.mkdtemp(prefix="bench-data-")) / f"x{args.repeat_data}-{Path(args.data).name}"
+        repeated.write_text(text * args.repeat_data, encoding="utf-8")
+        args.data = str(repeated)
+    base = load_config(args.config, sets=args.set)
     fast = load_config(args.fast_config)
     dtype = torch.bfloat16 if fast.train.precision == "bf16" else torch.float32
     peak32 = measure_matmul_flops(device, torch.float32)
     peak_fast = peak32 if dtype == torch.float32 else measure_matmul_flops(device, dtype)
+    on_gpu = device.type == "cuda"
+    peak_bf16 = peak_fast if dtype == torch.bfloat16 else (measure_matmul_flops(device, torch.bfloat16) if on_gpu else peak32)
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"measured dense matmul peak: fp32 {peak32 / 1e9:,.1f} GFLOP/s"
           + (f", {str(dtype)[6:]} {peak_fast / 1e9:,.1f} GFLOP/s" if dtype != torch.float32 else ""))
-    print(f"model: {args.config} ({flops_per_token(base.model) / 1e6:,.0f} MFLOP per training token); "
-          f"{args.steps} timed steps after {args.warmup} warm-up steps\n")
+    if on_gpu:
+        print(f"measured dense matmul peak: bf16 {peak_bf16 / 1e12:,.1f} TFLOP/s ({torch.cuda.get_device_name(device)})")
+    print(f"model: {args.config} {' '.join(args.set)} ({flops_per_token(base.model) / 1e6:,.0f} MFLOP per training "
+          f"token); {args.steps} timed steps after {args.warmup} warm-up steps\n")
+    memory_key = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
     header = (f"{'batch':>5}  {'variant':<12} {'tokens/s':>10} {'step s':>8} {'(min-max)':>12} {'MFU':>6} "
-              f"{'peak MB':>9} {'speed vs book':>14} {'memory vs book':>15}")
+              + (f"{'MFU bf16pk':>10} " if on_gpu else "")
+              + f"{'GPU MB' if on_gpu else 'peak MB':>9} {'speed vs book':>14} {'memory vs book':>15}")
     print(header)
     results = []
     for bs in args.batch_sizes:
@@ -212,20 +239,29 @@ def main() -> None:
         for _ in range(args.repeats):
             for variant in args.variants:
                 cfg_path = args.fast_config if variant == "gptcli-fast" else args.config
-                runs[variant].append(run_worker(variant, cfg_path, bs, args))
+                run = run_worker(variant, cfg_path, bs, args)
+                if run is not None:
+                    runs[variant].append(run)
         rows = {}
         for variant in args.variants:
+            if not runs[variant]:
+                print(f"{bs:>5}  {variant:<12} failed (see above)", flush=True)
+                continue
             cfg_path, peak = (args.fast_config, peak_fast) if variant == "gptcli-fast" else (args.config, peak32)
-            rows[variant] = summarize(variant, bs, runs[variant], args, flops_per_token(load_config(cfg_path).model), peak)
+            rows[variant] = summarize(variant, bs, runs[variant], args, flops_per_token(load_config(cfg_path).model),
+                                      peak, peak_bf16)
             r, ref = rows[variant], rows.get("book")
             speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
-            memory = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x" if ref else ""
-            spread = f"({r['min_step_s']:.2f}-{r['max_step_s']:.2f})"
-            print(f"{bs:>5}  {variant:<12} {r['tokens_per_s']:>10,.0f} {r['step_s']:>8.2f} {spread:>12} "
-                  f"{100 * r['mfu']:>5.1f}% {r['peak_rss_mb']:>9,.0f} {speed:>14} {memory:>15}", flush=True)
+            memory = f"{r[memory_key] / ref[memory_key]:.2f}x" if ref else ""
+            spread = f"({r['min_step_s']:.3f}-{r['max_step_s']:.3f})" if on_gpu else f"({r['min_step_s']:.2f}-{r['max_step_s']:.2f})"
+            step = f"{r['step_s']:>8.4f}" if on_gpu else f"{r['step_s']:>8.2f}"
+            print(f"{bs:>5}  {variant:<12} {r['tokens_per_s']:>10,.0f} {step} {spread:>12} {100 * r['mfu']:>5.1f}% "
+                  + (f"{100 * r['mfu_bf16_peak']:>9.1f}% " if on_gpu else "")
+                  + f"{r[memory_key]:>9,.0f} {speed:>14} {memory:>15}", flush=True)
         results.extend(rows.values())
     if args.json:
-        print(json.dumps({"peak_flops_fp32": peak32, "peak_flops_fast": peak_fast, "results": results}, indent=2))
+        print(json.dumps({"peak_flops_fp32": peak32, "peak_flops_fast": peak_fast, "peak_flops_bf16": peak_bf16,
+                          "results": results}, indent=2))
 
 
 if __name__ == "__main__":

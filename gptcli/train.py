@@ -190,9 +190,21 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         torch.backends.cudnn.allow_tf32 = True
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
-    if t.compile:
-        wrapped = torch.compile(wrapped)
     autocast = _autocast(device, t.precision)
+    train_module = wrapped
+
+    def forward_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # No name for the logits: held through backward they would cost B x T x V floats
+        # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
+        with autocast():
+            return cross_entropy(train_module(inputs), targets)
+
+    if t.compile:
+        # The loss is compiled with the model so that the float32 upcast, log-softmax and
+        # its backward over B x T x V logits fuse into a few kernels: on an H200 at batch 32
+        # that took a 79 ms step to 68 ms, where the eager loss was a quarter of the step.
+        wrapped = torch.compile(wrapped)  # for evaluation (eval mode compiles its own graph)
+        forward_loss = torch.compile(forward_loss)
 
     pin = device.type == "cuda"
     sampling = cfg.data.sampling
@@ -302,10 +314,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 epoch, inputs, targets, windows_after, seed, epoch_done = next(stream)
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                with autocast():
-                    # No name for the logits: held through backward they would cost B x T x V floats
-                    # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
-                    loss = cross_entropy(wrapped(inputs), targets)
+                loss = forward_loss(inputs, targets)
                 (loss / group_size if group_size > 1 else loss).backward()
                 loss_sum += loss.detach()
                 micro_index += 1

@@ -304,3 +304,20 @@ def test_deferred_nonfinite_check_skips_the_update_and_stops_at_the_next_check(c
     assert "non-finite loss" in line and "at step 2" in line and "update was skipped" in line and "step-000001" in line
     assert [p.name for p in list_step_checkpoints(run)] == ["step-000001"]
     verify_checkpoint(run / "step-000001")
+
+
+def test_compiled_training_matches_eager_and_saves_plain_keys(verdict, tmp_path):
+    """train.compile compiles model + loss together; same losses as eager (no dropout), unprefixed weights."""
+    sets = {"data.path": str(verdict), "train.device": "cpu", "train.max_steps": 4, "train.save_every": 4,
+            "train.eval_freq": 2, "train.sample_tokens": 0, "model.drop_rate": 0.0, "model.impl": "fused"}
+    runs = {}
+    for compiled in (False, True):
+        cfg = load_config(CONFIGS / "tiny.yaml", {**sets, "train.compile": compiled})
+        train(cfg, tmp_path / str(compiled))
+        runs[compiled] = [(e["event"], e["step"], e.get("loss") or e.get("val_loss"))
+                          for e in map(json.loads, (tmp_path / str(compiled) / "metrics.jsonl").read_text().splitlines())]
+    assert [r[:2] for r in runs[True]] == [r[:2] for r in runs[False]]
+    assert all(math.isclose(a[2], b[2], rel_tol=1e-4) for a, b in zip(runs[True], runs[False]))
+    weights = _final_weights(tmp_path / "True")
+    assert weights.keys() == _final_weights(tmp_path / "False").keys()
+    assert not any(k.startswith("_orig_mod.") for k in weights)

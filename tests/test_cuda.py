@@ -1,0 +1,88 @@
+"""On a CUDA device: the GPU paths (bf16 autocast, torch.compile, fused AdamW, NCCL, the KV cache).
+
+Skipped where there is no CUDA device (CI has none); run them by hand on a GPU machine:
+``python -m pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CONFIGS, gptcli_cmd, tiny_model_config
+from gptcli.checkpoint import find_latest, load_checkpoint
+from gptcli.config import load_config
+from gptcli.generate import generate
+from gptcli.model import GPTModel, load_state_dict
+from gptcli.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _config(verdict: Path, **sets):
+    values = {"data.path": str(verdict), "train.device": "cuda", "train.max_steps": 8, "train.save_every": 4,
+              "train.eval_freq": 4, "train.sample_tokens": 5, "train.peak_flops": 1e15}
+    values.update(sets)
+    return load_config(CONFIGS / "tiny.yaml", values)
+
+
+def _losses(run: Path) -> list[tuple]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(e["event"], e["step"], e.get("loss"), e.get("val_loss")) for e in events]
+
+
+def test_fast_profile_trains_and_saves_plain_unpadded_weights(verdict, tmp_path):
+    cfg = _config(verdict, **{"model.impl": "fused", "model.pad_vocab_multiple": 64, "train.precision": "bf16",
+                              "train.compile": True, "train.optimizer_impl": "fused"})
+    train(cfg, tmp_path / "run")
+    losses = [loss for event, _, loss, _ in _losses(tmp_path / "run") if event == "train"]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    latest, _ = find_latest(tmp_path / "run")
+    weights = load_file(str(latest / "model.safetensors"))
+    assert not any(k.startswith("_orig_mod.") for k in weights)  # torch.compile's wrapper is not saved
+    assert weights["tok_emb.weight"].shape[0] == 50257 and weights["out_head.weight"].shape[0] == 50257
+    # The checkpoint loads into a plain (uncompiled) model on the CPU, padded again for the matmuls.
+    ckpt = load_checkpoint(latest)
+    model = GPTModel(ckpt.config.model)
+    load_state_dict(model, ckpt.weights)
+    assert model.out_head.weight.shape[0] == 50304
+
+
+def test_resume_on_cuda_continues_the_run(verdict, tmp_path):
+    full = _config(verdict, **{"model.drop_rate": 0.1})
+    train(full, tmp_path / "full")
+    half = _config(verdict, **{"train.max_steps": 4})
+    train(half, tmp_path / "half")
+    train(full, tmp_path / "half", resume=True)
+    assert _losses(tmp_path / "half") == _losses(tmp_path / "full")
+    a, b = (load_file(str(find_latest(tmp_path / r)[0] / "model.safetensors")) for r in ("half", "full"))
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst == 0.0, f"weights differ by up to {worst:.3g}"
+
+
+@pytest.mark.parametrize("impl", ["book", "fused"])
+def test_kv_cache_equals_recompute_on_cuda(impl):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(1)
+    model = GPTModel(tiny_model_config(vocab_size=2000, context_length=64, impl=impl)).eval().cuda()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 2000, (n,), generator=g).tolist() for n in (10, 3, 17, 10)]
+    cached = generate(model, prompts, 300, use_cache=True)
+    assert cached == generate(model, prompts, 300, use_cache=False)
+    assert all(len(row) == 300 for row in cached)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_torchrun_with_nccl(verdict, tmp_path, subprocess_env, kind):
+    cmd = [*gptcli_cmd()[:1], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "gptcli",
+           "train", "-c", str(CONFIGS / "tiny.yaml"), "--data", str(verdict), "--out", str(tmp_path / "run"),
+           "--device", "cuda", "--max-steps", "4", "--set", f"train.distributed={kind}"]
+    result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert find_latest(tmp_path / "run")[0] is not None
