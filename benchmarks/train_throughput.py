@@ -112,7 +112,7 @@ def worker_book(args) -> list[float]:
     optimizer.step = timed_step
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(_Stop):
         train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs=10**6,
-                           eval_freq=10**9, eval_iter=1, start_context="Every effort moves you",
+                           eval_freq=10**9, eval_iter=t.eval_iter, start_context="Every effort moves you",
                            tokenizer=tiktoken.get_encoding("gpt2"))
     return ends
 

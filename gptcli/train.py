@@ -69,7 +69,7 @@ from gptcli.evaluate import evaluate_loss
 from gptcli.generate import generate
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import cross_entropy
-from gptcli.perf import peak_flops, retain_freed_memory
+from gptcli.perf import peak_flops, set_host_memory
 from gptcli.tokenizer import decode, encode
 
 RUN_MANIFEST = "run.json"
@@ -148,8 +148,8 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    if t.retain_freed_memory and not retain_freed_memory():
-        events.warn("train.retain_freed_memory: not supported by this C library; ignored")
+    if t.host_memory != "default" and not set_host_memory(t.host_memory):
+        events.warn(f"train.host_memory {t.host_memory}: not supported by this C library; ignored")
     # Rank 0 first: a missing default corpus is downloaded once, not by every process at the same time.
     splits = _on_main(info, lambda: load_splits(cfg.data, cfg.model.context_length, progress=events.download))
     if not info.is_main:

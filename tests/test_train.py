@@ -321,3 +321,50 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(verdict, tmp_path)
     weights = _final_weights(tmp_path / "True")
     assert weights.keys() == _final_weights(tmp_path / "False").keys()
     assert not any(k.startswith("_orig_mod.") for k in weights)
+
+
+@pytest.mark.parametrize("policy", ["return", "retain"])
+def test_host_memory_policies_apply_and_keep_training_exact(verdict, tmp_path, subprocess_env, policy):
+    """train.host_memory changes only where freed memory goes: the run's losses are the default's."""
+    runs = {}
+    for name in ("default", policy):
+        out = tmp_path / name
+        done = _run(["train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", out, "--max-steps", "4",
+                     "--set", f"train.host_memory={name}"], subprocess_env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "not supported" not in done.stderr  # glibc here: the policy was applied
+        runs[name] = _losses(out)
+    assert runs[policy] == runs["default"]
+
+
+_MALLOC_PROBE = """
+import ctypes, sys, torch
+from gptcli.perf import set_host_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] != "default":
+    assert set_host_memory(sys.argv[1])
+freed = torch.empty(16 << 20, dtype=torch.uint8)
+del freed  # glibc raises its mmap threshold to 16 MiB after this free
+mapped, kept = [], []
+for size in (2 << 20, 64 << 20):
+    before = libc.mallinfo2().hblks
+    kept.append(torch.empty(size, dtype=torch.uint8))
+    mapped.append(libc.mallinfo2().hblks - before)
+print(mapped)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="glibc Linux only")
+def test_host_memory_policy_decides_which_buffers_get_their_own_mapping(subprocess_env):
+    """default: 2 MiB from the heap (after a free raised the threshold), 64 MiB mapped; return: both
+    mapped (and so given back when freed); retain: neither (freed memory stays for reuse)."""
+    seen = {}
+    for policy in ("default", "return", "retain"):
+        done = subprocess.run([gptcli_cmd()[0], "-c", _MALLOC_PROBE, policy], env=subprocess_env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        seen[policy] = json.loads(done.stdout)
+    assert seen == {"default": [0, 1], "return": [1, 1], "retain": [0, 0]}
