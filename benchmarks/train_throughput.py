@@ -68,6 +68,11 @@ def _config(path: str, batch_size: int, steps: int, data: str, device: str, sets
     }, sets)
 
 
+def _sets(args) -> list[str]:
+    """The --set overrides a worker applies: all but the fast variant (its config is complete)."""
+    return [] if args.worker == "gptcli-fast" else args.set
+
+
 def worker_book(args) -> list[float]:
     """The book's chapter-5 training code, with a clock on optimizer.step."""
     import tiktoken
@@ -79,7 +84,7 @@ def worker_book(args) -> list[float]:
     from gptcli.device import resolve_device
 
     _offline_tiktoken()
-    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device, args.set)
+    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device, _sets(args))
     m, t = cfg.model, cfg.train
     device = resolve_device(t.device)
     text = Path(args.data).read_text(encoding="utf-8")
@@ -121,8 +126,7 @@ def worker_gptcli(args) -> list[float]:
     """gptcli's training loop (the function behind `gptcli train`), timed at each logged step."""
     from gptcli.train import Events, train
 
-    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device,
-                  [] if args.worker == "gptcli-fast" else args.set)
+    cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device, _sets(args))
     ends: list[float] = []
 
     class Clock(Events):
@@ -192,7 +196,7 @@ def main() -> None:
         ends = (worker_book if args.worker == "book" else worker_gptcli)(args)
         from gptcli.config import load_config
 
-        ctx = load_config(args.config).model.context_length
+        ctx = load_config(args.config, sets=_sets(args)).model.context_length
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         import torch
 
@@ -247,9 +251,8 @@ def main() -> None:
             if not runs[variant]:
                 print(f"{bs:>5}  {variant:<12} failed (see above)", flush=True)
                 continue
-            cfg_path, peak = (args.fast_config, peak_fast) if variant == "gptcli-fast" else (args.config, peak32)
-            rows[variant] = summarize(variant, bs, runs[variant], args, flops_per_token(load_config(cfg_path).model),
-                                      peak, peak_bf16)
+            model_cfg, peak = (fast.model, peak_fast) if variant == "gptcli-fast" else (base.model, peak32)
+            rows[variant] = summarize(variant, bs, runs[variant], args, flops_per_token(model_cfg), peak, peak_bf16)
             r, ref = rows[variant], rows.get("book")
             speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
             memory = f"{r[memory_key] / ref[memory_key]:.2f}x" if ref else ""

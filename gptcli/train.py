@@ -202,7 +202,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     if t.compile:
         # The loss is compiled with the model so that the float32 upcast, log-softmax and
         # its backward over B x T x V logits fuse into a few kernels: on an H200 at batch 32
-        # that took a 79 ms step to 68 ms, where the eager loss was a quarter of the step.
+        # that cut the GPU time of a step from 79 ms to 68 ms (the eager loss took a quarter).
         wrapped = torch.compile(wrapped)  # for evaluation (eval mode compiles its own graph)
         forward_loss = torch.compile(forward_loss)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -140,6 +141,21 @@ def subprocess_env(_cache_dir) -> dict:
     env["GPTCLI_CACHE_DIR"] = str(_cache_dir)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def run_losses(run: Path) -> list[tuple]:
+    """(event, step, loss, train_loss, val_loss, tokens_seen) of each metrics record: what equal runs share."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(e["event"], e["step"], e.get("loss"), e.get("train_loss"), e.get("val_loss"), e["tokens_seen"]) for e in events]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The weights of a run's newest verified checkpoint."""
+    from gptcli.checkpoint import find_latest
+    from safetensors.torch import load_file
+
+    latest, _ = find_latest(run)
+    return load_file(str(latest / "model.safetensors"))
 
 
 def keep_checkpoints_up_to(run: Path, dest: Path, step: int) -> Path:

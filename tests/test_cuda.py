@@ -6,7 +6,6 @@ Skipped where there is no CUDA device (CI has none); run them by hand on a GPU m
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, gptcli_cmd, tiny_model_config
+from conftest import CONFIGS, final_weights, gptcli_cmd, run_losses, tiny_model_config
 from gptcli.checkpoint import find_latest, load_checkpoint
 from gptcli.config import load_config
 from gptcli.generate import generate
@@ -31,16 +30,11 @@ def _config(verdict: Path, **sets):
     return load_config(CONFIGS / "tiny.yaml", values)
 
 
-def _losses(run: Path) -> list[tuple]:
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(e["event"], e["step"], e.get("loss"), e.get("val_loss")) for e in events]
-
-
 def test_fast_profile_trains_and_saves_plain_unpadded_weights(verdict, tmp_path):
     cfg = _config(verdict, **{"model.impl": "fused", "model.pad_vocab_multiple": 64, "train.precision": "bf16",
                               "train.compile": True, "train.optimizer_impl": "fused"})
     train(cfg, tmp_path / "run")
-    losses = [loss for event, _, loss, _ in _losses(tmp_path / "run") if event == "train"]
+    losses = [r[2] for r in run_losses(tmp_path / "run") if r[0] == "train"]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     latest, _ = find_latest(tmp_path / "run")
@@ -55,20 +49,29 @@ def test_fast_profile_trains_and_saves_plain_unpadded_weights(verdict, tmp_path)
 
 
 def test_resume_on_cuda_continues_the_run(verdict, tmp_path):
-    full = _config(verdict, **{"model.drop_rate": 0.1})
+    full = _config(verdict)  # tiny.yaml's dropout 0.1: the CUDA RNG state must resume too
     train(full, tmp_path / "full")
     half = _config(verdict, **{"train.max_steps": 4})
     train(half, tmp_path / "half")
     train(full, tmp_path / "half", resume=True)
-    assert _losses(tmp_path / "half") == _losses(tmp_path / "full")
-    a, b = (load_file(str(find_latest(tmp_path / r)[0] / "model.safetensors")) for r in ("half", "full"))
+    assert run_losses(tmp_path / "half") == run_losses(tmp_path / "full")
+    a, b = final_weights(tmp_path / "half"), final_weights(tmp_path / "full")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst == 0.0, f"weights differ by up to {worst:.3g}"
 
 
+@pytest.fixture
+def no_tf32():
+    """Full float32 matmuls for the test (training with impl fused turns TF32 on for the process)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    yield
+    matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("impl", ["book", "fused"])
-def test_kv_cache_equals_recompute_on_cuda(impl):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_kv_cache_equals_recompute_on_cuda(impl, no_tf32):
     torch.manual_seed(1)
     model = GPTModel(tiny_model_config(vocab_size=2000, context_length=64, impl=impl)).eval().cuda()
     g = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, book_model, gptcli_cmd
+from conftest import CONFIGS, book_model, final_weights, gptcli_cmd, run_losses
 from gptcli.checkpoint import find_latest, list_step_checkpoints, load_checkpoint, verify_checkpoint
 from gptcli.config import load_config
 from gptcli.train import Events, _lr_at, train
@@ -88,17 +88,6 @@ def _train_args(verdict, out, *extra):
             "--set", "train.save_every=3", "--set", "train.eval_freq=4", *extra]
 
 
-def _losses(run: Path) -> list[tuple]:
-    """(event, step, losses) of a run's metrics: what a bit-identical run must reproduce."""
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(e["event"], e["step"], e.get("loss"), e.get("train_loss"), e.get("val_loss"), e["tokens_seen"]) for e in events]
-
-
-def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    latest, _ = find_latest(run)
-    return load_file(str(latest / "model.safetensors"))
-
-
 def _start(args, env):
     return subprocess.Popen([*gptcli_cmd(), *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -134,8 +123,8 @@ def test_stop_and_resume_is_bit_identical(verdict, tmp_path, subprocess_env, how
 
     resumed = _run(["train", "--out", stopped, "--resume", "--data", verdict], subprocess_env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert _losses(stopped) == _losses(full)
-    ours, theirs = _final_weights(stopped), _final_weights(full)
+    assert run_losses(stopped) == run_losses(full)
+    ours, theirs = final_weights(stopped), final_weights(full)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -270,7 +259,7 @@ def test_gradient_accumulation_equals_the_big_batch(verdict, tmp_path):
     big = train(load_config(None, {**common, "train.batch_size": 4}), tmp_path / "big")
     accum = train(load_config(None, {**common, "train.batch_size": 2, "train.grad_accum_steps": 2}), tmp_path / "acc")
     assert big["tokens_seen"] == accum["tokens_seen"] == 3 * 4 * 64
-    a, b = _final_weights(tmp_path / "big"), _final_weights(tmp_path / "acc")
+    a, b = final_weights(tmp_path / "big"), final_weights(tmp_path / "acc")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
@@ -314,12 +303,12 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(verdict, tmp_path)
     for compiled in (False, True):
         cfg = load_config(CONFIGS / "tiny.yaml", {**sets, "train.compile": compiled})
         train(cfg, tmp_path / str(compiled))
-        runs[compiled] = [(e["event"], e["step"], e.get("loss") or e.get("val_loss"))
-                          for e in map(json.loads, (tmp_path / str(compiled) / "metrics.jsonl").read_text().splitlines())]
+        runs[compiled] = run_losses(tmp_path / str(compiled))
     assert [r[:2] for r in runs[True]] == [r[:2] for r in runs[False]]
-    assert all(math.isclose(a[2], b[2], rel_tol=1e-4) for a, b in zip(runs[True], runs[False]))
-    weights = _final_weights(tmp_path / "True")
-    assert weights.keys() == _final_weights(tmp_path / "False").keys()
+    # the step loss of "train" records, the validation loss of "eval" records
+    assert all(math.isclose(a[2] or a[4], b[2] or b[4], rel_tol=1e-4) for a, b in zip(runs[True], runs[False]))
+    weights = final_weights(tmp_path / "True")
+    assert weights.keys() == final_weights(tmp_path / "False").keys()
     assert not any(k.startswith("_orig_mod.") for k in weights)
 
 
@@ -333,7 +322,7 @@ def test_host_memory_policies_apply_and_keep_training_exact(verdict, tmp_path, s
                      "--set", f"train.host_memory={name}"], subprocess_env, timeout=300)
         assert done.returncode == 0, done.stderr
         assert "not supported" not in done.stderr  # glibc here: the policy was applied
-        runs[name] = _losses(out)
+        runs[name] = run_losses(out)
     assert runs[policy] == runs["default"]
 
 
