@@ -160,12 +160,96 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Where the values came from (a file path or "<defaults>"); not a YAML key.
     source: str = field(default="<defaults>", compare=False)
+    # Which source gave each dotted key ("data.path" -> "configs/x.yaml"), for messages; not a YAML key.
+    origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def origin(self, key: str) -> str:
+        """Where the value of dotted `key` came from: a file, --set, the command line, or the default."""
+        return self.origins.get(key, "the default")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# The config keys that hold paths: relative values in a YAML file are relative to that file's folder.
+PATH_KEYS = ("data.path", "train.out_dir")
+
+
+@dataclass
+class Layer:
+    """One source of config values: a YAML file, the `--set` list or the dedicated flags."""
+
+    source: str  # how messages name it: the file's path, "--set", "command line", a checkpoint's config
+    values: dict[str, dict[str, Any]]  # section -> key -> value, only the keys this source gave
+
+
+def config_layers(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> list[Layer]:
+    """What the user gave, lowest precedence first: the YAML file, then `--set` strings, then flags.
+
+    Paths are made usable from any folder here: ``~`` is expanded, and a relative path
+    in a YAML file is taken relative to the file's folder (in `--set` and flags: to the
+    working directory).
+
+    Raises:
+        ConfigError: naming the file (or ``--set``) and the key that is wrong.
+    """
+    layers = []
+    if path is not None:
+        layers.append(Layer(str(path), _checked(_read_yaml(Path(path)), str(path))))
+        _anchor_paths(layers[-1].values, Path(path).expanduser().resolve().parent)
+    set_values: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _merge(set_values, _dotted(key.strip(), value, "--set"), "--set")
+    if set_values:
+        layers.append(Layer("--set", set_values))
+    flag_values: dict[str, dict[str, Any]] = {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _merge(flag_values, _dotted(key, value, "command line"), "command line")
+    if flag_values:
+        layers.append(Layer("command line", flag_values))
+    for layer in layers[1 if path is not None else 0:]:
+        _anchor_paths(layer.values, None)
+    return layers
+
+
+def build_config(layers: list[Layer], base: Config | None = None) -> Config:
+    """Apply `layers` (lowest precedence first) on `base` (default: the dataclass defaults).
+
+    Raises:
+        ConfigError: the message names the source that gave the bad value (a file, ``--set``)
+            and the field.
+    """
+    raw: dict[str, dict[str, Any]] = base.to_dict() if base is not None else {name: {} for name in SECTIONS}
+    origins: dict[str, str] = dict(base.origins) if base is not None else {}
+    for layer in layers:
+        _merge(raw, layer.values, layer.source)
+        for section, values in layer.values.items():
+            origins.update({f"{section}.{key}": layer.source for key in values or {}})
+    default_source = base.source if base is not None else "<defaults>"
+    try:
+        sections = {name: _build(cls, raw[name], name) for name, cls in SECTIONS.items()}
+    except ConfigError as e:
+        key = re.match(r"[a-z_]+\.[a-z_0-9]+", str(e))
+        fallback = layers[-1].source if layers else default_source  # a check across keys: the last source
+        where = origins.get(key.group(0), fallback) if key else fallback
+        raise ConfigError(f"{where}: {e}") from None
+    files = [layer.source for layer in layers if layer.source not in ("--set", "command line")]
+    return Config(**sections, source=files[-1] if files else default_source, origins=origins)
 
 
 def load_config(
@@ -184,27 +268,7 @@ def load_config(
     Raises:
         ConfigError: naming the file (or the flag) and the field that is wrong.
     """
-    source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    if path is not None:
-        _merge(raw, _read_yaml(Path(path)), source)
-    for item in sets:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        _merge(raw, _dotted(key.strip(), value, "--set"), "--set")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _merge(raw, _dotted(key, value, "command line"), "command line")
-    try:
-        sections = {name: _build(cls, raw[name], name) for name, cls in SECTIONS.items()}
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return Config(**sections, source=source)
+    return build_config(config_layers(path, overrides, sets))
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
@@ -215,7 +279,27 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
         sections = {name: _build(cls, raw[name], name) for name, cls in SECTIONS.items()}
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return Config(**sections, source=source)
+    origins = {f"{s}.{k}": source for s, values in raw.items() for k in values}
+    return Config(**sections, source=source, origins=origins)
+
+
+def _anchor_paths(values: dict[str, dict[str, Any]], folder: Path | None) -> None:
+    """Expand ``~`` in path keys; resolve a relative one against `folder` (None: leave it relative)."""
+    for dotted in PATH_KEYS:
+        section, _, key = dotted.partition(".")
+        value = (values.get(section) or {}).get(key)
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            if folder is not None and not p.is_absolute():
+                p = (folder / p).resolve()
+            values[section][key] = str(p)
+
+
+def _checked(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """The YAML mapping as sections, refusing unknown sections and non-mapping ones."""
+    out: dict[str, dict[str, Any]] = {}
+    _merge(out, data, source)
+    return out
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -235,7 +319,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -245,6 +331,26 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     return data
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first at line {seen[key]}); give each key once")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _dotted(key: str, value: Any, source: str) -> dict[str, Any]:
@@ -262,7 +368,7 @@ def _merge(raw: dict[str, dict[str, Any]], data: dict[str, Any], source: str) ->
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: {section}: expected a mapping of keys")
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
