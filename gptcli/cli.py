@@ -147,53 +147,21 @@ DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file, fold
 CHECKPOINTS_ROOT = Path("checkpoints")
 
 
-def _load_config(config: Optional[Path], overrides: dict[str, Any], sets: Optional[list[str]]):
-    from gptcli.config import load_config
-
-    return load_config(config, overrides, sets or ())
-
-
-def _model_source(
-    checkpoint: Optional[Path], config: Optional[Path], sets: Optional[list[str]], device: Optional[str],
-    search: bool = True,
-):
-    """(cfg, checkpoint or None): --checkpoint, else the newest under checkpoints/, else the config alone."""
-    from gptcli.checkpoint import find_newest_anywhere, load_checkpoint
-
-    cfg = _load_config(config, {"train.device": device}, sets)
-    if checkpoint is None and search:
-        checkpoint = find_newest_anywhere(CHECKPOINTS_ROOT)
-    if checkpoint is None:
-        return cfg, None
-    ckpt = load_checkpoint(checkpoint)
-    for reason in ckpt.skipped:
-        _err(f"warning: skipped a damaged checkpoint: {reason}")
-    ckpt.config.train.device = device or ckpt.config.train.device
-    return ckpt.config, ckpt
-
-
-def _build_model(cfg, ckpt, seed: Optional[int]):
-    """(model in eval mode on the config's device, description): the checkpoint's weights or a seeded init."""
-    import torch
-
-    from gptcli.device import resolve_device
-    from gptcli.evaluate import model_from_checkpoint
-    from gptcli.model import GPTModel
-
-    if ckpt is not None:
-        return model_from_checkpoint(ckpt, cfg.train.device), str(ckpt.path)
-    device = resolve_device(cfg.train.device)
-    seed = cfg.train.seed if seed is None else seed
-    _err(f"warning: no checkpoint found; using an untrained model (seed {seed})")
-    torch.manual_seed(seed)
-    return GPTModel(cfg.model).to(device).eval(), f"untrained (seed {seed})"
+def _notes(plan):
+    """Say on stderr, one line each, what the tool chose by itself; return the plan."""
+    for note in plan.notes:
+        _err(note)
+    return plan
 
 
 def _model_for(checkpoint, config, sets, seed, device):
     """(model, cfg, description) in one step, for commands that read no data first."""
-    cfg, ckpt = _model_source(checkpoint, config, sets, device)
-    model, where = _build_model(cfg, ckpt, seed)
-    return model, cfg, where
+    from gptcli.resolve import build_model, resolve_model
+
+    plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    model, where = build_model(plan, seed)
+    _notes(plan)
+    return model, plan.cfg, where
 
 
 # ---------------------------------------------------------------- train
@@ -202,9 +170,11 @@ def _model_for(checkpoint, config, sets, seed, device):
 class _TrainEvents:
     """Renders training progress on stderr: a rich bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, quiet_steps: bool = False):
+    def __init__(self, notes: tuple[str, ...] = (), corpus: Optional[str] = None):
         from gptcli.train import Events
 
+        self.notes = list(notes)  # the choices the tool made, said once the inputs checked out
+        self.corpus = corpus
         self._base = Events
         self.console = _stderr_console()
         self.tty = sys.stderr.isatty()
@@ -214,6 +184,9 @@ class _TrainEvents:
         self.last_val = None
 
     def download(self, done: int, total: Optional[int]) -> None:
+        if self.corpus is not None:  # once: where the default corpus goes
+            _err(f"downloading the book's corpus to {self.corpus} (data.path)")
+            self.corpus = None
         if self.tty:
             pct = f"{100 * done / total:5.1f}%" if total else f"{done} bytes"
             print(f"\rdownloading the-verdict.txt {pct}", end="", file=sys.stderr, flush=True)
@@ -221,6 +194,8 @@ class _TrainEvents:
                 print(file=sys.stderr)
 
     def start(self, info: dict[str, Any]) -> None:
+        for note in self.notes:
+            _err(note)
         self.total = info["total_steps"]
         what = "resuming" if info["resumed"] else "training"
         _err(f"{what} {info['params'] / 1e6:.1f}M parameters on {info['device']}"
@@ -284,6 +259,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest valid checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run directory first.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from these weights (continued pretraining).")] = None,
+    allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="With --resume: continue on a corpus other than the run's.")] = False,
     device: DeviceOpt = None,
     num_epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the training windows.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
@@ -298,27 +274,23 @@ def train(
     """Train a model (the book's train_model_simple: AdamW, periodic evaluation, epoch samples)."""
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(nproc)
-    from gptcli.checkpoint import named_dir
+    from gptcli.resolve import check_data_path, resolve_train
     from gptcli.train import train as run_training
 
     overrides = {"data.path": str(data) if data else None, "train.device": device, "train.num_epochs": num_epochs,
                  "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.batch_size": batch_size,
                  "train.learning_rate": learning_rate, "train.seed": seed}
-    if config is None and resume and out is not None and (out / "latest" / "config.yaml").is_file():
-        config = out / "latest" / "config.yaml"  # resume a run with the config it was started with
-    if config is None and init_from is not None:  # continue pretraining with the weights' own config
-        from gptcli.checkpoint import CONFIG, resolve_checkpoint
-
-        config = resolve_checkpoint(init_from, check_hashes=False)[0] / CONFIG
-    cfg = _load_config(config, overrides, sets)
-    if out is not None and name is not None:
-        raise InputError("--out and --name: give one (--name NAME means --out checkpoints/NAME)")
-    if name is not None:
-        out = named_dir(CHECKPOINTS_ROOT, name, "--name")
-    run_dir = out or Path(cfg.train.out_dir or CHECKPOINTS_ROOT / (config.stem if config else "default"))
-    events = _TrainEvents() if os.environ.get("RANK", "0") == "0" else _NoEvents()
+    if allow_data_change and not resume:
+        raise InputError("--allow-data-change: only with --resume (a new run takes any corpus)")
+    plan = resolve_train(config, sets, overrides, out=out, name=name, resume=resume, overwrite=overwrite,
+                         init_from=init_from, root=CHECKPOINTS_ROOT)
+    check_data_path(plan.cfg, "--data" if data else None)
+    cfg, run_dir = plan.cfg, plan.run_dir
+    resume, overwrite = plan.mode == "resume", plan.mode in ("overwrite", "restart")
+    events = _TrainEvents(plan.notes, cfg.data.path) if os.environ.get("RANK", "0") == "0" else _NoEvents()
     try:
-        summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events)
+        summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events,
+                               allow_data_change=allow_data_change)
     except GptcliError as e:
         events.close()
         # Under torchrun every rank meets the same bad input or interruption: rank 0 reports it.
@@ -417,10 +389,15 @@ def loss(
     from gptcli.device import resolve_device
     from gptcli.evaluate import evaluate_loss
 
-    cfg, ckpt = _model_source(checkpoint, config, sets, device)
-    splits = load_splits(cfg.data, cfg.model.context_length, path=str(data) if data else None,
-                         progress=_TrainEvents().download)
-    model, where = _build_model(cfg, ckpt, seed)
+    from gptcli.resolve import build_model, check_data_path, resolve_model
+
+    plan = resolve_model(checkpoint, config, sets, {"train.device": device, "data.path": str(data) if data else None},
+                         root=CHECKPOINTS_ROOT)
+    cfg = plan.cfg
+    check_data_path(cfg, "--data" if data else None)
+    splits = load_splits(cfg.data, cfg.model.context_length, progress=_TrainEvents(corpus=cfg.data.path).download)
+    model, where = build_model(plan, seed)
+    _notes(plan)
     bs = batch_size or cfg.train.batch_size
     dev = resolve_device(cfg.train.device)
     rows = {}
@@ -543,7 +520,7 @@ def eval_(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run directory (default: the newest).")] = None,
     checkpoint_opt: CheckpointOpt = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this text file or folder too (repeatable).")] = None,
-    val: Annotated[bool, typer.Option("--val/--no-val", help="Evaluate the config's validation split.")] = True,
+    val: Annotated[Optional[bool], typer.Option("--val/--no-val", help="Evaluate the config's validation split (default: yes; with --data only when its corpus is on disk).")] = None,
     all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: loss against step.")] = False,
     text: Annotated[Optional[str], typer.Option(help="Score this text instead of datasets.")] = None,
     show_tokens: Annotated[bool, typer.Option("--show-tokens", help="With --text: each token's probability, rank and top-5 alternatives.")] = False,
@@ -566,18 +543,36 @@ def eval_(
         raise InputError("--show-tokens: needs --text TEXT")
     if text is not None and (all_checkpoints or files):
         raise InputError("--text: cannot be combined with --all or --data")
-    if not val and not files and text is None:
+    if val is False and not files and text is None:
         raise InputError("--no-val: nothing left to evaluate; add --data FILE")
     if all_checkpoints:
-        report = ev.evaluate_run(checkpoint or _newest_run(), files, val, num_batches, batch_size, device)
+        if config is not None or sets:
+            raise InputError(f"--all and {'--config' if config is not None else '--set'}: --all evaluates each "
+                             "checkpoint with its own saved config")
+        if checkpoint is None:
+            from gptcli.resolve import newest_run
+
+            checkpoint, note = newest_run(CHECKPOINTS_ROOT)
+            _err(note)
+        report = ev.evaluate_run(checkpoint, files, val is not False, num_batches, batch_size, device)
         for reason in report["skipped"]:
             _err(f"warning: skipped a damaged checkpoint: {reason}")
         columns = ["step", "checkpoint", "dataset", "loss", "ppl", "bpb", "tokens"]
         _render_rows(report["results"], columns, json_out, {"run": report["run"], "skipped": report["skipped"]})
         return
-    cfg, ckpt = _model_source(checkpoint, config, sets, device)
-    datasets = ev.eval_datasets(cfg, files, val) if text is None else None  # bad data fails before the model loads
-    model, where = _build_model(cfg, ckpt, seed)
+    from gptcli.resolve import build_model, check_data_path, corpus_available, describe_origin, resolve_model
+
+    plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    cfg = plan.cfg
+    if val is None and files and text is None and not corpus_available(cfg):
+        val = False  # --data files never trigger a download of the model's corpus
+        _err(f"validation split skipped: its corpus {cfg.data.path} (data.path from "
+             f"{describe_origin(cfg, 'data.path')}) is not on disk; --val evaluates it (downloading the default corpus)")
+    if val is not False and text is None:
+        check_data_path(cfg)
+    datasets = ev.eval_datasets(cfg, files, val is not False) if text is None else None  # bad data fails before the model loads
+    model, where = build_model(plan, seed)
+    _notes(plan)
     if text is not None:
         result = ev.token_report(model, text)
         if json_out:
@@ -587,17 +582,6 @@ def eval_(
         return
     rows = ev.evaluate_datasets(model, datasets, batch_size or cfg.train.batch_size, num_batches)
     _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
-
-
-def _newest_run() -> Path:
-    """The run directory of the newest checkpoint under checkpoints/ (or that checkpoint itself)."""
-    from gptcli.checkpoint import STEP_DIR, find_newest_anywhere
-    from gptcli.errors import RunError
-
-    newest = find_newest_anywhere(CHECKPOINTS_ROOT)
-    if newest is None:
-        raise RunError(f"{CHECKPOINTS_ROOT}: no checkpoint found; pass a run directory")
-    return newest.parent if STEP_DIR.match(newest.name) else newest
 
 
 _HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}

@@ -71,7 +71,21 @@ def download(
             transfer stops early, or the file does not match `size`/`sha256`
             (it is then deleted).
     """
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(url, dest, sha256, size, progress, timeout)
+    except BaseException:
+        for folder in created:  # a failed download leaves no empty folder it made
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (a .part file to resume from) or not ours to remove
+        raise
+
+
+def _download(url: str, dest: Path, sha256: str | None, size: int | None, progress: Progress | None,
+              timeout: float) -> Path:
     if (sha256 is not None or size is not None) and dest.is_file() and _matches(dest, sha256, size):
         if progress is not None:
             progress(dest.stat().st_size, dest.stat().st_size)

@@ -43,7 +43,6 @@ from gptcli.checkpoint import (
     load_checkpoint,
     point,
     prune,
-    remove_dir,
     save_checkpoint,
     step_dir_name,
 )
@@ -70,6 +69,7 @@ from gptcli.generate import generate
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import cross_entropy
 from gptcli.perf import peak_flops, set_host_memory
+from gptcli.resolve import clear_run, refuse_foreign
 from gptcli.tokenizer import decode, encode
 
 RUN_MANIFEST = "run.json"
@@ -117,6 +117,7 @@ def train(
     overwrite: bool = False,
     init_from: Path | None = None,
     events: Events | None = None,
+    allow_data_change: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg` into `run_dir`; return a summary of the run.
 
@@ -124,9 +125,11 @@ def train(
         cfg: the resolved config.
         run_dir: the run directory (checkpoints, metrics, plot, run.json).
         resume: continue from the newest valid checkpoint in `run_dir`.
-        overwrite: delete an existing `run_dir` first.
+        overwrite: delete an existing `run_dir` first (only a gptcli run's own files; a folder
+            holding anything else is refused).
         init_from: start from these weights (continued pretraining), with a fresh optimizer.
         events: progress callbacks.
+        allow_data_change: resume on a corpus whose sha256 differs from the one in run.json.
 
     Raises:
         InputError: bad data, config or run directory (nothing is written then).
@@ -139,12 +142,12 @@ def train(
     info = init_distributed(device)
     device = process_device(device, info)
     try:
-        return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info)
+        return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info, allow_data_change)
     finally:
         shutdown(info)
 
 
-def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: DistInfo):
+def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: DistInfo, allow_data_change=False):
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -162,6 +165,8 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
         init_weights = load_checkpoint(init_from)
         _check_shapes(cfg, init_weights.config, f"--init-from {init_from}")
     ckpt = _find_resume(run_dir, cfg) if resume and run_dir.is_dir() else None  # every rank reads it
+    if ckpt is not None:
+        _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
     lock = _on_main(info, lambda: _prepare_run_dir(run_dir, resume, overwrite))
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
@@ -218,11 +223,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     global_batch = sampler.global_batch
     tokens_per_micro = global_batch * cfg.model.context_length
     total_micro = t.num_epochs * per_epoch
-    total_steps = math.ceil(total_micro / t.grad_accum_steps)
-    if t.max_steps is not None:
-        total_steps = min(total_steps, t.max_steps)
-    if t.max_tokens is not None:
-        total_steps = min(total_steps, math.ceil(t.max_tokens / (tokens_per_micro * t.grad_accum_steps)))
+    total_steps = _total_steps(t, per_epoch, tokens_per_micro)
 
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     pos = _Position()
@@ -509,6 +510,59 @@ def _sample(model: GPTModel, cfg: Config, prompt: str, max_new_tokens: int) -> s
     return decode(ids + out).replace("\n", " ")
 
 
+def _total_steps(t, per_epoch: int, tokens_per_micro: int) -> int:
+    """Optimizer steps of the whole run: num_epochs, capped by max_steps and max_tokens."""
+    total_steps = math.ceil(t.num_epochs * per_epoch / t.grad_accum_steps)
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    if t.max_tokens is not None:
+        total_steps = min(total_steps, math.ceil(t.max_tokens / (tokens_per_micro * t.grad_accum_steps)))
+    return total_steps
+
+
+def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, info: DistInfo,
+                  allow_data_change: bool, events) -> None:
+    """Refuse a resume that cannot continue the saved epoch exactly; say when the run is already done.
+
+    The epoch's position is a count of windows in batches of the saved global batch over the saved
+    corpus: another process count or another number of windows would skip or repeat windows.
+    """
+    import json
+
+    try:
+        manifest = json.loads((run_dir / RUN_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    runs = [manifest] + list(manifest.get("resumes") or [])
+    world = next((r["world_size"] for r in reversed(runs) if isinstance(r.get("world_size"), int)), info.world_size)
+    saved_batch, batch = ckpt.config.train.batch_size, cfg.train.batch_size
+    if world * saved_batch != info.world_size * batch:
+        raise InputError(
+            f"--resume: train.batch_size {batch} x {info.world_size} process(es) is a global batch of "
+            f"{info.world_size * batch} windows; the run's is {saved_batch} x {world} = {world * saved_batch}, and its "
+            f"position in the epoch counts those: keep the global batch (e.g. --batch-size {saved_batch} with "
+            f"--nproc {world})")
+    corpus = manifest.get("corpus") or {}
+    if corpus.get("sha256") and corpus["sha256"] != splits.sha256:
+        if not allow_data_change:
+            raise InputError(f"--resume: data.path {splits.source} (sha256 {splits.sha256[:12]}) is not the corpus "
+                             f"this run trained on ({corpus.get('path')}, sha256 {corpus['sha256'][:12]}); "
+                             "pass --allow-data-change to continue on it")
+        old = corpus.get("train_tokens")
+        ctx, stride = cfg.model.context_length, cfg.data.stride or cfg.model.context_length
+        if isinstance(old, int) and len(range(0, max(old - ctx, 0), stride)) != len(splits.train):
+            raise InputError(f"--allow-data-change: the training split of {splits.source} has {len(splits.train)} "
+                             f"windows, the run's corpus had {len(range(0, max(old - ctx, 0), stride))}; the epoch "
+                             "position cannot carry over (start a new run with --init-from instead)")
+    per_epoch = len(splits.train) // (cfg.train.batch_size * info.world_size)  # the loader drops a partial batch
+    total = _total_steps(cfg.train, per_epoch, cfg.train.batch_size * info.world_size * cfg.model.context_length)
+    step = ckpt.train_state["step"]
+    if step >= total:
+        events.warn(f"{run_dir}: the run already finished at step {step}; nothing to train. To extend it, "
+                    f"resume with --max-steps N or --num-epochs N beyond it (now {cfg.train.num_epochs} epoch(s)"
+                    f"{f', max_steps {cfg.train.max_steps}' if cfg.train.max_steps else ''})")
+
+
 def _check_batches(splits: Splits, batch_size: int, world_size: int) -> None:
     need = batch_size * world_size
     if len(splits.train) < need:
@@ -553,14 +607,20 @@ def _on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
-    """Check the run directory, create it, take its lock; returns the open lock file."""
-    existing = run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
+    """Check the run directory, create it, take its lock; returns the open lock file.
+
+    Only a gptcli run (recognised by its own files, see resolve.foreign_entries) is ever
+    continued or cleared: a folder holding anything else is refused, and nothing is deleted.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a directory")
+    refuse_foreign(run_dir)
+    existing = run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir())
     if resume and not existing:
         raise InputError(f"--resume: {run_dir} has no checkpoint to resume from")
     if existing and not resume and not overwrite:
-        raise InputError(f"{run_dir}: run directory exists; pass --resume to continue it or --overwrite to start over")
+        raise InputError(f"{run_dir}: a gptcli run exists there; pass --resume to continue it or --overwrite "
+                         "to start it over")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".tmp-probe-{os.getpid()}"
@@ -570,13 +630,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
         raise InputError(f"{run_dir}: output directory is not writable ({e.strerror})") from None
     lock = _lock(run_dir)
     if overwrite and not resume:
-        for p in run_dir.iterdir():
-            if p.name == LOCK:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                remove_dir(p)
-            else:
-                p.unlink()
+        clear_run(run_dir)
     clean_temporaries(run_dir)
     return lock
 

@@ -1,0 +1,399 @@
+"""Which config, model, run directory and data a command uses: decided here, once, for every command.
+
+What the user gave (a config file, ``--set``, dedicated flags, a checkpoint, a run
+directory, ``--resume``/``--overwrite``/``--init-from``) becomes one ``Plan``: the
+resolved config, the checkpoint the model comes from, the run directory, the mode,
+and one-line notes for every choice the tool made by itself (the CLI prints them on
+stderr). Precedence, lowest first, is ``PRECEDENCE``; what may change when a run is
+resumed is ``RESUMABLE``. Both are documented in the README, and a test reads them there.
+
+Library code: errors name config keys and the flags the caller passes in; nothing here
+prints or exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from gptcli.checkpoint import (CONFIG, MANIFEST, STEP_DIR, Checkpoint, find_latest, find_newest_anywhere,
+                               load_checkpoint, named_dir, remove_dir)
+from gptcli.config import Config, ConfigError, Layer, build_config, config_from_dict, config_layers
+from gptcli.data import DEFAULT_CORPUS
+from gptcli.errors import InputError, RunError
+
+CHECKPOINTS_ROOT = Path("checkpoints")
+
+# Where a config value comes from, highest precedence first (README: "Precedence").
+PRECEDENCE = (
+    ("flag", "a dedicated flag: --device, --data, --batch-size, --max-steps, --seed, ..."),
+    ("--set", "--set section.key=value, later ones win"),
+    ("--config", "the YAML file; relative paths in it are relative to the file's folder"),
+    ("checkpoint", "the checkpoint's saved config (eval, loss, generate with a checkpoint; --resume)"),
+    ("default", "the dataclass defaults in gptcli/config.py (the book's 124M run)"),
+)
+
+# The keys a resumed run may change (README: "What may change on resume"); any other key that
+# differs from the run's saved config is refused by name. train.batch_size may change only with the
+# process count, keeping the global batch (train checks it: the epoch's position counts those batches).
+RESUMABLE = (
+    "train.batch_size", "train.max_steps", "train.num_epochs", "train.max_tokens", "train.eval_freq", "train.eval_iter",
+    "train.save_every", "train.keep_last", "train.log_every", "train.sample_tokens", "train.start_context",
+    "train.device", "train.num_threads", "train.host_memory", "train.peak_flops", "train.out_dir", "data.path",
+)
+
+# Model keys that may differ from a checkpoint's when evaluating it: the same weights, the same math.
+EVAL_FREE_MODEL_KEYS = ("impl", "drop_rate")
+
+# What a gptcli run directory holds (anything else is the user's, and never deleted).
+RUN_FILES = ("run.json", "metrics.jsonl", "metrics.csv", "losses.png", ".lock")
+RUN_LINKS = ("latest", "best")
+OUR_TEMPORARIES = (".tmp-", ".old-")
+
+
+@dataclass
+class Plan:
+    """What a command will use, and the notes on what the tool chose by itself."""
+
+    cfg: Config
+    mode: str  # "new", "resume", "overwrite", "restart" (our own run without a checkpoint), "model"
+    checkpoint: Optional[Path] = None  # the checkpoint the model (or the resumed run) comes from
+    ckpt: Optional[Checkpoint] = None  # loaded (eval/loss/generate)
+    run_dir: Optional[Path] = None
+    init_from: Optional[Path] = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- run directories
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """Names in `run_dir` that gptcli did not write (empty: the folder is a gptcli run or empty)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if not _is_ours(p))
+
+
+def _is_ours(p: Path) -> bool:
+    name = p.name
+    if name.startswith(OUR_TEMPORARIES):
+        return True
+    if name in RUN_LINKS:
+        return p.is_symlink() or p.is_file()
+    if name in RUN_FILES:
+        return p.is_file() and not p.is_symlink()
+    if STEP_DIR.match(name) and p.is_dir() and not p.is_symlink():
+        return _is_our_checkpoint(p)
+    return False
+
+
+def _is_our_checkpoint(step_dir: Path) -> bool:
+    """A step directory holding only the files its manifest lists (and the manifest)."""
+    import json
+
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))
+        listed = set(manifest["files"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p.name in listed and p.is_file() and not p.is_symlink() for p in step_dir.iterdir())
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Delete a gptcli run's own files (not its lock); return the names removed.
+
+    Raises:
+        InputError: `run_dir` holds anything gptcli did not write; nothing is deleted then.
+    """
+    refuse_foreign(run_dir)
+    removed = []
+    for p in sorted(run_dir.iterdir()):
+        if p.name == ".lock":
+            continue
+        if p.is_dir() and not p.is_symlink():
+            remove_dir(p)  # renamed away first: no half-deleted checkpoint under its name
+        else:
+            p.unlink()
+        removed.append(p.name)
+    return removed
+
+
+def refuse_foreign(run_dir: Path) -> None:
+    """Raise InputError naming what `run_dir` holds that gptcli did not write (if anything)."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"{run_dir}: not a gptcli run directory: it holds {len(foreign)} thing(s) gptcli did not "
+                         f"write ({shown}); gptcli never deletes them; choose an empty or new folder")
+
+
+def _has_run_files(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir())
+
+
+# ---------------------------------------------------------------- train
+
+
+def resolve_train(
+    config: Optional[Path],
+    sets: Optional[list[str]],
+    overrides: dict[str, Any],
+    *,
+    out: Optional[Path] = None,
+    name: Optional[str] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    init_from: Optional[Path] = None,
+    root: Path = CHECKPOINTS_ROOT,
+) -> Plan:
+    """The config, run directory and mode of `gptcli train`.
+
+    Raises:
+        InputError: contradictory flags (naming both), a run directory that is not ours,
+            a resumed run whose config would change outside ``RESUMABLE``.
+    """
+    for a, b, given in (("--out", "--name", out is not None and name is not None),
+                        ("--resume", "--overwrite", resume and overwrite),
+                        ("--resume", "--init-from", resume and init_from is not None)):
+        if given:
+            raise InputError(f"{a} and {b}: give one of them ({_WHY_NOT_BOTH[a, b]})")
+    layers = config_layers(config, overrides, sets or ())
+    notes: list[str] = []
+    init_cfg = None
+    if init_from is not None and config is None:  # continued pretraining with the weights' own config
+        init_ckpt, _ = _checkpoint_dir(init_from, "--init-from")
+        init_cfg = _saved_config(init_ckpt)
+        notes.append(f"config: the model of --init-from {init_from} ({init_ckpt / CONFIG}); --config chooses another")
+    if out is not None:
+        run_dir = out
+    elif name is not None:
+        run_dir = named_dir(root, name, "--name")
+    else:
+        cfg_dir = build_config(layers, init_cfg).train.out_dir
+        stem = config.stem if config is not None else _source_name(init_from) if init_from is not None else "default"
+        run_dir = Path(cfg_dir) if cfg_dir else root / stem
+        if init_from is not None and not cfg_dir and _inside(init_from, run_dir):
+            run_dir = root / f"{stem}-continued"  # never the source run itself
+        why = "train.out_dir" if cfg_dir else "named after --config" if config is not None else (
+            "named after --init-from" if init_from is not None else "no --config")
+        notes.append(f"run directory: {run_dir} ({why}; --out or --name chooses another)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: exists and is not a directory")
+
+    if resume:
+        if not run_dir.is_dir():
+            raise InputError(f"--resume: {run_dir} does not exist: nothing to resume (start the run without --resume)")
+        refuse_foreign(run_dir)
+        if not _has_run_files(run_dir):
+            raise InputError(f"--resume: {run_dir} holds no run: nothing to resume (start the run without --resume)")
+        latest, _ = find_latest(run_dir)  # the newest that verifies, whatever `latest` says (train warns of the rest)
+        if latest is None:
+            # Our own run, stopped before its first checkpoint: nothing to lose, start it again.
+            notes.append(f"{run_dir}: no checkpoint yet (the run stopped before its first save): starting it over")
+            cfg = build_config(layers)
+            return Plan(_absolute(cfg), "restart", run_dir=run_dir, notes=notes)
+        saved = _saved_config(latest)
+        cfg = build_config(layers, saved)
+        _refuse_changes(saved, cfg, layers)
+        return Plan(_absolute(cfg), "resume", checkpoint=latest, run_dir=run_dir, notes=notes)
+
+    cfg = _absolute(build_config(layers, init_cfg))
+    if run_dir.is_dir():
+        refuse_foreign(run_dir)
+        if overwrite:
+            return Plan(cfg, "overwrite", run_dir=run_dir, init_from=init_from, notes=notes)
+        if _has_run_files(run_dir):
+            latest, _ = find_latest(run_dir, check_hashes=False)
+            if latest is not None:
+                raise InputError(f"{run_dir}: a gptcli run with checkpoints (newest {latest.name}); "
+                                 "pass --resume to continue it or --overwrite to start it over")
+            notes.append(f"{run_dir}: a gptcli run with no checkpoint yet (it stopped before its first save): "
+                         "starting it over")
+            return Plan(cfg, "restart", run_dir=run_dir, init_from=init_from, notes=notes)
+    return Plan(cfg, "new", run_dir=run_dir, init_from=init_from, notes=notes)
+
+
+_WHY_NOT_BOTH = {
+    ("--out", "--name"): "--name NAME means --out checkpoints/NAME",
+    ("--resume", "--overwrite"): "--resume continues the run, --overwrite deletes it",
+    ("--resume", "--init-from"): "a resumed run continues from its own checkpoint",
+}
+
+
+def _source_name(path: Path) -> str:
+    """A run's name for weights at `path`: the run of a step checkpoint, else the folder's own name."""
+    path = path.resolve()
+    return path.parent.name if STEP_DIR.match(path.name) else path.name
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _refuse_changes(saved: Config, cfg: Config, layers: list[Layer]) -> None:
+    """Refuse every given key outside RESUMABLE whose value differs from the run's saved config."""
+    before, after = saved.to_dict(), cfg.to_dict()
+    diffs = {}
+    for layer in layers:  # later layers win, as in the config itself
+        for section, values in layer.values.items():
+            for key in values:
+                dotted = f"{section}.{key}"
+                if dotted not in RESUMABLE and after[section][key] != before[section][key]:
+                    diffs[dotted] = f"{dotted} {before[section][key]!r} vs {after[section][key]!r} (from {layer.source})"
+    if diffs:
+        raise InputError(
+            f"--resume: the run's config differs (run vs given): {'; '.join(diffs.values())}; a resumed run "
+            f"keeps its config except {', '.join(RESUMABLE)} (start a new run with --init-from to change the rest)")
+
+
+def _absolute(cfg: Config) -> Config:
+    """Make the config's paths absolute (a checkpoint's config then works from any folder)."""
+    cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
+    if cfg.train.out_dir:
+        cfg.train.out_dir = str(Path(cfg.train.out_dir).expanduser().absolute())
+    return cfg
+
+
+# ---------------------------------------------------------------- eval, loss, generate
+
+
+def resolve_model(
+    checkpoint: Optional[Path],
+    config: Optional[Path],
+    sets: Optional[list[str]],
+    overrides: dict[str, Any],
+    *,
+    search: bool = True,
+    root: Path = CHECKPOINTS_ROOT,
+) -> Plan:
+    """The model and config of `eval`, `loss` and `generate`.
+
+    - ``--checkpoint``: its weights and saved config; `--config`, `--set` and flags apply on top,
+      except model keys that differ from the checkpoint's (refused by name).
+    - ``--config`` alone: that config's run (train.out_dir or checkpoints/<file stem>) if it has a
+      checkpoint, else an untrained model of that config; never another run's model.
+    - neither: the newest checkpoint under `root`, else an untrained model of the defaults.
+    Every choice made without a flag is a note.
+
+    Raises:
+        InputError: a model key that contradicts the checkpoint; a bad config or override.
+        RunError: the checkpoint is missing, incomplete or corrupted.
+    """
+    layers = config_layers(config, overrides, sets or ())
+    notes: list[str] = []
+    if checkpoint is None and config is not None:
+        own = build_config(layers).train.out_dir
+        run_dir = Path(own) if own else root / config.stem
+        latest, _ = find_latest(run_dir) if run_dir.is_dir() else (None, [])
+        if latest is not None:
+            checkpoint = run_dir
+            notes.append(f"model: {latest} (the run of --config {config}; --checkpoint chooses another)")
+        else:
+            notes.append(f"model: untrained, from --config {config} (no checkpoint in {run_dir}; "
+                         "--checkpoint chooses one)")
+            return Plan(build_config(layers), "model", notes=notes)
+    elif checkpoint is None and search:
+        newest = find_newest_anywhere(root)
+        if newest is not None:
+            checkpoint = newest
+            notes.append(f"model: {newest} (the newest checkpoint under {root}/; --checkpoint chooses another)")
+        else:
+            notes.append(f"model: untrained (no checkpoint under {root}/; --checkpoint chooses one)")
+            return Plan(build_config(layers), "model", notes=notes)
+    elif checkpoint is None:
+        return Plan(build_config(layers), "model", notes=notes)
+    ckpt = load_checkpoint(checkpoint)
+    notes += [f"warning: skipped a damaged checkpoint: {reason}" for reason in ckpt.skipped]
+    cfg = build_config(layers, ckpt.config)
+    for layer in reversed(layers):
+        for key, value in (layer.values.get("model") or {}).items():
+            if key not in EVAL_FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(ckpt.config.model, key):
+                raise InputError(f"model.{key}: {getattr(cfg.model, key)!r} (from {layer.source}) differs from the "
+                                 f"checkpoint's {getattr(ckpt.config.model, key)!r} ({ckpt.path}); the model's shape "
+                                 "and math come from its checkpoint")
+    ckpt.config = cfg
+    return Plan(cfg, "model", checkpoint=ckpt.path, ckpt=ckpt, notes=notes)
+
+
+def build_model(plan: Plan, seed: Optional[int]):
+    """(model in eval mode on the config's device, description): the checkpoint's weights or a seeded init."""
+    import torch
+
+    from gptcli.device import resolve_device
+    from gptcli.evaluate import model_from_checkpoint
+    from gptcli.model import GPTModel
+
+    if plan.ckpt is not None:
+        return model_from_checkpoint(plan.ckpt, plan.cfg.train.device), str(plan.ckpt.path)
+    device = resolve_device(plan.cfg.train.device)
+    seed = plan.cfg.train.seed if seed is None else seed
+    torch.manual_seed(seed)
+    return GPTModel(plan.cfg.model).to(device).eval(), f"untrained (seed {seed})"
+
+
+def newest_run(root: Path = CHECKPOINTS_ROOT) -> tuple[Path, str]:
+    """(the run directory of the newest checkpoint under `root`, or that checkpoint itself; the note).
+
+    Raises:
+        RunError: there is none.
+    """
+    newest = find_newest_anywhere(root)
+    if newest is None:
+        raise RunError(f"{root}: no checkpoint found; pass a run directory")
+    run = newest.parent if STEP_DIR.match(newest.name) else newest
+    return run, f"run: {run} (the newest under {root}/; name a run directory to choose another)"
+
+
+# ---------------------------------------------------------------- data paths
+
+
+def check_data_path(cfg: Config, flag: Optional[str] = None) -> None:
+    """Refuse a missing corpus, saying where its path came from (the default corpus is downloaded).
+
+    Args:
+        flag: the flag that gave the path, when one did (e.g. ``--data``).
+
+    Raises:
+        InputError: the path does not exist.
+    """
+    path = Path(cfg.data.path)
+    if path.exists() or path.name == Path(DEFAULT_CORPUS).name:
+        return
+    raise InputError(f"{path}: data file not found (data.path from {flag or describe_origin(cfg, 'data.path')})")
+
+
+def corpus_available(cfg: Config) -> bool:
+    """Whether the config's corpus is on disk (evaluating its split then needs no download)."""
+    return Path(cfg.data.path).exists()
+
+
+def describe_origin(cfg: Config, key: str) -> str:
+    origin = cfg.origin(key)
+    if origin.endswith(CONFIG) and origin != CONFIG:
+        return f"the checkpoint's config {origin}"
+    return origin
+
+
+def _checkpoint_dir(path: Path, flag: str) -> tuple[Path, list[str]]:
+    from gptcli.checkpoint import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path, check_hashes=False)
+    except RunError as e:
+        raise InputError(f"{flag}: {e}") from None
+
+
+def _saved_config(ckpt_dir: Path) -> Config:
+    """The config saved in a checkpoint directory (its data.path made absolute if it was relative)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((ckpt_dir / CONFIG).read_text(encoding="utf-8"))
+        return config_from_dict(raw or {}, str(ckpt_dir / CONFIG))
+    except (OSError, yaml.YAMLError, ConfigError, AttributeError) as e:
+        raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config ({e})") from None

@@ -1,0 +1,459 @@
+"""One owner for which config, model, run directory and data a command uses (issue 12, findings 1-5, 9, 10)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import CONFIGS, ROOT
+from gptcli.checkpoint import list_step_checkpoints
+from gptcli.config import ConfigError, load_config
+from gptcli.errors import InputError
+from gptcli.resolve import PRECEDENCE, RESUMABLE, clear_run, foreign_entries
+
+TINY = CONFIGS / "tiny.yaml"
+FAST = ["--set", "train.sample_tokens=0", "--set", "train.peak_flops=1e11"]  # no sample, no peak probe
+
+
+def tree(folder: Path) -> dict[str, bytes | str | None]:
+    """Every path below `folder` with its bytes (a link: its target; a folder: None): what 'nothing deleted' compares."""
+    return {str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else None if p.is_dir() else p.read_bytes())
+            for p in sorted(folder.rglob("*"))}
+
+
+def train_tiny(cli, verdict, *args):
+    return cli("train", "--config", TINY, "--data", verdict, "--max-steps", "2", *FAST, *args)
+
+
+# ---------------------------------------------------------------- finding 1: --overwrite deletes only our run
+
+
+def test_overwrite_never_deletes_files_gptcli_did_not_write(cli, verdict, tmp_path):
+    """Issue 12 finding 1: `--out . --overwrite` in the user's folder deleted corpus, config and thesis."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(verdict, work / "corpus.txt")
+    shutil.copy(TINY, work / "my.yaml")
+    (work / "thesis.tex").write_text("\\documentclass{article}")
+    os.chdir(work)
+    before = tree(work)
+    r = cli("train", "--config", "my.yaml", "--data", "corpus.txt", "--out", ".", "--overwrite", "--max-steps", "1",
+            *FAST)
+    assert r.exit_code == 2, r.stderr
+    assert tree(work) == before
+    assert "thesis.tex" in r.stderr and "3 thing(s)" in r.stderr
+    assert "--overwrite" not in r.stderr  # the fix for a folder of the user's is another folder, never this flag
+
+
+def test_existing_folder_of_the_user_is_refused_without_suggesting_overwrite(cli, verdict, tmp_path):
+    """Issue 12 finding 1: the message for an existing non-run folder steered the user to --overwrite."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.md").write_text("mine")
+    r = train_tiny(cli, verdict, "--out", folder)
+    assert r.exit_code == 2 and "notes.md" in r.stderr and "--overwrite" not in r.stderr
+    assert (folder / "notes.md").read_text() == "mine"
+
+
+def test_overwrite_removes_a_runs_own_files_and_refuses_a_run_holding_anything_else(cli, verdict, tmp_path):
+    """Issue 12 finding 1: only a gptcli run is cleared, and only when it holds nothing of the user's."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    (run / "step-000002" / "my-notes.txt").write_text("inside a step directory")
+    before = tree(run)
+    r = train_tiny(cli, verdict, "--out", run, "--overwrite")
+    assert r.exit_code == 2 and "step-000002" in r.stderr
+    assert tree(run) == before
+    (run / "step-000002" / "my-notes.txt").unlink()
+    r = cli("train", "--config", TINY, "--data", verdict, "--max-steps", "3", *FAST, "--out", run, "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert [p.name for p in list_step_checkpoints(run)] == ["step-000003"]
+
+
+OUR_NAMES = ["run.json", "metrics.jsonl", "metrics.csv", "losses.png", ".tmp-x-1", "step-000001", "latest"]
+FOREIGN_NAMES = ["thesis.tex", "corpus.txt", "my.yaml", "step-1", "Latest", "data", "checkpoints", "run.json.bak",
+                 "step-000002"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ours=st.lists(st.sampled_from(OUR_NAMES), unique=True),
+    foreign=st.lists(st.sampled_from(FOREIGN_NAMES), min_size=1, unique=True),
+    foreign_dirs=st.lists(st.booleans(), min_size=len(FOREIGN_NAMES), max_size=len(FOREIGN_NAMES)),
+    payload=st.binary(max_size=16),
+)
+def test_overwrite_property_a_folder_that_is_not_a_run_loses_nothing(ours, foreign, foreign_dirs, payload):
+    """Issue 12 finding 1 (property): random folder contents that are not a run -> nothing deleted."""
+    from gptcli.train import _prepare_run_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "out"
+        folder.mkdir()
+        for name in ours:
+            if name.startswith("step-"):  # a real-looking checkpoint: manifest listing its files
+                (folder / name).mkdir()
+                (folder / name / "model.safetensors").write_bytes(payload)
+                (folder / name / "manifest.json").write_text(json.dumps(
+                    {"format": "gptcli-checkpoint", "files": {"model.safetensors": {}}}))
+            elif name == "latest":
+                os.symlink("step-000001", folder / name)
+            else:
+                (folder / name).write_bytes(payload)
+        for name, is_dir in zip(foreign, foreign_dirs):
+            if name == "step-000002":  # a step directory without a manifest is not ours
+                (folder / name).mkdir()
+                (folder / name / "weights.bin").write_bytes(payload)
+            elif is_dir:
+                (folder / name).mkdir()
+                (folder / name / "inner.txt").write_bytes(payload)
+            else:
+                (folder / name).write_bytes(payload)
+        before = tree(folder)
+        assert foreign_entries(folder)
+        with pytest.raises(InputError):
+            clear_run(folder)
+        with pytest.raises(InputError):
+            _prepare_run_dir(folder, resume=False, overwrite=True)
+        assert tree(folder) == before
+
+
+@pytest.mark.parametrize("with_resume", [False, True])
+def test_rerunning_a_run_killed_before_its_first_save_starts_it_over(cli, verdict, tmp_path, with_resume):
+    """Issue 12 finding 1: a run killed before its first checkpoint dead-ended ("exists" / "nothing to resume")."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    (run / ".lock").write_text("12345")
+    r = train_tiny(cli, verdict, "--out", run, *(["--resume"] if with_resume else []))
+    assert r.exit_code == 0, r.stderr
+    assert "starting it over" in r.stderr
+    assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
+
+
+# ---------------------------------------------------------------- finding 2: --config/--set with a checkpoint
+
+
+@pytest.fixture
+def tiny_run(cli, verdict, tmp_path):
+    """A 2-step tiny run in ./checkpoints/other (the newest checkpoint there)."""
+    r = train_tiny(cli, verdict, "--name", "other")
+    assert r.exit_code == 0, r.stderr
+    return tmp_path / "checkpoints" / "other"
+
+
+def test_explicit_config_is_never_silently_replaced_by_another_runs_checkpoint(cli, verdict, tiny_run, tmp_path):
+    """Issue 12 finding 2: `loss --config C` evaluated the newest checkpoint instead, without a word."""
+    mine = tmp_path / "mine.yaml"
+    shutil.copy(TINY, mine)
+    r = cli("loss", "--config", mine, "--data", verdict, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["model"].startswith("untrained")
+    assert "untrained, from --config" in r.stderr and str(mine) in r.stderr
+
+
+def test_a_command_that_picks_the_model_says_which_on_stderr(cli, verdict, tiny_run):
+    """Issue 12 finding 2: whenever a command picks a model by itself, stderr names it in one line."""
+    for args in (["loss", "--data", verdict], ["generate", "hi", "--max-new-tokens", "2"], ["eval", "--data", verdict]):
+        r = cli(*args)
+        assert r.exit_code == 0, r.stderr
+        assert re.search(rf"model: \S*{tiny_run.name}/step-000002 \(the newest checkpoint under", r.stderr), r.stderr
+
+
+def test_set_beside_a_checkpoint_applies_or_is_refused_by_name(cli, verdict, tiny_run):
+    """Issue 12 finding 2: --set data.*, train.* changed nothing with a checkpoint; model shape must be refused."""
+    base = ["loss", "--checkpoint", tiny_run, "--json", "--num-batches", "1"]
+    plain = json.loads(cli(*base).stdout)
+    half = cli(*base, "--set", "data.train_ratio=0.5")
+    assert half.exit_code == 0, half.stderr
+    assert json.loads(half.stdout)["val"]["tokens"] == plain["val"]["tokens"]  # one batch of the same size...
+    full = json.loads(cli("loss", "--checkpoint", tiny_run, "--json").stdout)
+    halved = json.loads(cli("loss", "--checkpoint", tiny_run, "--json", "--set", "data.train_ratio=0.5").stdout)
+    assert halved["val"]["tokens"] > full["val"]["tokens"]  # ...but a larger validation split
+    batch = json.loads(cli(*base, "--set", "train.batch_size=1").stdout)
+    assert batch["train"]["tokens"] == plain["train"]["tokens"] // 4  # tiny.yaml: batch_size 4
+    r = cli(*base, "--set", "model.n_layers=3")
+    assert r.exit_code == 2 and "model.n_layers" in r.stderr and "--set" in r.stderr
+
+
+def test_set_device_behaves_like_the_device_flag(cli, tiny_run):
+    """Issue 12 finding 2: `--set train.device=cuda` ran on the CPU while `--device cuda` was refused."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    flag = cli("generate", "hi", "--checkpoint", tiny_run, "--device", "cuda")
+    via_set = cli("generate", "hi", "--checkpoint", tiny_run, "--set", "train.device=cuda")
+    assert flag.exit_code == via_set.exit_code == 2
+    assert "CUDA is not available" in flag.stderr and "CUDA is not available" in via_set.stderr
+
+
+# ---------------------------------------------------------------- finding 3: resume keeps the run's config
+
+
+def _config_with(tmp_path: Path, verdict: Path, **train_or_model) -> Path:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["data"]["path"] = str(verdict)
+    for key, value in train_or_model.items():
+        section, _, name = key.partition("__")
+        cfg[section][name] = value
+    path = tmp_path / "gelu-tanh.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("latest", ["dangling", "missing"])
+def test_resume_by_name_takes_the_config_of_the_newest_verified_checkpoint(cli, verdict, tmp_path, latest):
+    """Issue 12 finding 3: --name X --resume fell back to the default config; a dangling `latest` too."""
+    config = _config_with(tmp_path, verdict, model__gelu="tanh")
+    assert cli("train", "--config", config, "--name", "r", "--max-steps", "2", *FAST).exit_code == 0
+    run = tmp_path / "checkpoints" / "r"
+    (run / "latest").unlink()
+    if latest == "dangling":
+        os.symlink("step-000009", run / "latest")
+    r = cli("train", "--name", "r", "--resume", "--max-steps", "3", *FAST, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 3
+    saved = yaml.safe_load((run / "step-000003" / "config.yaml").read_text())
+    assert saved["model"]["gelu"] == "tanh" and saved["train"]["max_steps"] == 3
+
+
+def test_resume_refuses_a_changed_key_naming_it_and_its_source(cli, verdict, tmp_path):
+    """Issue 12 finding 3: what may change on resume is a list; anything else is refused by name."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    r = cli("train", "--out", run, "--resume", "--set", "train.learning_rate=0.01", "--max-steps", "3")
+    assert r.exit_code == 2 and "train.learning_rate" in r.stderr and "--set" in r.stderr
+    r = cli("train", "--out", run, "--resume", "--set", "train.eval_iter=1", "--max-steps", "3", *FAST)
+    assert r.exit_code == 0, r.stderr
+
+
+# ---------------------------------------------------------------- finding 4: naming and contradictions
+
+
+def test_init_from_without_config_is_named_after_its_source(cli, verdict, tiny_run, tmp_path):
+    """Issue 12 finding 4: `train --init-from CKPT` named the run checkpoints/config."""
+    r = cli("train", "--init-from", tiny_run, "--max-steps", "1", *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert not (tmp_path / "checkpoints" / "config").exists()
+    assert (tmp_path / "checkpoints" / "other-continued" / "step-000001").is_dir()
+    assert "named after --init-from" in r.stderr
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--resume", "--overwrite"], ("--resume", "--overwrite")),
+    (["--resume", "--init-from", "."], ("--resume", "--init-from")),
+    (["--out", "x", "--name", "y"], ("--out", "--name")),
+])
+def test_contradictory_flags_are_refused_naming_both(cli, verdict, flags, names):
+    """Issue 12 finding 4: --resume --init-from and --resume --overwrite were accepted, one flag dropped."""
+    r = cli("train", "--config", TINY, "--data", verdict, *flags)
+    assert r.exit_code == 2 and all(n in r.stderr for n in names), r.stderr
+
+
+# ---------------------------------------------------------------- finding 5: what a resume can continue
+
+
+def test_resume_with_another_global_batch_is_refused(cli, verdict, tmp_path):
+    """Issue 12 finding 5: a resume at another batch size silently skipped most of the epoch."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    r = cli("train", "--out", run, "--resume", "--batch-size", "8", "--max-steps", "4")
+    assert r.exit_code == 2 and "train.batch_size 8 x 1 process(es)" in r.stderr and "--batch-size 4" in r.stderr
+
+
+def test_resume_with_another_process_count_is_refused(cli, verdict, tmp_path):
+    """Issue 12 finding 5: the epoch position counts batches of the saved process count."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["world_size"] = 2
+    (run / "run.json").write_text(json.dumps(manifest))
+    r = cli("train", "--out", run, "--resume", "--max-steps", "4")
+    assert r.exit_code == 2 and "--nproc 2" in r.stderr and "--batch-size 4" in r.stderr
+
+
+def test_resume_on_another_corpus_needs_allow_data_change_and_a_shorter_one_is_a_clear_error(cli, verdict, tmp_path):
+    """Issue 12 finding 5: another corpus was accepted without a word; a shorter one gave StopIteration."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    short = tmp_path / "short.txt"
+    short.write_text(verdict.read_text()[: len(verdict.read_text()) // 2])
+    r = cli("train", "--out", run, "--resume", "--data", short, "--max-steps", "4")
+    assert r.exit_code == 2 and "--allow-data-change" in r.stderr and "sha256" in r.stderr
+    r = cli("train", "--out", run, "--resume", "--data", short, "--max-steps", "4", "--allow-data-change")
+    assert r.exit_code == 2 and "windows" in r.stderr and "internal error" not in r.stderr
+    copy = tmp_path / "copy.txt"
+    shutil.copy(verdict, copy)  # the same text elsewhere: the same corpus
+    r = cli("train", "--out", run, "--resume", "--data", copy, "--max-steps", "3", *FAST)
+    assert r.exit_code == 0, r.stderr
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_extend_it(cli, verdict, tmp_path):
+    """Issue 12 finding 5: a finished run printed "resuming ... 240 steps" and silently did nothing."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    r = cli("train", "--out", run, "--resume", *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert "already finished at step 2" in r.stderr and "--max-steps N" in r.stderr
+    assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
+
+
+# ---------------------------------------------------------------- finding 9: paths
+
+
+def test_config_paths_are_relative_to_the_config_file(cli, verdict, tmp_path):
+    """Issue 12 finding 9: a config run from another folder looked for its data in the working directory."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(verdict, project / "corpus.txt")
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["data"]["path"] = "corpus.txt"
+    (project / "my.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    r = cli("loss", "--config", project / "my.yaml", "--num-batches", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["data"] == str(project / "corpus.txt")
+    # The shipped configs keep pointing at the checkout's data/ folder, from anywhere.
+    assert load_config(CONFIGS / "quickstart.yaml").data.path == str((ROOT / "data" / "quickstart.txt").resolve())
+
+
+def test_tilde_in_a_config_path_is_expanded(tmp_path, monkeypatch):
+    """Issue 12 finding 9: `~` in a YAML path was not expanded."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: ~/corpus.txt\n")
+    assert load_config(path).data.path == str(tmp_path / "corpus.txt")
+    assert load_config(None, sets=["data.path=~/x.txt"]).data.path == str(tmp_path / "x.txt")
+
+
+def test_checkpoints_record_paths_that_work_from_any_folder(cli, verdict, tmp_path):
+    """Issue 12 finding 9: `eval /abs/run` from elsewhere failed with "data file not found"."""
+    shutil.copy(verdict, tmp_path / "corpus.txt")
+    assert cli("train", "--config", TINY, "--data", "corpus.txt", "--max-steps", "2", *FAST, "--out", "run").exit_code == 0
+    saved = yaml.safe_load((tmp_path / "run" / "step-000002" / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(tmp_path / "corpus.txt")
+    (tmp_path / "elsewhere").mkdir()
+    os.chdir(tmp_path / "elsewhere")
+    r = cli("eval", tmp_path / "run", "--num-batches", "1")
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("how, source", [
+    (["--data", "missing.txt"], "--data"),
+    (["--set", "data.path=missing.txt"], "--set"),
+    ([], "bad.yaml"),
+])
+def test_a_missing_data_path_says_where_the_path_came_from(cli, tmp_path, how, source):
+    """Issue 12 finding 9: path errors did not say whether the path came from a flag, --set or a file."""
+    bad = tmp_path / "bad.yaml"
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["data"]["path"] = "nowhere.txt"
+    bad.write_text(yaml.safe_dump(cfg))
+    source = source if source.startswith("--") else str(bad)
+    for command in ("train", "loss"):
+        r = cli(command, "--config", bad, *how)
+        assert r.exit_code == 2 and "data file not found" in r.stderr and f"from {source})" in r.stderr, r.stderr
+
+
+def test_eval_of_data_files_never_downloads_the_models_corpus(cli, verdict, tiny_run, tmp_path, no_network):
+    """Issue 12 finding 9: `eval --checkpoint X --data notes.txt` tried to download the-verdict."""
+    step = tiny_run / "step-000002"
+    (tmp_path / "moved").mkdir()
+    os.chdir(tmp_path / "moved")
+    shutil.copytree(step, "imported")
+    cfg = yaml.safe_load(Path("imported/config.yaml").read_text())
+    cfg["data"]["path"] = str(tmp_path / "gone" / "the-verdict.txt")
+    Path("imported/config.yaml").write_text(yaml.safe_dump(cfg))
+    manifest = json.loads(Path("imported/manifest.json").read_text())
+    from gptcli.download import sha256_file
+
+    manifest["files"]["config.yaml"] = {"sha256": sha256_file(Path("imported/config.yaml")),
+                                        "bytes": Path("imported/config.yaml").stat().st_size}
+    Path("imported/manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(verdict, "notes.txt")
+    r = cli("eval", "--checkpoint", "imported", "--data", "notes.txt", "--num-batches", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "validation split skipped" in r.stderr and "notes.txt" in r.stdout
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, monkeypatch):
+    """Issue 12 finding 9: a failed download of the corpus left an empty data/ behind."""
+    from gptcli import download as dl
+    from gptcli.errors import RunError
+
+    def fail(*args, **kwargs):
+        raise RunError("download: no network")
+
+    monkeypatch.setattr(dl, "_fetch", fail)
+    with pytest.raises(RunError):
+        dl.download("https://example.invalid/x.txt", tmp_path / "data" / "sub" / "x.txt")
+    assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- finding 10: config files
+
+
+@pytest.mark.parametrize("text, what", [
+    ("train:\n  batch_size: 4\n  batch_size: 8\n", "'batch_size' at line 3"),
+    ("train:\n  batch_size: 4\nmodel:\n  n_layers: 2\ntrain:\n  seed: 1\n", "'train' at line 5"),
+])
+def test_duplicate_yaml_keys_and_sections_are_refused(tmp_path, text, what):
+    """Issue 12 finding 10: a duplicated section or key was silently merged (the last won)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"duplicate key {what}"):
+        load_config(path)
+
+
+def test_set_errors_name_set_not_the_yaml_file(cli, tmp_path):
+    """Issue 12 finding 10: `--set train.batch_size=0` was reported as an error of the YAML file."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, sets=["train.batch_size=0"])
+    assert str(e.value).startswith("--set: train.batch_size") and str(TINY) not in str(e.value)
+    bad = _bad_yaml(tmp_path)  # a bad value in the file is still the file's, whatever --set adds
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(bad))}: train.batch_size"):
+        load_config(bad, sets=["train.seed=1"])
+    r = cli("loss", "--config", TINY, "--set", "train.batch_size=0")
+    assert r.exit_code == 2 and "--set: train.batch_size" in r.stderr
+
+
+def _bad_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_size: 0\n")
+    return path
+
+
+# ---------------------------------------------------------------- README: the precedence table
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(title)
+    end = text.find("\n#", start + len(title))
+    return text[start:end if end != -1 else None]
+
+
+def test_readme_precedence_table_matches_the_code():
+    """Issue 12 "What to build" 1: one precedence rule, written once in the README as a table."""
+    rows = [line for line in _readme_section("#### Precedence").splitlines() if line.startswith("| ")][1:]
+    names = [row.split("|")[2].strip().strip("`") for row in rows if row.split("|")[1].strip().isdigit()]
+    assert names == [name for name, _ in PRECEDENCE]
+
+
+def test_readme_lists_exactly_what_may_change_on_resume():
+    """Issue 12 finding 3: what may change on resume is a documented list (the one the code applies)."""
+    section = _readme_section("#### What may change on resume")
+    assert set(re.findall(r"`((?:train|data|model)\.[a-z_]+)`", section)) == set(RESUMABLE)
