@@ -182,7 +182,7 @@ PATH_KEYS = ("data.path", "train.out_dir")
 class Layer:
     """One source of config values: a YAML file, the `--set` list or the dedicated flags."""
 
-    source: str  # how messages name it: the file's path, "--set", "command line", a checkpoint's config
+    source: str  # how messages name it: the file's path, "--set", a flag ("--max-steps")
     values: dict[str, dict[str, Any]]  # section -> key -> value, only the keys this source gave
 
 
@@ -216,15 +216,20 @@ def config_layers(
         _merge(set_values, _dotted(key.strip(), value, "--set"), "--set")
     if set_values:
         layers.append(Layer("--set", set_values))
-    flag_values: dict[str, dict[str, Any]] = {}
-    for key, value in (overrides or {}).items():
+    for key, value in (overrides or {}).items():  # one layer per flag, so that messages name the flag
         if value is not None:
-            _merge(flag_values, _dotted(key, value, "command line"), "command line")
-    if flag_values:
-        layers.append(Layer("command line", flag_values))
+            flag = flag_name(key)
+            values: dict[str, dict[str, Any]] = {}
+            _merge(values, _dotted(key, value, flag), flag)
+            layers.append(Layer(flag, values))
     for layer in layers[1 if path is not None else 0:]:
         _anchor_paths(layer.values, None)
     return layers
+
+
+def flag_name(key: str) -> str:
+    """The dedicated flag of dotted config `key`: the field's name with dashes (data.path: --data)."""
+    return "--data" if key == "data.path" else "--" + key.partition(".")[2].replace("_", "-")
 
 
 def build_config(layers: list[Layer], base: Config | None = None) -> Config:
@@ -248,7 +253,7 @@ def build_config(layers: list[Layer], base: Config | None = None) -> Config:
         fallback = layers[-1].source if layers else default_source  # a check across keys: the last source
         where = origins.get(key.group(0), fallback) if key else fallback
         raise ConfigError(f"{where}: {e}") from None
-    files = [layer.source for layer in layers if layer.source not in ("--set", "command line")]
+    files = [layer.source for layer in layers if not layer.source.startswith("--")]
     return Config(**sections, source=files[-1] if files else default_source, origins=origins)
 
 

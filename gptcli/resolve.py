@@ -309,7 +309,7 @@ def resolve_model(
         return Plan(build_config(layers), "model", notes=notes)
     ckpt = load_checkpoint(checkpoint)
     notes += [f"warning: skipped a damaged checkpoint: {reason}" for reason in ckpt.skipped]
-    cfg = build_config(layers, ckpt.config)
+    cfg = build_config(layers, _from_checkpoint(ckpt.config, ckpt.path))
     for layer in reversed(layers):
         for key, value in (layer.values.get("model") or {}).items():
             if key not in EVAL_FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(ckpt.config.model, key):
@@ -373,10 +373,14 @@ def corpus_available(cfg: Config) -> bool:
 
 
 def describe_origin(cfg: Config, key: str) -> str:
-    origin = cfg.origin(key)
-    if origin.endswith(CONFIG) and origin != CONFIG:
-        return f"the checkpoint's config {origin}"
-    return origin
+    """Where the value of dotted `key` came from, for a message: a file, --set, a checkpoint's config."""
+    return cfg.origin(key)
+
+
+def _from_checkpoint(cfg: Config, ckpt_dir: Path) -> Config:
+    """Tag every value of a checkpoint's saved config with where it came from."""
+    cfg.origins = {key: f"the checkpoint's config {ckpt_dir / CONFIG}" for key in cfg.origins}
+    return cfg
 
 
 def _checkpoint_dir(path: Path, flag: str) -> tuple[Path, list[str]]:
@@ -394,6 +398,6 @@ def _saved_config(ckpt_dir: Path) -> Config:
 
     try:
         raw = yaml.safe_load((ckpt_dir / CONFIG).read_text(encoding="utf-8"))
-        return config_from_dict(raw or {}, str(ckpt_dir / CONFIG))
+        return _from_checkpoint(config_from_dict(raw or {}, str(ckpt_dir / CONFIG)), ckpt_dir)
     except (OSError, yaml.YAMLError, ConfigError, AttributeError) as e:
         raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config ({e})") from None

@@ -233,6 +233,8 @@ def test_resume_refuses_a_changed_key_naming_it_and_its_source(cli, verdict, tmp
     assert train_tiny(cli, verdict, "--out", run).exit_code == 0
     r = cli("train", "--out", run, "--resume", "--set", "train.learning_rate=0.01", "--max-steps", "3")
     assert r.exit_code == 2 and "train.learning_rate" in r.stderr and "--set" in r.stderr
+    r = cli("train", "--out", run, "--resume", "--learning-rate", "0.01", "--seed", "7")
+    assert r.exit_code == 2 and "(from --learning-rate)" in r.stderr and "(from --seed)" in r.stderr
     r = cli("train", "--out", run, "--resume", "--set", "train.eval_iter=1", "--max-steps", "3", *FAST)
     assert r.exit_code == 0, r.stderr
 
@@ -367,6 +369,18 @@ def test_a_missing_data_path_says_where_the_path_came_from(cli, tmp_path, how, s
         assert r.exit_code == 2 and "data file not found" in r.stderr and f"from {source})" in r.stderr, r.stderr
 
 
+def test_a_checkpoints_missing_corpus_is_named_as_the_checkpoints(cli, verdict, tmp_path):
+    """Issue 12 finding 9: a path from a checkpoint's saved config says so when it is missing."""
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(verdict, corpus)
+    assert train_tiny(cli, corpus, "--out", "run").exit_code == 0
+    corpus.unlink()
+    for command in (["eval", "run"], ["loss", "--checkpoint", "run"]):
+        r = cli(*command)
+        assert r.exit_code == 2, r.stderr
+        assert f"{corpus}: data file not found (data.path from the checkpoint's config" in r.stderr, r.stderr
+
+
 def test_eval_of_data_files_never_downloads_the_models_corpus(cli, verdict, tiny_run, tmp_path, no_network):
     """Issue 12 finding 9: `eval --checkpoint X --data notes.txt` tried to download the-verdict."""
     step = tiny_run / "step-000002"
@@ -428,6 +442,8 @@ def test_set_errors_name_set_not_the_yaml_file(cli, tmp_path):
         load_config(bad, sets=["train.seed=1"])
     r = cli("loss", "--config", TINY, "--set", "train.batch_size=0")
     assert r.exit_code == 2 and "--set: train.batch_size" in r.stderr
+    r = cli("train", "--config", TINY, "--learning-rate", "0")  # a dedicated flag is named as such
+    assert r.exit_code == 2 and "--learning-rate: train.learning_rate: must be positive" in r.stderr
 
 
 def _bad_yaml(tmp_path: Path) -> Path:
