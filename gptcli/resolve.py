@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gptcli.checkpoint import (CONFIG, MANIFEST, STEP_DIR, Checkpoint, find_latest, find_newest_anywhere,
-                               load_checkpoint, named_dir, remove_dir)
+                               list_step_checkpoints, load_checkpoint, named_dir, remove_dir)
 from gptcli.config import Config, ConfigError, Layer, build_config, config_from_dict, config_layers
 from gptcli.data import DEFAULT_CORPUS
 from gptcli.errors import InputError, RunError
@@ -187,7 +187,9 @@ def resolve_train(
         refuse_foreign(run_dir)
         if not _has_run_files(run_dir):
             raise InputError(f"--resume: {run_dir} holds no run: nothing to resume (start the run without --resume)")
-        latest, _ = find_latest(run_dir)  # the newest that verifies, whatever `latest` says (train warns of the rest)
+        latest, skipped = find_latest(run_dir)  # the newest that verifies, whatever `latest` says
+        if latest is None and skipped:  # damaged checkpoints are never deleted by a restart
+            raise InputError(f"--resume: no complete checkpoint in {run_dir} ({skipped[0]})")
         if latest is None:
             # Our own run, stopped before its first checkpoint: nothing to lose, start it again.
             notes.append(f"{run_dir}: no checkpoint yet (the run stopped before its first save): starting it over")
@@ -204,9 +206,9 @@ def resolve_train(
         if overwrite:
             return Plan(cfg, "overwrite", run_dir=run_dir, init_from=init_from, notes=notes)
         if _has_run_files(run_dir):
-            latest, _ = find_latest(run_dir, check_hashes=False)
-            if latest is not None:
-                raise InputError(f"{run_dir}: a gptcli run with checkpoints (newest {latest.name}); "
+            steps = list_step_checkpoints(run_dir)
+            if steps:
+                raise InputError(f"{run_dir}: a gptcli run with checkpoints (newest {steps[-1].name}); "
                                  "pass --resume to continue it or --overwrite to start it over")
             notes.append(f"{run_dir}: a gptcli run with no checkpoint yet (it stopped before its first save): "
                          "starting it over")

@@ -140,6 +140,21 @@ def test_rerunning_a_run_killed_before_its_first_save_starts_it_over(cli, verdic
     assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
 
 
+def test_starting_over_never_deletes_damaged_checkpoints(cli, verdict, tmp_path):
+    """Issue 12 finding 1: only a run with no checkpoint at all starts over; damaged ones stay for the user."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    weights = run / "step-000002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    before = tree(run)
+    for extra in (["--resume"], []):
+        r = train_tiny(cli, verdict, "--out", run, *extra)
+        assert r.exit_code == 2 and "starting it over" not in r.stderr, r.stderr
+    assert tree(run) == before
+
+
 # ---------------------------------------------------------------- finding 2: --config/--set with a checkpoint
 
 
