@@ -133,13 +133,13 @@ ConfigOpt = Annotated[
                  exists=True, dir_okay=False, readable=True),
 ]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")
+    Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable); beside a checkpoint a model key is refused.")
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: the config's, auto).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, for scripts.")]
 CheckpointOpt = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", help="Checkpoint or run directory (default: the newest under checkpoints/)."),
+    typer.Option("--checkpoint", help="Checkpoint or run directory (default: --config's run, else the newest under checkpoints/)."),
 ]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of .txt files, or prepared shards.")]
@@ -256,8 +256,8 @@ def train(
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default: checkpoints/<--name or config name>).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name: the run directory is checkpoints/NAME.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest valid checkpoint in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run directory first.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run (--out or --name) from its newest valid checkpoint, with its config.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start an existing gptcli run over (deletes only the run's own files).")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from these weights (continued pretraining).")] = None,
     allow_data_change: Annotated[bool, typer.Option("--allow-data-change", help="With --resume: continue on a corpus other than the run's.")] = False,
     device: DeviceOpt = None,
