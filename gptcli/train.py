@@ -91,7 +91,7 @@ class Events:
 
 
 class Interrupted(GptcliError):
-    """SIGINT/SIGTERM: the current step finished, a checkpoint was saved."""
+    """SIGINT/SIGTERM/SIGHUP: the current step finished, a checkpoint was saved."""
 
     def __init__(self, signum: int, checkpoint: Path, run_dir: Path):
         name = signal.Signals(signum).name
@@ -131,7 +131,7 @@ def train(
     Raises:
         InputError: bad data, config or run directory (nothing is written then).
         RunError: a non-finite loss or a failing disk.
-        Interrupted: SIGINT/SIGTERM after the checkpoint was written.
+        Interrupted: SIGINT/SIGTERM/SIGHUP after the checkpoint was written.
     """
     events = events or Events()
     t = cfg.train
@@ -653,8 +653,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# Signals that save and stop: Ctrl-C, kill/SLURM/Kubernetes, a closed terminal or ssh session.
+# Windows has no SIGHUP: a signal this platform lacks is skipped.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
 class _StopSignals:
-    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step.
+    """Turn the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
 
     A second SIGINT stops at once (KeyboardInterrupt); the checkpoints already on
     disk stay valid because every write is atomic.
@@ -671,8 +676,14 @@ class _StopSignals:
 
     def __enter__(self):
         if threading_main():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+            for name in STOP_SIGNALS:
+                s = getattr(signal, name, None)
+                if s is None:
+                    continue
+                try:
+                    self._old[s] = signal.signal(s, self._handle)
+                except (OSError, ValueError, RuntimeError):  # a signal this platform cannot handle
+                    continue
         return self
 
     def __exit__(self, *exc):
