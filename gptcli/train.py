@@ -76,6 +76,8 @@ RUN_MANIFEST = "run.json"
 # None: defer the non-finite check on CUDA only; tests set True to exercise it on the CPU.
 DEFER_NONFINITE_CHECK: bool | None = None
 LOCK = ".lock"
+LOCK_PID = ".lock.pid"  # the holder's pid, beside the lock file
+LOCK_FILES = (LOCK, LOCK_PID)
 
 
 class Events:
@@ -137,6 +139,8 @@ def train(
     t = cfg.train
     device = resolve_device(t.device)
     info = init_distributed(device)
+    if info.is_main and (warning := book_exact_warning(cfg.model.impl, device)):
+        events.warn(warning)
     device = process_device(device, info)
     try:
         return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info)
@@ -554,7 +558,7 @@ def _on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
     """Check the run directory, create it, take its lock; returns the open lock file."""
-    existing = run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
+    existing = run_dir.exists() and any(p.name not in LOCK_FILES for p in run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a directory")
     if resume and not existing:
@@ -571,7 +575,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
     lock = _lock(run_dir)
     if overwrite and not resume:
         for p in run_dir.iterdir():
-            if p.name == LOCK:
+            if p.name in LOCK_FILES:
                 continue
             if p.is_dir() and not p.is_symlink():
                 remove_dir(p)
@@ -581,23 +585,35 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
     return lock
 
 
-def _lock(run_dir: Path):
-    """An exclusive lock on RUN/.lock holding our pid; the kernel drops it when the holder dies."""
-    import fcntl
+def _lock(run_dir: Path) -> "_RunLock":
+    """An exclusive lock on RUN/.lock, our pid in RUN/.lock.pid; the OS drops the lock when the holder dies.
 
-    f = open(run_dir / LOCK, "a+")
+    Through ``filelock`` (flock on POSIX, LockFileEx on Windows). The pid lives in a side
+    file because a locked file cannot be read on Windows and filelock truncates its own.
+    """
+    import filelock
+
+    lock = filelock.FileLock(str(run_dir / LOCK), thread_local=False)
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = (run_dir / LOCK_PID).read_text(encoding="utf-8").strip() or "another process"
+        except OSError:
+            holder = "another process"
         raise RunError(f"{run_dir}: in use by gptcli train (pid {holder}); wait for it or choose another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+    (run_dir / LOCK_PID).write_text(str(os.getpid()), encoding="utf-8")
+    return _RunLock(lock)
+
+
+class _RunLock:
+    """The held run lock; close() releases it."""
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def close(self) -> None:
+        self._lock.release()
 
 
 def _write_run_manifest(run_dir: Path, cfg: Config, splits: Splits, device, info: DistInfo, resumed_at) -> None:
@@ -690,6 +706,18 @@ class _StopSignals:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         return False
+
+
+def book_exact_warning(impl: str, device: torch.device) -> str | None:
+    """The one-line warning for a book-exact run on a device whose numbers differ from the book's, or None.
+
+    The book's figures come from CPU (and CUDA) float32 kernels; Apple's MPS kernels round
+    differently (and some ops fall back), so losses and samples drift from the printed ones.
+    """
+    if impl == "book" and device.type == "mps":
+        return ("model.impl book on mps: losses and samples will not match the book's printed numbers "
+                "(MPS kernels round differently); use --device cpu to reproduce them")
+    return None
 
 
 def threading_main() -> bool:

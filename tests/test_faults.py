@@ -95,7 +95,7 @@ def test_second_trainer_on_the_same_run_refuses_and_a_stale_lock_is_taken_over(v
     finally:
         first.kill()
         first.wait()
-    assert (run / ".lock").read_text().strip() == str(first.pid)  # a stale lock: its holder is dead
+    assert (run / ".lock.pid").read_text().strip() == str(first.pid)  # a stale lock: its holder is dead
     third = subprocess.run([*args[:-2], "--resume", "--max-steps", "12"], env=subprocess_env,
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
