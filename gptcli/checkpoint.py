@@ -6,7 +6,8 @@ Layout of a run directory::
     RUN/step-000050/train_state.pt      optimizer, step, epoch, tokens, RNG and data position
     RUN/step-000050/config.yaml         the resolved config
     RUN/step-000050/manifest.json       sha256 and size of each file above, written last
-    RUN/latest, RUN/best                symlinks to step directories
+    RUN/latest, RUN/best                symlinks to step directories (or, where symlinks
+                                        cannot be made, text files holding the step's name)
 
 A checkpoint is written into a hidden temporary directory (each file fsynced,
 the manifest last), then renamed into place in one atomic step, so a crash at
@@ -40,6 +41,7 @@ TRAIN_STATE = "train_state.pt"
 CONFIG = "config.yaml"
 FORMAT = "gptcli-checkpoint"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+POINTER_MAX_BYTES = 64  # a pointer file holds one step directory name
 
 
 def named_dir(root: Path, name: str, what: str) -> Path:
@@ -249,7 +251,12 @@ def resolve_checkpoint(path: Path, check_hashes: bool = True) -> tuple[Path, lis
     """
     if not path.exists():
         raise RunError(f"{path}: no such checkpoint or run directory")
-    path = path.resolve() if path.is_symlink() else path
+    if path.is_symlink():
+        path = path.resolve()
+    elif (target := pointer_target(path)) is not None:  # RUN/latest or RUN/best as a pointer file
+        if not target.is_dir():
+            raise RunError(f"{path}: points to {target.name}, which does not exist")
+        path = target
     if is_checkpoint_dir(path) or (path / WEIGHTS).exists() or (path / CONFIG).exists():
         verify_checkpoint(path, check_hashes)  # a checkpoint's files without a valid manifest: say so
         return path, []
@@ -298,23 +305,48 @@ def load_train_state(path: Path) -> dict[str, Any]:
 
 
 def point(run_dir: Path, name: str, target: Path) -> None:
-    """Atomically make `run_dir/name` a symlink to `target` (a directory inside `run_dir`)."""
+    """Atomically make `run_dir/name` point to `target` (a directory inside `run_dir`).
+
+    A relative symlink where the filesystem allows one; otherwise (Windows without the
+    symlink privilege, some network and FAT filesystems) a small text file holding the
+    target's name, which `pointer_target` and every reader of `latest`/`best` follow.
+    """
     link = run_dir / name
     tmp = run_dir / f".tmp-link-{name}-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    os.symlink(target.name, tmp)
+    try:
+        os.symlink(target.name, tmp)
+    except (OSError, NotImplementedError):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(target.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, link)
     fsync_dir(run_dir)
+
+
+def pointer_target(path: Path) -> Path | None:
+    """Where `path` points when it is a `point` pointer (symlink or pointer file), else None."""
+    if path.is_symlink():
+        return path.parent / os.readlink(path)
+    if path.is_file() and path.stat().st_size <= POINTER_MAX_BYTES:
+        try:
+            name = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if STEP_DIR.match(name):
+            return path.parent / name
+    return None
 
 
 def prune(run_dir: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` step checkpoints, never those `latest`/`best` point to."""
     keep = set()
     for pointer in ("latest", "best"):
-        link = run_dir / pointer
-        if link.is_symlink():
-            keep.add((run_dir / os.readlink(link)).name)
+        target = pointer_target(run_dir / pointer)
+        if target is not None:
+            keep.add(target.name)
     removed = []
     for path in list_step_checkpoints(run_dir)[:-keep_last]:
         if path.name not in keep:

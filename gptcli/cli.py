@@ -2,11 +2,12 @@
 
 stdout carries results (text, tables, --json objects); progress, warnings and
 errors go to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input,
-130/143 interrupted by SIGINT/SIGTERM.
+129/130/143 interrupted by SIGHUP/SIGINT/SIGTERM, 141 stdout closed by its reader.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -28,11 +29,19 @@ from gptcli.errors import GptcliError, InputError, first_line
 
 
 class _OneLineErrors(TyperGroup):
-    """Report usage errors as one line on stderr (exit 2) instead of click's usage block."""
+    """Report usage errors as one line on stderr (exit 2) instead of click's usage block.
+
+    Also the one owner of gptcli's output streams: stdout and stderr are wrapped in `_Output`
+    for the whole command, and stdout is flushed here, so a closed pipe or a full disk ends
+    the command the same way whichever write meets it (see `_output_failed`).
+    """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Output(streams[0], "stdout"), _Output(streams[1], "stderr")
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            sys.stdout.flush()  # here, not at interpreter exit, where a failing flush cannot be reported
         except click.exceptions.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "gptcli"
             click.echo(f"{where}: {e.format_message()} (see --help)", err=True)
@@ -43,9 +52,90 @@ class _OneLineErrors(TyperGroup):
         except click.ClickException as e:
             click.echo(f"gptcli: {e.format_message()}", err=True)
             rv = e.exit_code
+        except _OutputFailed as e:
+            rv = _output_failed(e)
+        finally:
+            sys.stdout, sys.stderr = streams
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
+
+
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1`
+
+
+class _OutputFailed(Exception):
+    """A write to stdout failed: a closed pipe (EPIPE), a full disk (ENOSPC), a closed descriptor (EBADF)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
+        self.strerror = error.strerror or str(error)
+
+
+def _output_failed(e: _OutputFailed) -> int:
+    """The exit code for a failed stdout write; one line on stderr unless the reader just left."""
+    if e.errno == errno.EPIPE:
+        return EXIT_CLOSED_PIPE  # `gptcli ... | head`: the reader has what it wanted
+    _err(f"error: cannot write to stdout: {e.strerror}")
+    return 1
+
+
+class _Output:
+    """sys.stdout or sys.stderr as gptcli writes them.
+
+    Python ignores SIGPIPE, so a write into a closed pipe raises BrokenPipeError; a closed
+    terminal gives EIO, a full disk ENOSPC, and a descriptor closed at start (`>&-`) leaves
+    the stream None. stderr carries commentary: after its first failed write it goes quietly
+    to devnull and a training run goes on. stdout carries the result: its first failed write
+    raises `_OutputFailed`, later writes are dropped. Either way the descriptor is pointed at
+    devnull, so the interpreter's final flush cannot fail again (the Python docs' "Note on SIGPIPE").
+    """
+
+    def __init__(self, stream, name: str):
+        self._stream = stream
+        self.name = name
+        self.dead = False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # as a text stream answers (click probes with b"")
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:  # click's probe for a text stream: nothing to write, nothing can fail
+            return 0
+        if not self.dead:
+            try:
+                if self._stream is None:
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+                return self._stream.write(text)
+            except OSError as e:
+                self._fail(e)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.dead and self._stream is not None:
+            try:
+                self._stream.flush()
+            except OSError as e:
+                self._fail(e)
+
+    def isatty(self) -> bool:
+        return not self.dead and self._stream is not None and self._stream.isatty()
+
+    def __getattr__(self, name: str):
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def _fail(self, error: OSError) -> None:
+        self.dead = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a test runner's buffer, or closed)
+            pass
+        if self.name == "stdout":
+            raise _OutputFailed(error) from None
 
 
 app = typer.Typer(
@@ -81,6 +171,8 @@ def _handle_errors(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
+        except _OutputFailed as e:
+            raise typer.Exit(_output_failed(e)) from None
         except GptcliError as e:
             if _state["debug"]:
                 raise

@@ -47,7 +47,8 @@ RESUMABLE = (
 EVAL_FREE_MODEL_KEYS = ("impl", "drop_rate")
 
 # What a gptcli run directory holds (anything else is the user's, and never deleted).
-RUN_FILES = ("run.json", "metrics.jsonl", "metrics.csv", "losses.png", ".lock")
+LOCK_FILES = (".lock", ".lock.pid")  # the run lock and its holder's pid (kept by --overwrite)
+RUN_FILES = ("run.json", "metrics.jsonl", "metrics.csv", "losses.png", *LOCK_FILES)
 RUN_LINKS = ("latest", "best")
 OUR_TEMPORARIES = (".tmp-", ".old-")
 
@@ -79,8 +80,8 @@ def _is_ours(p: Path) -> bool:
     name = p.name
     if name.startswith(OUR_TEMPORARIES):
         return True
-    if name in RUN_LINKS:
-        return p.is_symlink() or p.is_file()
+    if name in RUN_LINKS:  # a symlink, a pointer file, or (best) a weights-only checkpoint of its own
+        return p.is_symlink() or p.is_file() or (p.is_dir() and _is_our_checkpoint(p))
     if name in RUN_FILES:
         return p.is_file() and not p.is_symlink()
     if STEP_DIR.match(name) and p.is_dir() and not p.is_symlink():
@@ -109,7 +110,7 @@ def clear_run(run_dir: Path) -> list[str]:
     refuse_foreign(run_dir)
     removed = []
     for p in sorted(run_dir.iterdir()):
-        if p.name == ".lock":
+        if p.name in LOCK_FILES:
             continue
         if p.is_dir() and not p.is_symlink():
             remove_dir(p)  # renamed away first: no half-deleted checkpoint under its name
@@ -129,7 +130,7 @@ def refuse_foreign(run_dir: Path) -> None:
 
 
 def _has_run_files(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir())
+    return run_dir.is_dir() and any(p.name not in LOCK_FILES for p in run_dir.iterdir())
 
 
 # ---------------------------------------------------------------- train

@@ -69,13 +69,13 @@ from gptcli.generate import generate
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import cross_entropy
 from gptcli.perf import peak_flops, set_host_memory
-from gptcli.resolve import clear_run, refuse_foreign
+from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
 from gptcli.tokenizer import decode, encode
 
 RUN_MANIFEST = "run.json"
 # None: defer the non-finite check on CUDA only; tests set True to exercise it on the CPU.
 DEFER_NONFINITE_CHECK: bool | None = None
-LOCK = ".lock"
+LOCK, LOCK_PID = LOCK_FILES  # the run lock, and its holder's pid beside it
 
 
 class Events:
@@ -91,7 +91,7 @@ class Events:
 
 
 class Interrupted(GptcliError):
-    """SIGINT/SIGTERM: the current step finished, a checkpoint was saved."""
+    """SIGINT/SIGTERM/SIGHUP: the current step finished, a checkpoint was saved."""
 
     def __init__(self, signum: int, checkpoint: Path, run_dir: Path):
         name = signal.Signals(signum).name
@@ -134,12 +134,14 @@ def train(
     Raises:
         InputError: bad data, config or run directory (nothing is written then).
         RunError: a non-finite loss or a failing disk.
-        Interrupted: SIGINT/SIGTERM after the checkpoint was written.
+        Interrupted: SIGINT/SIGTERM/SIGHUP after the checkpoint was written.
     """
     events = events or Events()
     t = cfg.train
     device = resolve_device(t.device)
     info = init_distributed(device)
+    if info.is_main and (warning := book_exact_warning(cfg.model.impl, device)):
+        events.warn(warning)
     device = process_device(device, info)
     try:
         return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info, allow_data_change)
@@ -615,7 +617,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a directory")
     refuse_foreign(run_dir)
-    existing = run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir())
+    existing = run_dir.is_dir() and any(p.name not in LOCK_FILES for p in run_dir.iterdir())
     if resume and not existing:
         raise InputError(f"--resume: {run_dir} has no checkpoint to resume from")
     if existing and not resume and not overwrite:
@@ -635,23 +637,35 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
     return lock
 
 
-def _lock(run_dir: Path):
-    """An exclusive lock on RUN/.lock holding our pid; the kernel drops it when the holder dies."""
-    import fcntl
+def _lock(run_dir: Path) -> "_RunLock":
+    """An exclusive lock on RUN/.lock, our pid in RUN/.lock.pid; the OS drops the lock when the holder dies.
 
-    f = open(run_dir / LOCK, "a+")
+    Through ``filelock`` (flock on POSIX, LockFileEx on Windows). The pid lives in a side
+    file because a locked file cannot be read on Windows and filelock truncates its own.
+    """
+    import filelock
+
+    lock = filelock.FileLock(str(run_dir / LOCK), thread_local=False)
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = (run_dir / LOCK_PID).read_text(encoding="utf-8").strip() or "another process"
+        except OSError:
+            holder = "another process"
         raise RunError(f"{run_dir}: in use by gptcli train (pid {holder}); wait for it or choose another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+    (run_dir / LOCK_PID).write_text(str(os.getpid()), encoding="utf-8")
+    return _RunLock(lock)
+
+
+class _RunLock:
+    """The held run lock; close() releases it."""
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def close(self) -> None:
+        self._lock.release()
 
 
 def _write_run_manifest(run_dir: Path, cfg: Config, splits: Splits, device, info: DistInfo, resumed_at) -> None:
@@ -707,8 +721,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# Signals that save and stop: Ctrl-C, kill/SLURM/Kubernetes, a closed terminal or ssh session.
+# Windows has no SIGHUP: a signal this platform lacks is skipped.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
 class _StopSignals:
-    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step.
+    """Turn the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
 
     A second SIGINT stops at once (KeyboardInterrupt); the checkpoints already on
     disk stay valid because every write is atomic.
@@ -725,14 +744,32 @@ class _StopSignals:
 
     def __enter__(self):
         if threading_main():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+            for name in STOP_SIGNALS:
+                s = getattr(signal, name, None)
+                if s is None:
+                    continue
+                try:
+                    self._old[s] = signal.signal(s, self._handle)
+                except (OSError, ValueError, RuntimeError):  # a signal this platform cannot handle
+                    continue
         return self
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
         return False
+
+
+def book_exact_warning(impl: str, device: torch.device) -> str | None:
+    """The one-line warning for a book-exact run on a device whose numbers differ from the book's, or None.
+
+    The book's figures come from CPU (and CUDA) float32 kernels; Apple's MPS kernels round
+    differently (and some ops fall back), so losses and samples drift from the printed ones.
+    """
+    if impl == "book" and device.type == "mps":
+        return ("model.impl book on mps: losses and samples will not match the book's printed numbers "
+                "(MPS kernels round differently); use --device cpu to reproduce them")
+    return None
 
 
 def threading_main() -> bool:

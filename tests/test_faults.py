@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -96,7 +95,7 @@ def test_second_trainer_on_the_same_run_refuses_and_a_stale_lock_is_taken_over(v
     finally:
         first.kill()
         first.wait()
-    assert (run / ".lock").read_text().strip() == str(first.pid)  # a stale lock: its holder is dead
+    assert (run / ".lock.pid").read_text().strip() == str(first.pid)  # a stale lock: its holder is dead
     third = subprocess.run([*args[:-2], "--resume", "--max-steps", "12"], env=subprocess_env,
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
@@ -168,18 +167,3 @@ def test_names_cannot_leave_the_checkpoints_folder(cli, verdict, tmp_path, name)
     assert result.exit_code == 2 and "--name" in result.stderr
     assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
     assert not (tmp_path / "checkpoints").exists()
-
-
-def test_sigterm_saves_and_exits_143(verdict, tmp_path, subprocess_env):
-    run = tmp_path / "run"
-    proc = subprocess.Popen([*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run),
-                             "--num-epochs", "100"], env=subprocess_env, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if line.startswith("step 5/"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143
-    assert "SIGTERM" in rest and "--resume" in rest
-    latest, _ = find_latest(run)
-    assert latest is not None and latest.name >= "step-000005"
