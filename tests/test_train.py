@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, assert_equal_up_to_adamw_rounding, book_model, final_weights, gptcli_cmd, run_losses
+from conftest import CONFIGS, VERDICT, assert_equal_up_to_adamw_rounding, book_model, final_weights, gptcli_cmd, run_losses
 from gptcli.checkpoint import find_latest, list_step_checkpoints, load_checkpoint, verify_checkpoint
 from gptcli.config import load_config
 from gptcli.train import Events, _lr_at, train
@@ -363,3 +363,56 @@ def test_host_memory_policy_decides_which_buffers_get_their_own_mapping(subproce
         seen[policy] = json.loads(done.stdout)
     assert seen == {"default": [0, 1], "return": [1, 1], "retain": [0, 0]}
 
+
+class _StopAtStep(Events):
+    """Sends this process SIGINT once `step` is logged: the loop saves and raises Interrupted, as on Ctrl-C."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def log(self, record):
+        if record["step"] == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _resume_overrides(config: Path) -> dict:
+    """Each config as it is (impl, dropout, optimizer kernel, precision, schedule, ...) at a tiny shape."""
+    data = CONFIGS.parent / "data" / "quickstart.txt" if config.name == "quickstart.yaml" else VERDICT
+    return {"model.context_length": 32, "model.emb_dim": 32, "model.n_heads": 4, "model.n_layers": 2,
+            "data.path": str(data), "train.device": "cpu", "train.batch_size": 2, "train.max_steps": 4,
+            "train.eval_freq": 3, "train.eval_iter": 2, "train.log_every": 1, "train.save_every": None,
+            "train.sample_tokens": 0, "train.peak_flops": 1e12}
+
+
+def _resume_cases() -> list:
+    """One case per distinct config once shrunk (the four GPT-2 shapes share their training settings)."""
+    cases: dict[str, list[Path]] = {}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cases.setdefault(repr(load_config(path, _resume_overrides(path)).to_dict()), []).append(path)
+    return [pytest.param(paths[0], id="+".join(p.stem for p in paths),
+                         marks=[pytest.mark.slow] if load_config(paths[0]).train.compile else [])
+            for paths in cases.values()]
+
+
+# Every config in configs/ claims (README, "Training") that a resumed run equals an uninterrupted one on CPU at
+# the default thread count; torch.compile's (gpt2-124m-fast) compiles for a minute, so it runs with the slow tests.
+RESUME_CONFIGS = _resume_cases()
+
+
+@pytest.mark.parametrize("config", RESUME_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_stops_and_resumes_bit_for_bit_on_cpu(verdict, tmp_path, config):
+    """issue 12 finding 7: two runs of configs/quickstart.yaml (impl fused, 2 threads) ended on different weights.
+
+    An uninterrupted run and a run stopped by SIGINT mid-epoch at step 2 and resumed end on the same losses
+    and the same weights, bit for bit, at the default thread count (which also makes two uninterrupted runs equal).
+    """
+    cfg = load_config(config, _resume_overrides(config))
+    train(cfg, tmp_path / "full")
+    with pytest.raises(Exception) as stopped:
+        train(cfg, tmp_path / "stopped", events=_StopAtStep(2))
+    assert type(stopped.value).__name__ == "Interrupted" and "step-000002" in str(stopped.value)
+    train(cfg, tmp_path / "stopped", resume=True)
+    assert run_losses(tmp_path / "stopped") == run_losses(tmp_path / "full")
+    ours, theirs = final_weights(tmp_path / "stopped"), final_weights(tmp_path / "full")
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
