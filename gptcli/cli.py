@@ -497,7 +497,7 @@ def loss(
     # so --num-batches picks the same batches every time.
     for name, windows, drop_last in (("train", splits.train, True), ("val", splits.val, False)):
         loader = make_loader(windows, bs, shuffle=False, drop_last=drop_last)
-        rows[name] = evaluate_loss(model, loader, dev, num_batches)
+        rows[name] = evaluate_loss(model, loader, dev, num_batches, split=name)
     if json_out:
         _print_json(_json_safe({"model": where, "data": splits.source, **rows}))
         return

@@ -47,6 +47,7 @@ def evaluate_loss(
     autocast: Callable = nullcontext,
     all_reduce: Callable[[list[float]], list[float]] | None = None,
     byte_lengths: torch.Tensor | None = None,
+    split: str = "data",
 ) -> dict[str, float]:
     """Mean token cross-entropy of `model` over (up to) `num_batches` batches of `loader`.
 
@@ -67,10 +68,17 @@ def evaluate_loss(
         all_reduce: sums [loss_sum, tokens, batches, bytes, nats] over processes (distributed evaluation).
         byte_lengths: (V,) UTF-8 length of each token id (see ``token_byte_lengths``); adds
             "bytes" (of the target tokens) and "bpb" (bits per byte) to the result.
+        split: what the loader reads ("train", "val", a file name), for the error below.
 
     Returns:
-        {"loss", "ppl", "tokens", "batches"} (+ "bytes", "bpb"); loss is NaN when there are no batches.
+        {"loss", "ppl", "tokens", "batches"} (+ "bytes", "bpb"); loss is NaN only when
+        `num_batches` is 0 or the loader holds no window at all.
+
+    Raises:
+        InputError: the loader drops its last partial batch and holds fewer windows than
+            one batch: the book's loop would average nothing and report NaN.
     """
+    _check_full_batch(loader, split)
     limit = len(loader) if num_batches is None else min(num_batches, len(loader))
     lockstep = 0
     sampler = getattr(loader, "batch_sampler", None)
@@ -117,6 +125,21 @@ def evaluate_loss(
         result["bytes"] = num_bytes
         result["bpb"] = bits_per_byte(nats / tokens, tokens, num_bytes) if num_bytes else float("nan")
     return result
+
+
+def _check_full_batch(loader: DataLoader, split: str) -> None:
+    """Refuse a loader that drops its partial last batch and so would yield no batch at all."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, WindowBatchSampler) or not sampler.num_windows or sampler.num_batches():
+        return
+    windows = loader.dataset
+    tokens = f" ({len(windows.tokens)} tokens)" if hasattr(windows, "tokens") else ""
+    processes = sampler.global_batch // sampler.batch_size
+    fits = max(sampler.num_windows // processes, 1)
+    raise InputError(
+        f"{split} split: {sampler.num_windows} window(s){tokens}, fewer than one batch of {sampler.global_batch}; "
+        f"batch size {sampler.batch_size} is too large (at most {fits} fits)"
+    )
 
 
 def perplexity(loss: float) -> float:

@@ -68,7 +68,7 @@ from gptcli.evaluate import evaluate_loss
 from gptcli.generate import generate
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import cross_entropy
-from gptcli.perf import peak_flops, set_host_memory
+from gptcli.perf import MfuMeter, peak_flops, set_host_memory
 from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
 from gptcli.tokenizer import decode, encode
 
@@ -247,7 +247,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             restore_rng = None
 
     flops_token = flops_per_token(cfg.model)
-    peak = _peak(t, device) if info.is_main else None
+    mfu = _mfu_meter(t, device, events) if info.is_main else None
     metrics = report.MetricsLog(run_dir, resume_step=step) if info.is_main else None
     if info.is_main:
         _write_run_manifest(run_dir, cfg, splits, device, info, resumed_at=step if ckpt else None)
@@ -362,7 +362,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 record = {
                     "event": "train", "step": step, "epoch": epoch_number,
                     "tokens_seen": tokens_seen, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": rate, "mfu": flops_token * rate / info.world_size / peak if peak else None,
+                    "tokens_per_s": rate, "mfu": mfu(flops_token * rate / info.world_size),
                     "elapsed_s": elapsed_before + now - t_start,
                 }
                 metrics.write(record)
@@ -474,14 +474,15 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext
 
 
-def _peak(t, device: torch.device) -> float | None:
-    if t.peak_flops is not None:
-        return t.peak_flops
+def _mfu_meter(t, device: torch.device, events: Events) -> MfuMeter:
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    if t.peak_flops is not None:
+        return MfuMeter(device, dtype, t.peak_flops, measured=False, warn=events.warn)
     try:
-        return peak_flops(device, dtype)
+        peak = peak_flops(device, dtype)
     except RuntimeError:
-        return None
+        peak = None
+    return MfuMeter(device, dtype, peak, warn=events.warn)
 
 
 def _get_rng(device: torch.device, info: DistInfo) -> dict[str, Any]:

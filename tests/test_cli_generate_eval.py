@@ -139,6 +139,7 @@ def test_eval_perplexity_is_exp_of_the_loss_that_gptcli_loss_reports(cli, ckpt):
     (row,) = json.loads(ev.stdout)["results"]
     assert row["dataset"] == "val (the-verdict.txt)"
     assert row["loss"] == val["loss"] and row["tokens"] == val["tokens"]
+    # the same float64 exp of the same loss; 1e-12 only allows for a JSON round trip of the digits
     assert row["ppl"] == pytest.approx(math.exp(val["loss"]), rel=1e-12)
     assert 0 < row["bpb"] < row["loss"] / math.log(2)  # a GPT-2 token is more than one byte
 
@@ -172,6 +173,7 @@ def test_eval_show_tokens_table_and_json(cli, ckpt):
     data = json.loads(cli("eval", ckpt, "--text", "Every effort moves you", "--json").stdout)
     assert [t["token"] for t in data["tokens"]] == ["Every", " effort", " moves", " you"]
     assert all(len(t["top"]) == 5 and 1 <= t["rank"] <= 50257 for t in data["tokens"][1:])
+    # pytest's default rel=1e-6: the same exp, computed before and after JSON
     assert data["ppl"] == pytest.approx(math.exp(data["loss"]))
 
 

@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 from gptcli.config import load_config
 from gptcli.train import train
 
-from conftest import CONFIGS, VERDICT, gptcli_cmd, keep_checkpoints_up_to
+from conftest import CONFIGS, VERDICT, assert_equal_up_to_adamw_rounding, gptcli_cmd, keep_checkpoints_up_to
 
 STEPS = 6
 # eval_iter 3 split over 2 ranks is uneven (2 + 1 batches): FSDP must keep the ranks in step.
 SETS = ["model.drop_rate=0", "train.eval_freq=2", "train.eval_iter=3", "train.save_every=3", "train.peak_flops=1e12",
         "train.sample_tokens=0", "train.grad_clip=1.0"]
-TOL = 1e-5
+LR = load_config(CONFIGS / "tiny.yaml").train.learning_rate
 
 
 def _sets(extra: list[str] = ()) -> list[str]:
@@ -54,10 +54,7 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"largest weight difference {worst:.3g}")
-    assert worst < TOL, f"weights differ by up to {worst:.3g}"
+    assert_equal_up_to_adamw_rounding(a, b, LR, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ def uniform_model(cfg: ModelConfig) -> GPTModel:
 
 def test_bits_per_byte_and_perplexity_by_hand():
     # 2 ln 2 nats = 2 bits per token; 3 tokens = 6 bits over 4 bytes.
+    # default rel=1e-6: float64 arithmetic on exact inputs, only rounding of log(2)
     assert ev.bits_per_byte(2 * math.log(2), 3, 4) == pytest.approx(1.5)
     assert ev.perplexity(math.log(7.0)) == pytest.approx(7.0)
     assert ev.perplexity(1e6) == math.inf
@@ -47,6 +48,7 @@ def test_bits_per_byte_of_a_uniform_model_on_a_known_text(tmp_path):
     (row,) = ev.evaluate_datasets(model, datasets, batch_size=4)
     # Windows start every 16 tokens while a full window + target fits: 9 windows, 144 targets.
     assert (row["tokens"], row["bytes"], row["batches"]) == (144, 576, 3)
+    # a uniform model: float32 log-softmax of equal logits is ln(V) to float32 rounding (~1e-7 relative)
     assert row["loss"] == pytest.approx(math.log(50257), rel=1e-6)
     assert row["ppl"] == pytest.approx(50257, rel=1e-5)
     assert row["bpb"] == pytest.approx(math.log2(50257) / 4, rel=1e-6)
@@ -62,6 +64,7 @@ def test_validation_row_equals_the_books_calc_loss_loader(tiny_config, verdict, 
     (row,) = ev.evaluate_datasets(model, ev.eval_datasets(tiny_config), batch_size=3)
     _, val_text = split_text(verdict.read_text(encoding="utf-8"), tiny_config.data.train_ratio)
     loader = create_dataloader_v1(val_text, batch_size=3, max_length=ctx, stride=ctx, shuffle=False, drop_last=False)
+    # same model and batches, the book's loop vs ours: only the float32 batch losses' summation differs
     assert row["loss"] == pytest.approx(calc_loss_loader(loader, model, "cpu"), rel=1e-6)
     assert row["ppl"] == pytest.approx(math.exp(row["loss"]))
     assert row["dataset"] == "val (the-verdict.txt)"
@@ -98,14 +101,18 @@ def test_token_report_gives_the_chapters_target_probabilities(tiktoken_offline):
     assert (first["token"], first["prob"], first["rank"]) == ("every", None, None)
     assert [t["token"] for t in scored] == [" effort", " moves", " you"]
     probs = torch.tensor([t["prob"] for t in scored])
+    # log_softmax().exp() vs softmax() of the same float32 logits: rounding of a ~1e-5 probability
     torch.testing.assert_close(probs, book_probs[[0, 1, 2], targets[0]], rtol=1e-4, atol=0)
+    # the book's printed probabilities have 5 significant digits: 1e-3 is their rounding, not a machine's
     torch.testing.assert_close(probs, torch.tensor([7.4541e-05, 3.1061e-05, 1.1563e-05]), rtol=1e-3, atol=0)
     for i, t in enumerate(scored):
         assert t["rank"] == int((book_probs[i] > book_probs[i, t["id"]]).sum()) + 1
         assert [a["id"] for a in t["top"]] == book_probs[i].topk(5).indices.tolist()
+    # float64 sum of per-token nats vs float32 mean cross-entropy of the book's logits: float32 rounding
     assert report["loss"] == pytest.approx(cross_entropy(book_logits, targets).item(), rel=1e-5)
     assert report["tokens_predicted"] == 3
     assert report["bytes"] == len(" effort moves you")
+    # default rel=1e-6: the same float64 formula
     assert report["bpb"] == pytest.approx(report["loss"] * 3 / (math.log(2) * 17))
 
 
@@ -122,6 +129,7 @@ def test_token_report_scores_long_text_window_by_window():
             window = torch.tensor([ids[start : start + 8]])
             probs = torch.softmax(model(window)[0], dim=-1)
             for i, target in enumerate(ids[start + 1 : start + 9]):
+                # log_softmax().exp() vs softmax() in float32: a few ulps of the probability
                 assert report["tokens"][start + i + 1]["prob"] == pytest.approx(probs[i, target].item(), rel=1e-5)
     with pytest.raises(InputError, match="at least two tokens"):
         ev.token_report(model, "Hi")
@@ -137,6 +145,7 @@ def test_evaluate_run_goes_through_the_steps_and_skips_a_damaged_checkpoint(tiny
     torch.manual_seed(30)
     model = GPTModel(tiny_config.model).eval()
     (expected,) = ev.evaluate_datasets(model, ev.eval_datasets(tiny_config), tiny_config.train.batch_size, 2)
+    # the same weights loaded from a checkpoint, same batches: float32 rounding of the averaged losses at most
     assert report["results"][1]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert report["results"][0]["loss"] != report["results"][1]["loss"]
     # One checkpoint directory is a run of one.

@@ -26,6 +26,7 @@ def test_124m_at_seed_123_equals_the_books_model(gelu, toy_loss):
         assert name == book_name and torch.equal(p, q), name
     with torch.no_grad():
         logits = ours(TOY_INPUTS)
+        # the same ops in another association (our attention reshapes): float32 rounding of O(1) logits
         torch.testing.assert_close(logits, book(TOY_INPUTS), rtol=0, atol=1e-5)
     assert round(cross_entropy(logits, TOY_TARGETS).item(), 4) == toy_loss
     # The book prints 163,009,536 at context 1024; at 256 the position table is 768 x 768 smaller.
@@ -43,6 +44,7 @@ def test_book_model_pth_loads_and_gives_the_books_logits(tmp_path):
         ours = GPTModel(cfg).eval()
         load_state_dict(ours, from_book_state_dict(load_book_state_dict(tmp_path / name)))
         with torch.no_grad():
+            # the same weights through two implementations: float32 rounding of O(1) logits
             torch.testing.assert_close(ours(x), book(x), rtol=0, atol=1e-5)
 
 
@@ -67,6 +69,7 @@ def test_fused_impl_matches_book_impl_within_1e5():
         fused.load_state_dict(book_impl.state_dict())
         x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
         with torch.no_grad():
+            # fused kernels (SDPA, F.layer_norm, F.gelu) compute the same functions to float32 rounding of O(1) logits
             torch.testing.assert_close(fused(x), book_impl(x), rtol=0, atol=1e-5)
 
 
@@ -107,6 +110,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
         y = x.clone()
         y[0, 8:] = (y[0, 8:] + 1) % cfg.vocab_size
         with torch.no_grad():
+            # assert_close's float32 default (rtol 1.3e-6, atol 1e-5): the prefix is the same computation at another T
             torch.testing.assert_close(model(x)[:, :8], model(y)[:, :8])
 
 
@@ -120,6 +124,7 @@ def test_padded_vocabulary_keeps_logits_and_checkpoints_at_vocab_size():
     assert export_state_dict(padded)["out_head.weight"].shape[0] == cfg.vocab_size
     x = torch.randint(0, cfg.vocab_size, (2, 10))
     with torch.no_grad():
+        # assert_close's float32 default: a wider output matmul may block the sum differently
         torch.testing.assert_close(padded(x), plain(x))
 
 

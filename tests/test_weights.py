@@ -65,6 +65,7 @@ def test_hf_import_gives_transformers_logits(cli, tmp_path, shape, no_network):
         SHAPES[shape]["n_positions"], SHAPES[shape]["n_embd"], SHAPES[shape]["n_layer"], SHAPES[shape]["n_head"], True)
     x = tokens(min(cfg.context_length, 64))
     with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights: float32 rounding of O(100) logits
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["source"]["format"] == "huggingface" and manifest["pretrained"] == "hf"
@@ -81,6 +82,7 @@ def test_pytorch_model_bin_imports_too(cli, tmp_path):
     model = our_model(Path("checkpoints/pretrained/hf"))
     x = tokens(16)
     with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights: float32 rounding of O(100) logits
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
 
 
@@ -91,6 +93,7 @@ def test_sharded_safetensors_import(cli, tmp_path):
     assert cli("import", tmp_path / "hf", "--out", tmp_path / "ckpt").exit_code == 0
     x = tokens(16)
     with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights: float32 rounding of O(100) logits
         torch.testing.assert_close(our_model(tmp_path / "ckpt")(x), hf(x).logits, atol=1e-4, rtol=0)
 
 
@@ -105,6 +108,7 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers(cli, verdict, tmp_
     assert hf.config.tie_word_embeddings is False
     x = tokens(ours.cfg.context_length)
     with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights: float32 rounding of O(100) logits
         torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=0)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     from gptcli.tokenizer import encode
@@ -121,6 +125,7 @@ def test_import_then_export_round_trips_hf_weights(cli, tmp_path):
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back", local_files_only=True).eval()
     x = tokens(40)
     with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights: float32 rounding of O(100) logits
         torch.testing.assert_close(back(x).logits, hf(x).logits, atol=1e-4, rtol=0)
     r = cli("export", tmp_path / "ckpt", tmp_path / "back")
     assert r.exit_code == 2 and "--overwrite" in r.stderr
@@ -148,6 +153,7 @@ def test_openai_checkpoint_imports_without_tensorflow(cli, tmp_path):
     assert set(missing) <= {"lm_head.weight"}  # tied to wte
     x = tokens(hp["n_ctx"], vocab=hp["n_vocab"])
     with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights: float32 rounding of O(100) logits
         torch.testing.assert_close(our_model(tmp_path / "ckpt")(x), hf(x).logits, atol=1e-4, rtol=0)
 
 
@@ -249,4 +255,5 @@ def test_imported_weights_serve_generate_eval_loss_and_train(cli, verdict, tmp_p
     before, after = load_checkpoint(ckpt).weights, load_checkpoint(tmp_path / "run").weights
     assert set(before) == set(after)
     drift = max((after[k] - before[k]).abs().max().item() for k in before)
+    # 2 AdamW steps move a weight by at most ~lr (1e-5) each; a fresh init would differ by O(0.1)
     assert 0 < drift < 1e-3  # two small AdamW steps away from the imported weights, not a fresh init
