@@ -135,13 +135,41 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")
 ]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: the config's, auto).")]
+def _checked(check):
+    """A Typer callback that runs a library check on a given option value; its error becomes a usage error (exit 2)."""
+
+    def callback(value):
+        if value is not None:
+            try:
+                check(value)
+            except InputError as e:
+                raise typer.BadParameter(str(e)) from None
+        return value
+
+    return callback
+
+
+def _check_device(name: str) -> None:
+    from gptcli.device import check_device_name
+
+    check_device_name(name)
+
+
+def _check_seed(seed: int) -> None:
+    from gptcli.config import check_seed
+
+    check_seed(seed, "--seed")
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: the config's, auto).",
+                                                  callback=_checked(_check_device))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, for scripts.")]
 CheckpointOpt = Annotated[
     Optional[Path],
     typer.Option("--checkpoint", help="Checkpoint or run directory (default: the newest under checkpoints/)."),
 ]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).",
+                                                callback=_checked(_check_seed))]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of .txt files, or prepared shards.")]
 
 CHECKPOINTS_ROOT = Path("checkpoints")
@@ -443,7 +471,7 @@ def loss(
 @app.command()
 @_handle_errors
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue; - reads it from stdin.")] = None,
     checkpoint: CheckpointOpt = None,
     config: ConfigOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = 50,
@@ -453,7 +481,8 @@ def generate(
     eos: Annotated[bool, typer.Option("--eos/--no-eos", help="Stop a sample at <|endoftext|>.")] = True,
     num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line, generated as one batch, printed in order.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling draws (and of an untrained model); default: the config's train.seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling draws (and of an untrained model); default: the config's train.seed.",
+                                                callback=_checked(_check_seed))] = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal; one sample only).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context per token (the book's loop).")] = False,
     device: DeviceOpt = None,
@@ -468,8 +497,18 @@ def generate(
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
     prompts = _read_prompts(prompt, prompts_file)
+    if num_samples > 1 and temperature == 0.0:
+        _err(f"warning: --num-samples {num_samples} with greedy decoding (--temperature 0) gives {num_samples} "
+             f"identical samples; give a temperature > 0 to sample")
     model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
     ids = [encode(p) for p in prompts for _ in range(num_samples)]
+    context = cfg.model.context_length
+    for i, p in enumerate(prompts):
+        n = len(ids[i * num_samples])
+        if n > context:
+            which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+            _err(f"warning: {which} has {n} tokens, the context {context}: its first {n - context} tokens are "
+                 f"dropped and it continues from its last {context}")
     optimize_for_decoding(model, len(ids))
     seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)  # the book seeds right before it samples
@@ -495,7 +534,14 @@ def generate(
 
 
 def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
-    """The prompt argument, then each non-blank line of --prompts-file."""
+    """The prompt argument (`-`: all of stdin, less one final newline), then each non-blank line of --prompts-file."""
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"prompt -: cannot read stdin ({getattr(e, 'strerror', None) or 'not UTF-8 text'})") from None
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        prompt = prompt[:-1] if prompt.endswith("\r") else prompt
     prompts = [] if prompt is None else [prompt]
     if prompts_file is not None:
         try:
