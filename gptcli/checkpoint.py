@@ -6,7 +6,10 @@ Layout of a run directory::
     RUN/step-000050/train_state.pt      optimizer, step, epoch, tokens, RNG and data position
     RUN/step-000050/config.yaml         the resolved config
     RUN/step-000050/manifest.json       sha256 and size of each file above, written last
-    RUN/latest, RUN/best                symlinks to step directories
+    RUN/latest                          symlink to the newest step directory
+    RUN/best                            the weights of the lowest validation loss measured: a symlink
+                                        to a step directory, or its own weights-only checkpoint
+                                        directory when no step checkpoint was saved at that evaluation
 
 A checkpoint is written into a hidden temporary directory (each file fsynced,
 the manifest last), then renamed into place in one atomic step, so a crash at
@@ -101,7 +104,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_weights_file(tensors, tmp / WEIGHTS)
         save_config(config, tmp / CONFIG)
         if train_state is not None:
             _torch_save(train_state, tmp / TRAIN_STATE)
@@ -123,11 +126,11 @@ def save_checkpoint(
                 os.replace(f, final / f.name)
             tmp.rmdir()
         else:
-            if final.exists():
+            if final.exists() or final.is_symlink():  # a symlink: RUN/best pointed at a step checkpoint
                 old = run_dir / f".old-{final.name}-{os.getpid()}"
                 os.replace(final, old)
                 os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+                old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
         fsync_dir(run_dir)
@@ -136,6 +139,22 @@ def save_checkpoint(
         reason = getattr(e, "strerror", None) or first_line(e)
         raise RunError(f"{final}: cannot write checkpoint ({reason}); earlier checkpoints are intact") from None
     return final
+
+
+def save_weights_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write `tensors` as safetensors, readable like every other file gptcli writes.
+
+    safetensors creates its file mode 0600; here it gets the mode ``open()`` gives a
+    new file (0666 less the umask, so 0644 under the usual umask 022).
+    """
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -298,13 +317,23 @@ def load_train_state(path: Path) -> dict[str, Any]:
 
 
 def point(run_dir: Path, name: str, target: Path) -> None:
-    """Atomically make `run_dir/name` a symlink to `target` (a directory inside `run_dir`)."""
+    """Atomically make `run_dir/name` a symlink to `target` (a directory inside `run_dir`).
+
+    A weights-only checkpoint directory of that name (RUN/best, saved at an evaluation) is
+    replaced: moved to a hidden name first, so `clean_temporaries` removes what a crash leaves.
+    """
     link = run_dir / name
     tmp = run_dir / f".tmp-link-{name}-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(target.name, tmp)
+    old = None
+    if link.is_dir() and not link.is_symlink():
+        old = run_dir / f".old-{name}-{os.getpid()}"
+        os.replace(link, old)
     os.replace(tmp, link)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     fsync_dir(run_dir)
 
 
