@@ -170,7 +170,7 @@ CheckpointOpt = Annotated[
 ]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).",
                                                 callback=_checked(_check_seed))]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of .txt files, or prepared shards.")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file (.txt, .txt.gz), JSON Lines (.jsonl, .jsonl.gz), a folder of them, or prepared shards.")]
 
 CHECKPOINTS_ROOT = Path("checkpoints")
 
@@ -277,8 +277,10 @@ class _TrainEvents:
 
     def eval(self, r: dict[str, Any]) -> None:
         self.last_val = r["val_loss"]
-        # The book's line; its step counter starts at 0 for the first optimizer step.
-        self._line(f"Ep {r['epoch']} (Step {r['step'] - 1:06d}): "
+        # The book's line; its step counter starts at 0 for the first optimizer step. The book
+        # has no evaluation of the final weights: that line says "End" instead of "Ep N".
+        where = f"End (Ep {r['epoch']}, " if r.get("final") else f"Ep {r['epoch']} ("
+        self._line(f"{where}Step {r['step'] - 1:06d}): "
                    f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}")
 
     def sample(self, epoch: int, text: str) -> None:
@@ -588,7 +590,7 @@ class _StreamPrinter:
 def eval_(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run directory (default: the newest).")] = None,
     checkpoint_opt: CheckpointOpt = None,
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this text file or folder too (repeatable).")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this file or folder too, as --data of train reads it; prepared shards: their validation split (repeatable).")] = None,
     val: Annotated[bool, typer.Option("--val/--no-val", help="Evaluate the config's validation split.")] = True,
     all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: loss against step.")] = False,
     text: Annotated[Optional[str], typer.Option(help="Score this text instead of datasets.")] = None,
@@ -846,6 +848,12 @@ class _PrepareProgress:
             print(file=sys.stderr, flush=True)
 
 
+class SplitDocs(str, Enum):
+    none = "none"
+    blank_lines = "blank-lines"
+    endoftext = "endoftext"
+
+
 @app.command()
 @_handle_errors
 def prepare(
@@ -855,15 +863,16 @@ def prepare(
     val_ratio: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of documents (chosen by hash) for validation.")] = 0.01,
     shard_mb: Annotated[float, typer.Option(min=0.001, help="Input megabytes per shard.")] = 64.0,
     field: Annotated[str, typer.Option(help="The JSON Lines field that holds the text.")] = "text",
+    split_docs: Annotated[SplitDocs, typer.Option(help="Cut text files into documents: at blank lines, or at lines holding only <|endoftext|> (default: a text file is one document).")] = SplitDocs.none,
     json_out: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus into uint16 token shards with a document-level train/validation split."""
-    from gptcli.shards import prepare as run_prepare
+    from gptcli.shards import empty_split_warnings, prepare as run_prepare
 
     render = _PrepareProgress()
     try:
         result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
-                             progress=render)
+                             split_docs=split_docs.value, progress=render)
     finally:
         render.close()
     splits = result.index["splits"]
@@ -875,8 +884,8 @@ def prepare(
          f"{summary['shards']} shards in {result.elapsed_s:.1f} s "
          f"({(summary['train_tokens'] + summary['val_tokens']) / max(result.elapsed_s, 1e-9):,.0f} tokens/s); "
          f"{result.pieces_kept} finished piece(s) kept")
-    if splits["val"]["tokens"] == 0:
-        _err("warning: no document went to validation; training needs some: raise --val-ratio or add documents")
+    for warning in empty_split_warnings(result.index):
+        _err(f"warning: {warning}")
     if json_out:
         _print_json(summary)
     else:
