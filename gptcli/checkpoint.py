@@ -7,7 +7,9 @@ Layout of a run directory::
     RUN/step-000050/config.yaml         the resolved config
     RUN/step-000050/manifest.json       sha256 and size of each file above, written last
     RUN/latest, RUN/best                symlinks to step directories (or, where symlinks
-                                        cannot be made, text files holding the step's name)
+                                        cannot be made, text files holding the step's name);
+                                        RUN/best may also be its own weights-only checkpoint
+                                        directory when no step checkpoint was saved at that evaluation
 
 A checkpoint is written into a hidden temporary directory (each file fsynced,
 the manifest last), then renamed into place in one atomic step, so a crash at
@@ -103,7 +105,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_weights_file(tensors, tmp / WEIGHTS)
         save_config(config, tmp / CONFIG)
         if train_state is not None:
             _torch_save(train_state, tmp / TRAIN_STATE)
@@ -125,11 +127,11 @@ def save_checkpoint(
                 os.replace(f, final / f.name)
             tmp.rmdir()
         else:
-            if final.exists():
+            if final.exists() or final.is_symlink():  # a symlink: RUN/best pointed at a step checkpoint
                 old = run_dir / f".old-{final.name}-{os.getpid()}"
                 os.replace(final, old)
                 os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+                old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
         fsync_dir(run_dir)
@@ -138,6 +140,22 @@ def save_checkpoint(
         reason = getattr(e, "strerror", None) or first_line(e)
         raise RunError(f"{final}: cannot write checkpoint ({reason}); earlier checkpoints are intact") from None
     return final
+
+
+def save_weights_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write `tensors` as safetensors, readable like every other file gptcli writes.
+
+    safetensors creates its file mode 0600; here it gets the mode ``open()`` gives a
+    new file (0666 less the umask, so 0644 under the usual umask 022).
+    """
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -310,6 +328,9 @@ def point(run_dir: Path, name: str, target: Path) -> None:
     A relative symlink where the filesystem allows one; otherwise (Windows without the
     symlink privilege, some network and FAT filesystems) a small text file holding the
     target's name, which `pointer_target` and every reader of `latest`/`best` follow.
+
+    A weights-only checkpoint directory of that name (RUN/best, saved at an evaluation) is
+    replaced: moved to a hidden name first, so `clean_temporaries` removes what a crash leaves.
     """
     link = run_dir / name
     tmp = run_dir / f".tmp-link-{name}-{os.getpid()}"
@@ -322,7 +343,13 @@ def point(run_dir: Path, name: str, target: Path) -> None:
             f.write(target.name + "\n")
             f.flush()
             os.fsync(f.fileno())
+    old = None
+    if link.is_dir() and not link.is_symlink():
+        old = run_dir / f".old-{name}-{os.getpid()}"
+        os.replace(link, old)
     os.replace(tmp, link)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     fsync_dir(run_dir)
 
 

@@ -227,14 +227,42 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable); beside a checkpoint a model key is refused.")
 ]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: the config's, auto).")]
+def _checked(check):
+    """A Typer callback that runs a library check on a given option value; its error becomes a usage error (exit 2)."""
+
+    def callback(value):
+        if value is not None:
+            try:
+                check(value)
+            except InputError as e:
+                raise typer.BadParameter(str(e)) from None
+        return value
+
+    return callback
+
+
+def _check_device(name: str) -> None:
+    from gptcli.device import check_device_name
+
+    check_device_name(name)
+
+
+def _check_seed(seed: int) -> None:
+    from gptcli.config import check_seed
+
+    check_seed(seed, "--seed")
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps (default: the config's, auto).",
+                                                  callback=_checked(_check_device))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, for scripts.")]
 CheckpointOpt = Annotated[
     Optional[Path],
     typer.Option("--checkpoint", help="Checkpoint or run directory (default: --config's run, else the newest under checkpoints/)."),
 ]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file, folder of .txt files, or prepared shards.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).",
+                                                callback=_checked(_check_seed))]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file (.txt, .txt.gz), JSON Lines (.jsonl, .jsonl.gz), a folder of them, or prepared shards.")]
 
 CHECKPOINTS_ROOT = Path("checkpoints")
 
@@ -316,8 +344,10 @@ class _TrainEvents:
 
     def eval(self, r: dict[str, Any]) -> None:
         self.last_val = r["val_loss"]
-        # The book's line; its step counter starts at 0 for the first optimizer step.
-        self._line(f"Ep {r['epoch']} (Step {r['step'] - 1:06d}): "
+        # The book's line; its step counter starts at 0 for the first optimizer step. The book
+        # has no evaluation of the final weights: that line says "End" instead of "Ep N".
+        where = f"End (Ep {r['epoch']}, " if r.get("final") else f"Ep {r['epoch']} ("
+        self._line(f"{where}Step {r['step'] - 1:06d}): "
                    f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}")
 
     def sample(self, epoch: int, text: str) -> None:
@@ -512,7 +542,7 @@ def loss(
 @app.command()
 @_handle_errors
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue; - reads it from stdin.")] = None,
     checkpoint: CheckpointOpt = None,
     config: ConfigOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = 50,
@@ -522,7 +552,8 @@ def generate(
     eos: Annotated[bool, typer.Option("--eos/--no-eos", help="Stop a sample at <|endoftext|>.")] = True,
     num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line, generated as one batch, printed in order.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling draws (and of an untrained model); default: the config's train.seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampling draws (and of an untrained model); default: the config's train.seed.",
+                                                callback=_checked(_check_seed))] = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal; one sample only).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context per token (the book's loop).")] = False,
     device: DeviceOpt = None,
@@ -537,8 +568,18 @@ def generate(
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
     prompts = _read_prompts(prompt, prompts_file)
+    if num_samples > 1 and temperature == 0.0:
+        _err(f"warning: --num-samples {num_samples} with greedy decoding (--temperature 0) gives {num_samples} "
+             f"identical samples; give a temperature > 0 to sample")
     model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
     ids = [encode(p) for p in prompts for _ in range(num_samples)]
+    context = cfg.model.context_length
+    for i, p in enumerate(prompts):
+        n = len(ids[i * num_samples])
+        if n > context:
+            which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+            _err(f"warning: {which} has {n} tokens, the context {context}: its first {n - context} tokens are "
+                 f"dropped and it continues from its last {context}")
     optimize_for_decoding(model, len(ids))
     seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)  # the book seeds right before it samples
@@ -564,7 +605,14 @@ def generate(
 
 
 def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
-    """The prompt argument, then each non-blank line of --prompts-file."""
+    """The prompt argument (`-`: all of stdin, less one final newline), then each non-blank line of --prompts-file."""
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"prompt -: cannot read stdin ({getattr(e, 'strerror', None) or 'not UTF-8 text'})") from None
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        prompt = prompt[:-1] if prompt.endswith("\r") else prompt
     prompts = [] if prompt is None else [prompt]
     if prompts_file is not None:
         try:
@@ -611,7 +659,7 @@ class _StreamPrinter:
 def eval_(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run directory (default: the newest).")] = None,
     checkpoint_opt: CheckpointOpt = None,
-    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this text file or folder too (repeatable).")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this file or folder too, as --data of train reads it; prepared shards: their validation split (repeatable).")] = None,
     val: Annotated[Optional[bool], typer.Option("--val/--no-val", help="Evaluate the config's validation split (default: yes; with --data only when its corpus is on disk).")] = None,
     all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: loss against step.")] = False,
     text: Annotated[Optional[str], typer.Option(help="Score this text instead of datasets.")] = None,
@@ -876,6 +924,12 @@ class _PrepareProgress:
             print(file=sys.stderr, flush=True)
 
 
+class SplitDocs(str, Enum):
+    none = "none"
+    blank_lines = "blank-lines"
+    endoftext = "endoftext"
+
+
 @app.command()
 @_handle_errors
 def prepare(
@@ -885,15 +939,16 @@ def prepare(
     val_ratio: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of documents (chosen by hash) for validation.")] = 0.01,
     shard_mb: Annotated[float, typer.Option(min=0.001, help="Input megabytes per shard.")] = 64.0,
     field: Annotated[str, typer.Option(help="The JSON Lines field that holds the text.")] = "text",
+    split_docs: Annotated[SplitDocs, typer.Option(help="Cut text files into documents: at blank lines, or at lines holding only <|endoftext|> (default: a text file is one document).")] = SplitDocs.none,
     json_out: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus into uint16 token shards with a document-level train/validation split."""
-    from gptcli.shards import prepare as run_prepare
+    from gptcli.shards import empty_split_warnings, prepare as run_prepare
 
     render = _PrepareProgress()
     try:
         result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
-                             progress=render)
+                             split_docs=split_docs.value, progress=render)
     finally:
         render.close()
     splits = result.index["splits"]
@@ -905,8 +960,8 @@ def prepare(
          f"{summary['shards']} shards in {result.elapsed_s:.1f} s "
          f"({(summary['train_tokens'] + summary['val_tokens']) / max(result.elapsed_s, 1e-9):,.0f} tokens/s); "
          f"{result.pieces_kept} finished piece(s) kept")
-    if splits["val"]["tokens"] == 0:
-        _err("warning: no document went to validation; training needs some: raise --val-ratio or add documents")
+    for warning in empty_split_warnings(result.index):
+        _err(f"warning: {warning}")
     if json_out:
         _print_json(summary)
     else:

@@ -25,6 +25,16 @@ class ConfigError(InputError):
     """A config value is unknown, of the wrong type or out of range."""
 
 
+# torch.manual_seed takes what fits 64 bits, signed or unsigned; anything else is its RuntimeError.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: int, where: str) -> None:
+    """Raise ConfigError, naming `where` (a flag or config key), for a seed torch cannot take."""
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"{where}: a seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {seed}")
+
+
 @dataclass
 class ModelConfig:
     # Defaults are the book's GPT_CONFIG_124M with the chapter-5 context of 256.
@@ -128,6 +138,7 @@ class TrainConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"  # wrapper when launched with torchrun
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "train.seed")
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "eval_freq", "log_every", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gptcli.config import DataConfig
 from gptcli.download import Progress, download, sha256_file
 from gptcli.errors import InputError, RunError
-from gptcli.shards import INDEX, ShardTokens, is_prepared, read_index
+from gptcli.shards import INDEX, ShardTokens, is_prepared, read_document_texts, read_index
 from gptcli.tokenizer import END_OF_TEXT, encode
 
 DEFAULT_CORPUS = "data/the-verdict.txt"
@@ -51,35 +51,23 @@ def ensure_default_corpus(path: Path, progress: Progress | None = None) -> None:
         ) from None
 
 
-def read_corpus(path: Path) -> str:
-    """The text of a UTF-8 file, or of every .txt file below a folder (sorted, joined by <|endoftext|>).
+def read_corpus(path: Path, field: str = "text") -> str:
+    """The text of a file or folder, its documents joined by <|endoftext|>.
+
+    Reads what ``gptcli prepare`` reads, with the same reader (shards.read_document_texts):
+    text files (also ``.txt.gz``), JSON Lines (``.jsonl``, ``.jsonl.gz``; the `field`
+    of each record is a document) and folders of them, sorted, hidden entries skipped;
+    a UTF-8 byte order mark is dropped.
 
     Raises:
-        InputError: the path is missing, empty, not UTF-8, or a folder without .txt files.
+        InputError: the path is missing, empty, not UTF-8, or a folder without such files.
     """
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise InputError(f"{path}: folder has no .txt files")
-        return END_OF_TEXT.join(_read_text_file(p) for p in files)
-    return _read_text_file(path)
-
-
-def _read_text_file(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: data file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    if not raw.strip():
+    if not path.exists():
+        raise InputError(f"{path}: data file not found")
+    text = END_OF_TEXT.join(read_document_texts(path, field))
+    if not text.strip():
         raise InputError(f"{path}: data file is empty")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    return text
 
 
 def split_text(text: str, train_ratio: float) -> tuple[str, str]:

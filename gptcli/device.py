@@ -11,16 +11,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     Raises:
         InputError: the name is unknown or that device is not available here.
     """
+    check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {name!r}: unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: CUDA is not available on this machine")
@@ -32,3 +30,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise InputError(f"--device {name!r}: unsupported device type (use auto, cpu, cuda or mps)")
     return device
+
+
+def check_device_name(name: str) -> None:
+    """Raise InputError unless `name` spells a device gptcli can use (availability is not checked).
+
+    torch accepts ``cpu:1`` and ``mps:1`` but has one CPU device and one MPS device,
+    so any index other than 0 would be dropped without a word; an empty name is
+    refused here, not taken as "not given".
+    """
+    if not name or name != name.strip():
+        raise InputError(f"--device {name!r}: empty or padded device name (use auto, cpu, cuda, cuda:N or mps)")
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r}: unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type in ("cpu", "mps") and device.index not in (None, 0):
+        raise InputError(f"--device {name}: there is one {device.type} device; use {device.type}")

@@ -35,6 +35,7 @@ from gptcli.device import resolve_device
 from gptcli.errors import InputError, RunError
 from gptcli.loss import cross_entropy
 from gptcli.model import GPTModel, load_state_dict
+from gptcli.shards import ShardTokens, is_prepared, read_index
 from gptcli.tokenizer import decode, encode, get_tokenizer
 
 
@@ -172,7 +173,8 @@ def token_byte_lengths() -> torch.Tensor:
 
 
 def file_windows(path: str | Path, context_length: int) -> TokenWindows:
-    """The book's windows (stride = context length) over a whole text file or folder of .txt files.
+    """The book's windows (stride = context length) over a whole text file, JSON Lines file or
+    folder of them (read as `gptcli prepare` reads them), or the validation split of a prepared folder.
 
     Tokens after the last full window are not scored, as in the book's loaders; a
     text shorter than one window is scored as one shorter window.
@@ -180,7 +182,10 @@ def file_windows(path: str | Path, context_length: int) -> TokenWindows:
     Raises:
         InputError: the file cannot be read or has fewer than two tokens.
     """
-    tokens = torch.tensor(encode(read_corpus(Path(path))), dtype=torch.long)
+    if is_prepared(Path(path)):  # the split a prepared folder holds out for evaluation
+        tokens = ShardTokens(Path(path), "val", read_index(Path(path)))
+    else:
+        tokens = torch.tensor(encode(read_corpus(Path(path))), dtype=torch.long)
     if len(tokens) < 2:
         raise InputError(f"{path}: {len(tokens)} token(s); scoring needs at least 2")
     length = min(context_length, len(tokens) - 1)
@@ -200,7 +205,8 @@ def eval_datasets(cfg: Config, data: Sequence[str | Path] = (), val: bool = True
     if val:
         splits = load_splits(cfg.data, ctx)
         datasets.append((f"val ({Path(splits.source).name})", splits.val))
-    datasets += [(str(path), file_windows(path, ctx)) for path in data]
+    datasets += [(f"{path} (validation split)" if is_prepared(Path(path)) else str(path), file_windows(path, ctx))
+                 for path in data]
     return datasets
 
 
@@ -244,7 +250,7 @@ def model_from_checkpoint(ckpt: Checkpoint, device: str | None = None) -> GPTMod
     try:
         load_state_dict(model, ckpt.weights)
     except ValueError as e:
-        raise RunError(f"{ckpt.path}: weights do not fit the model ({e})") from None
+        raise RunError(f"{ckpt.path}: the weights do not fit the checkpoint's config.yaml ({e})") from None
     return model.to(dev).eval()
 
 

@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import codecs
+import math
 from typing import Callable
 
 import torch
@@ -50,17 +51,25 @@ def check_sampling(
     """Raise InputError, naming the command-line flag, for a sampling argument out of range.
 
     `top_k` is checked against `vocab_size` when that is given, else only for >= 1.
+    With `vocab_size` given, `top_k` and `top_p` are refused at temperature 0: greedy decoding ignores them.
     """
     if max_new_tokens < 0:
         raise InputError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0.0:  # also refuses NaN
-        raise InputError(f"--temperature: must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 <= temperature < math.inf:  # also refuses NaN
+        raise InputError(f"--temperature: must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise InputError(f"--top-k: must be >= 1, got {top_k}")
     if top_k is not None and vocab_size is not None and top_k > vocab_size:
         raise InputError(f"--top-k: must be at most the vocabulary size {vocab_size}, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise InputError(f"--top-p: must be in (0, 1], got {top_p}")
+    # Greedy decoding takes the most likely token, which every top-k and top-p filter keeps:
+    # the flag would be ignored, so it is refused instead (once the range checks above are
+    # complete, i.e. with `vocab_size`, so an out-of-range --top-k is reported as such).
+    for flag, value in (("--top-k", top_k), ("--top-p", top_p)):
+        if value is not None and temperature == 0.0 and vocab_size is not None:
+            raise InputError(f"{flag}: has no effect with --temperature 0 (greedy decoding); "
+                             f"give a temperature > 0 to sample, or drop {flag}")
 
 
 def sample_next(

@@ -348,9 +348,10 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
         problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    for key in sorted(set(own) & set(sd)):
-        if padded[key].shape != own[key].shape:
-            problems.append(f"{key}: shape {tuple(sd[key].shape)} in the file, {tuple(own[key].shape)} in the model")
+    shapes = [f"{key}: shape {tuple(sd[key].shape)} in the file, {tuple(own[key].shape)} in the model"
+              for key in sorted(set(own) & set(sd)) if padded[key].shape != own[key].shape]
+    if shapes:  # a wrong width mismatches nearly every tensor: the first few say enough
+        problems += shapes[:3] + ([f"{len(shapes) - 3} more tensors of other shapes"] if len(shapes) > 3 else [])
     if problems:
         raise ValueError("; ".join(problems))
     gpt.load_state_dict(padded, strict=True)

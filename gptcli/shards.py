@@ -8,9 +8,10 @@ Layout of a prepared directory::
     OUT/train-000000.docs.npy   uint64 offsets (within the shard) where documents start
     OUT/val-000000.bin, ...     the same for the validation documents
 
-Documents. A text file (``.txt``, ``.txt.gz``) is one document; each line of a
-JSON Lines file (``.jsonl``, ``.jsonl.gz``) is one, its text in a string field
-(``text``). A document goes to validation when the first 8 bytes of the sha256
+Documents. A text file (``.txt``, ``.txt.gz``) is one document, unless
+`split_docs` cuts it into several: at blank lines (``blank-lines``) or at lines
+holding only ``<|endoftext|>`` (``endoftext``); each line of a JSON Lines file
+(``.jsonl``, ``.jsonl.gz``) is one, its text in a string field (``text``). A document goes to validation when the first 8 bytes of the sha256
 of its UTF-8 text, read as a fraction of 2**64, fall below `val_ratio`: the split
 depends on the document alone, so adding files moves no document, and identical
 documents always land on the same side.
@@ -60,7 +61,7 @@ import numpy as np
 
 from gptcli.download import fsync_dir, sha256_file
 from gptcli.errors import InputError, RunError
-from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
+from gptcli.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, get_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -72,9 +73,11 @@ PARTIAL = ".partial"
 SPLITS = ("train", "val")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+BOM = "\ufeff"  # a UTF-8 byte order mark, which some editors write first
 READ_BLOCK = 1 << 20  # bytes read from a file at a time
 TASK_CHARS = 1 << 18  # characters per tokenizer task: small enough to spread, big enough to amortise
 SAFE_CUT = re.compile(r"\S[ \n]")  # a cut goes between the two characters (see the module docstring)
+SPLIT_DOCS = ("none", "blank-lines", "endoftext")  # how a text file is cut into documents
 SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(bin|docs\.npy)$")
 
 Progress = Callable[[int, int, int], None]  # (input bytes done, input bytes total, tokens written)
@@ -109,7 +112,8 @@ class Segment:
 
 
 def find_sources(inputs: list[Path]) -> list[Source]:
-    """The input files: each file as given, and the supported files below each folder (sorted).
+    """The input files: each file as given, and the supported files below each folder (sorted),
+    skipping hidden files and folders (names starting with '.': .git, editor backups, ...).
 
     Raises:
         InputError: an input is missing, a file cannot be read, or there is no input file at all.
@@ -117,7 +121,8 @@ def find_sources(inputs: list[Path]) -> list[Source]:
     paths: list[Path] = []
     for given in inputs:
         if given.is_dir():
-            paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+            paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+                            and not any(part.startswith(".") for part in p.relative_to(given).parts))
         elif given.exists():
             paths.append(given)
         else:
@@ -143,13 +148,13 @@ def find_sources(inputs: list[Path]) -> list[Source]:
     return sources
 
 
-def plan_pieces(sources: list[Source], shard_bytes: int) -> list[list[Segment]]:
+def plan_pieces(sources: list[Source], shard_bytes: int, split_docs: str = "none") -> list[list[Segment]]:
     """Group the sources, in order, into pieces of about `shard_bytes` input bytes."""
     pieces: list[list[Segment]] = []
     current: list[Segment] = []
     size = 0
     for source in sources:
-        for seg in _segments(source, shard_bytes):
+        for seg in _segments(source, shard_bytes, split_docs):
             if current and size + seg.end - seg.start > shard_bytes:
                 pieces.append(current)
                 current, size = [], 0
@@ -160,14 +165,16 @@ def plan_pieces(sources: list[Source], shard_bytes: int) -> list[list[Segment]]:
     return pieces
 
 
-def _segments(source: Source, shard_bytes: int) -> list[Segment]:
+def _segments(source: Source, shard_bytes: int, split_docs: str = "none") -> list[Segment]:
     if source.gz or source.size <= shard_bytes:
         return [Segment(source, 0, source.size)]
-    digest = None if source.jsonl else _document_digest(source)
+    many = not source.jsonl and split_docs != "none"  # a text file of several documents
+    digest = None if source.jsonl or many else _document_digest(source)
     cuts = [0]
     with open(source.path, "rb") as f:
         while cuts[-1] + shard_bytes < source.size:
-            cut = _cut_after(f, cuts[-1] + shard_bytes, source.jsonl)
+            cut = _cut_between_docs(f, cuts[-1] + shard_bytes, split_docs) if many else \
+                _cut_after(f, cuts[-1] + shard_bytes, source.jsonl)
             if cut >= source.size:
                 break
             cuts.append(cut)
@@ -192,6 +199,23 @@ def _cut_after(f, offset: int, jsonl: bool) -> int:
         pos += len(block) - 1
         f.seek(pos)
     return f.seek(0, io.SEEK_END)
+
+
+def _is_separator(line: bytes, split_docs: str) -> bool:
+    """Whether a line of a text file ends a document under `split_docs`."""
+    if split_docs == "blank-lines":
+        return not line.strip()
+    return split_docs == "endoftext" and line.strip() == END_OF_TEXT.encode()
+
+
+def _cut_between_docs(f, offset: int, split_docs: str) -> int:
+    """The byte position after the first separator line that starts at or after `offset`."""
+    f.seek(offset - 1)
+    f.readline()  # the rest of the line `offset` falls in
+    while line := f.readline():
+        if _is_separator(line, split_docs):
+            return f.tell()
+    return f.tell()
 
 
 def _open(source: Source):
@@ -253,12 +277,16 @@ def _reading(source: Source):
         raise InputError(f"{source.path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
-def _text_parts(seg: Segment, val_ratio: float) -> Iterator[_Part]:
+def _split_of(digest: Callable[[], bytes], val_ratio: Optional[float]) -> str:
+    """The split of a document (`digest` is called only when there is a split to make)."""
+    return "val" if val_ratio is not None and is_validation(digest(), val_ratio) else "train"
+
+
+def _text_parts(seg: Segment, val_ratio: Optional[float]) -> Iterator[_Part]:
     source = seg.source
     if source.size == 0:
         return
-    digest = seg.digest or _document_digest(source)
-    split = "val" if is_validation(bytes.fromhex(digest), val_ratio) else "train"
+    split = _split_of(lambda: bytes.fromhex(seg.digest or _document_digest(source)), val_ratio)
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     first, ends = seg.start == 0, seg.end == source.size
     pending, offset, done = "", seg.start, 0
@@ -273,6 +301,8 @@ def _text_parts(seg: Segment, val_ratio: float) -> Iterator[_Part]:
                 pending += decoder.decode(block)
             except UnicodeDecodeError as e:
                 raise InputError(f"{source.path}: not UTF-8 text (invalid byte at offset {offset + e.start})") from None
+            if offset == 0:
+                pending = pending.removeprefix(BOM)  # a byte order mark is no text to train on
             offset += len(block)
             done += 0 if source.gz else len(block)
             chunks, pending = cut_text(pending)
@@ -287,7 +317,7 @@ def _text_parts(seg: Segment, val_ratio: float) -> Iterator[_Part]:
         yield _Part(split, pending, first, ends, done)
 
 
-def _jsonl_parts(seg: Segment, val_ratio: float, field: str) -> Iterator[_Part]:
+def _jsonl_parts(seg: Segment, val_ratio: Optional[float], field: str) -> Iterator[_Part]:
     source = seg.source
     offset = seg.start
     with _reading(source) as f:
@@ -297,7 +327,7 @@ def _jsonl_parts(seg: Segment, val_ratio: float, field: str) -> Iterator[_Part]:
             if line.strip():
                 text = _record_text(line, field, source, seg, lineno)
                 if text:
-                    split = "val" if is_validation(hashlib.sha256(text.encode("utf-8")).digest(), val_ratio) else "train"
+                    split = _split_of(lambda: hashlib.sha256(text.encode("utf-8")).digest(), val_ratio)
                     chunks, rest = cut_text(text) if len(text) > TASK_CHARS else ([], text)
                     for i, chunk in enumerate(chunks):
                         yield _Part(split, chunk, i == 0, False, 0)
@@ -313,6 +343,8 @@ def _record_text(line: bytes, field: str, source: Source, seg: Segment, lineno: 
         before = _count_lines(source.path, seg.start) if seg.start else 0
         return f"{source.path}:{before + lineno}"
 
+    if seg.start == 0 and lineno == 1:
+        line = line.removeprefix(BOM.encode("utf-8"))
     try:
         record = json.loads(line)
     except ValueError as e:
@@ -334,10 +366,72 @@ def _count_lines(path: Path, end: int) -> int:
     return n
 
 
-def _piece_parts(piece: list[Segment], val_ratio: float, field: str) -> Iterator[_Part]:
+def read_document_texts(path: Path, field: str = "text") -> list[str]:
+    """The documents of a file or folder, read as `prepare` reads them (one reader for both).
+
+    A text file (``.txt``, ``.txt.gz``, or any file named directly) is one document,
+    each JSON Lines record another; folders are searched as `find_sources` does
+    (hidden entries skipped); a leading byte order mark is dropped.
+
+    Raises:
+        InputError: a file is missing, unreadable, not UTF-8, or a record lacks `field`.
+    """
+    docs: list[str] = []
+    for source in find_sources([path]):
+        seg = Segment(source, 0, source.size)
+        parts = _jsonl_parts(seg, None, field) if source.jsonl else _text_parts(seg, None)
+        doc: list[str] = []
+        for part in parts:
+            doc.append(part.text)
+            if part.ends_doc:
+                docs.append("".join(doc))
+                doc = []
+        if doc:
+            docs.append("".join(doc))
+    return docs
+
+
+def _doc_parts(seg: Segment, val_ratio: Optional[float], split_docs: str) -> Iterator[_Part]:
+    """The documents of a text file segment cut at separator lines (`split_docs`), each split by its hash."""
+    source = seg.source
+    lines: list[bytes] = []
+    start = offset = seg.start
+
+    def document() -> Iterator[_Part]:
+        raw = b"".join(lines)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{source.path}: not UTF-8 text (invalid byte at offset {start + e.start})") from None
+        text = (text.removeprefix(BOM) if start == 0 else text).strip("\r\n")
+        if not text.strip():
+            return
+        split = _split_of(lambda: hashlib.sha256(text.encode("utf-8")).digest(), val_ratio)
+        chunks, rest = cut_text(text) if len(text) > TASK_CHARS else ([], text)
+        for i, chunk in enumerate(chunks):
+            yield _Part(split, chunk, i == 0, False, 0)
+        yield _Part(split, rest, not chunks, True, 0 if source.gz else len(raw))
+
+    with _reading(source) as f:
+        f.seek(seg.start)
+        for line in f:
+            offset += len(line)
+            if _is_separator(line, split_docs):
+                yield from document()
+                lines, start = [], offset
+            else:
+                lines.append(line)
+            if offset >= seg.end and not source.gz:
+                break
+    yield from document()
+
+
+def _piece_parts(piece: list[Segment], val_ratio: float, field: str, split_docs: str = "none") -> Iterator[_Part]:
     for seg in piece:
         if seg.source.jsonl:
             yield from _jsonl_parts(seg, val_ratio, field)
+        elif split_docs != "none":
+            yield from _doc_parts(seg, val_ratio, split_docs)
         else:
             yield from _text_parts(seg, val_ratio)
 
@@ -458,6 +552,7 @@ def prepare(
     val_ratio: float = 0.01,
     shard_mb: float = 64,
     field: str = "text",
+    split_docs: str = "none",
     progress: Optional[Progress] = None,
 ) -> PrepareResult:
     """Tokenize text files, folders, .txt.gz and JSON Lines into uint16 token shards under `out`.
@@ -469,6 +564,8 @@ def prepare(
         val_ratio: the fraction of documents, by hash, that go to validation.
         shard_mb: input megabytes per piece (one train and one val shard each).
         field: the text field of JSON Lines records.
+        split_docs: cut each text file into documents at blank lines ("blank-lines") or at
+            lines holding only <|endoftext|> ("endoftext"); "none": a text file is one document.
         progress: called with (input bytes done, input bytes total, tokens written).
 
     Raises:
@@ -482,14 +579,16 @@ def prepare(
         raise InputError(f"--val-ratio: must be in [0, 1), got {val_ratio}")
     if shard_mb <= 0 or workers < 1:
         raise InputError("--shard-mb and --workers: must be positive")
+    if split_docs not in SPLIT_DOCS:
+        raise InputError(f"--split-docs: one of {', '.join(SPLIT_DOCS)}, got {split_docs!r}")
     encoding = get_tokenizer()
     if encoding.n_vocab > np.iinfo(np.uint16).max + 1:
         raise InputError(f"tokenizer {encoding.name}: its {encoding.n_vocab} token ids do not fit uint16 shards (at most 65536)")
     sources = find_sources(inputs)
     _check_out(out)
-    pieces = plan_pieces(sources, max(int(shard_mb * 1e6), 1))
+    pieces = plan_pieces(sources, max(int(shard_mb * 1e6), 1), split_docs)
     options = {"val_ratio": val_ratio, "field": field, "tokenizer": encoding.name, "vocab_size": encoding.n_vocab,
-               "version": VERSION}
+               "version": VERSION, **({"split_docs": split_docs} if split_docs != "none" else {})}
     created = not out.exists()
     try:
         (out / PARTIAL).mkdir(parents=True, exist_ok=True)
@@ -572,7 +671,7 @@ def _tokenize_piece(piece, k, out, pool, workers, encoding, options, advance) ->
             advance(sum(part.nbytes for part in task), sum(len(arr) for arr in future.result()))
 
     try:
-        for task in _tasks(_piece_parts(piece, options["val_ratio"], options["field"])):
+        for task in _tasks(_piece_parts(piece, options["val_ratio"], options["field"], options.get("split_docs", "none"))):
             pending.append((task, pool.submit(_encode_task, encoding, task)))
             drain(2 * workers)  # bounded: at most 2 tasks per worker in flight
         drain(0)
@@ -605,6 +704,7 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
         "split_rule": "sha256(document UTF-8)[:8] / 2**64 < val_ratio -> val",
         "val_ratio": options["val_ratio"],
         "field": options["field"],
+        "split_docs": options.get("split_docs", "none"),
         "sources": {"files": len(sources), "bytes": sum(x.size for x in sources)},
         "splits": splits,
         "pieces": [{"piece": r["piece"], "spec": r["spec"], "train": r["train"], "val": r["val"]} for r in records],
@@ -620,6 +720,30 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
     except OSError as e:
         raise RunError(f"{out}: cannot write the index ({e.strerror})") from None
     return index
+
+
+def empty_split_warnings(index: dict[str, Any]) -> list[str]:
+    """A warning for each split of a prepared index that holds no token, with advice that can help.
+
+    With few documents and text files not cut into documents, the advice is --split-docs:
+    no --val-ratio can split one document.
+    """
+    splits, ratio = index["splits"], index["val_ratio"]
+    documents = splits["train"]["documents"] + splits["val"]["documents"]
+    if documents == 0:
+        return ["no documents at all: the inputs hold no text"]
+    if documents < 10 and index.get("split_docs", "none") == "none":
+        advice = (f"there are only {documents} document(s) (a text file is one document); cut text files into "
+                  f"documents with --split-docs blank-lines (or endoftext), or add documents")
+    else:
+        advice = {"val": f"raise --val-ratio (now {ratio}) or add documents",
+                  "train": f"lower --val-ratio (now {ratio}) or add documents"}
+    warnings = []
+    for split, name in (("train", "training"), ("val", "validation")):
+        if splits[split]["tokens"] == 0:
+            tip = advice if isinstance(advice, str) else advice[split]
+            warnings.append(f"the {name} split is empty (all {documents} document(s) went to the other); {tip}")
+    return warnings
 
 
 # ---------------------------------------------------------------- reading shards

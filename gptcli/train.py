@@ -279,16 +279,24 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                     "val_loss": last_eval.get("val_loss"), "train_loss": last_eval.get("train_loss")}
             path = save_checkpoint(run_dir, step_dir_name(step), trim_vocab(model_sd, cfg.model), cfg, state, meta)
             point(run_dir, "latest", path)
-            val = last_eval.get("val_loss")
-            if val is not None and math.isfinite(val) and (val <= saved_best[0] or not (run_dir / "best").exists()):
-                saved_best[0] = val
+            if best_at[0] == step:  # these are the weights of the lowest validation loss measured
                 point(run_dir, "best", path)
             prune(run_dir, t.keep_last)
             events.checkpoint(path)
         barrier(info)
         return path
 
-    saved_best = [best_val]
+    def save_best() -> None:
+        """RUN/best: the weights of this step, which set a new lowest validation loss (weights only)."""
+        check_deferred()
+        model_sd, _ = full_state(wrapped, optimizer)
+        if info.is_main:
+            meta = {"step": step, "epoch": epoch_number, "tokens_seen": tokens_seen, "reason": "best",
+                    "val_loss": last_eval["val_loss"], "train_loss": last_eval["train_loss"]}
+            save_checkpoint(run_dir, "best", trim_vocab(model_sd, cfg.model), cfg, None, meta)
+        barrier(info)
+
+    best_at = [None]  # the step whose evaluation set the lowest validation loss in this session
     reduce = all_reduce_sum if info.enabled else None
     stop = _StopSignals()
     t_start = time.perf_counter()
@@ -368,22 +376,32 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 metrics.write(record)
                 events.log(record)
                 t_log, tokens_at_log = now, tokens_seen
-            # ---- evaluate (the book: after the first step and every eval_freq steps)
+            # ---- evaluate (the book: after the first step and every eval_freq steps; we also
+            # evaluate the final weights, which the book does not)
             t_pause = time.perf_counter()
-            if (step - 1) % t.eval_freq == 0:
+            final = step == total_steps and (step - 1) % t.eval_freq != 0
+            if (step - 1) % t.eval_freq == 0 or final:
+                # The final evaluation leaves the RNG as it found it: its training-loader draws
+                # would otherwise change what a run extended by --resume trains on.
+                rng_before = _get_rng(device, info) if final else None
                 train_eval = evaluate_loss(wrapped, train_eval_loader, device, t.eval_iter, autocast, reduce)
                 val_eval = evaluate_loss(wrapped, val_loader, device, t.eval_iter, autocast, reduce)
+                if rng_before is not None:
+                    _set_rng(rng_before, device, info, t.seed + step)
                 last_eval = {
                     "event": "eval", "step": step, "epoch": epoch_number, "epoch_progress": epoch_progress,
                     "tokens_seen": tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"],
                     "lr": lr, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                    **({"final": True} if final else {}),
                 }
                 if info.is_main:
                     metrics.write(last_eval)
                     events.eval(last_eval)
                     report.render(run_dir)
-                if math.isfinite(val_eval["loss"]):
-                    best_val = min(best_val, val_eval["loss"])
+                if math.isfinite(val_eval["loss"]) and val_eval["loss"] < best_val:
+                    best_val, best_at[0] = val_eval["loss"], step
+                    if not (step == total_steps or (t.save_every and step % t.save_every == 0)):
+                        save_best()  # no step checkpoint will hold these weights
             # ---- a greedy sample after each epoch, as the book prints
             for epoch in finished_epochs:
                 if t.sample_tokens > 0:

@@ -14,6 +14,7 @@ read it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,10 +27,9 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from gptcli import download as dl
-from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, verify_checkpoint
+from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file, verify_checkpoint
 from gptcli.config import Config, ModelConfig
 from gptcli.download import fsync_dir
 from gptcli.errors import InputError, RunError, first_line
@@ -210,6 +210,12 @@ def from_gpt2_state_dict(
             out[f"trf_blocks.{i}.att.{w}.weight"] = weight[:, j * c:(j + 1) * c].t().contiguous()
             out[f"trf_blocks.{i}.att.{w}.bias"] = bias[j * c:(j + 1) * c].clone()
     out["out_head.weight"] = out["tok_emb.weight"].clone() if tied else get("lm_head.weight")
+    if not cfg.qkv_bias:  # exported with zero biases (to_gpt2_state_dict): only zeros compute the same function
+        for i in range(cfg.n_layers):
+            for w in QKV:
+                bias = out.pop(f"trf_blocks.{i}.att.{w}.bias")
+                if bias.any():
+                    raise InputError(f"{where}: h.{i}.attn.c_attn.bias is not zero, but the config says qkv_bias false")
     return out
 
 
@@ -250,6 +256,7 @@ def gpt2_config(
 # the tanh approximation (gelu_new and gelu_fast are the same formula written twice).
 HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+GPTCLI_KEY = "gptcli"  # config.json: the model fields of a gptcli export that GPT-2's config has no name for
 
 
 def config_from_hf(hf: dict[str, Any], where: str) -> Config:
@@ -275,12 +282,16 @@ def config_from_hf(hf: dict[str, Any], where: str) -> Config:
         for ok, what in checks:
             if not ok:
                 raise InputError(f"{where}: {what} is not supported by gptcli's model")
-        return gpt2_config(
+        cfg = gpt2_config(
             emb_dim=emb, n_layers=int(hf.get("n_layer", 12)), n_heads=int(hf.get("n_head", 12)),
             context_length=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
             vocab_size=int(hf.get("vocab_size", 50257)), gelu=HF_GELU[act],
             drop_rate=float(hf.get("resid_pdrop", 0.1)),
         )
+        ours = hf.get(GPTCLI_KEY) or {}
+        if not isinstance(ours, dict) or set(ours) - {"qkv_bias", "impl"}:
+            raise InputError(f"{where}: {GPTCLI_KEY!r} holds {ours!r}; expected qkv_bias and impl")
+        return Config(model=dataclasses.replace(cfg.model, **ours))
     except (TypeError, ValueError) as e:  # a malformed number, or ModelConfig's own checks
         raise InputError(f"{where}: {first_line(e)}") from None
 
@@ -309,6 +320,9 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "eos_token_id": END_OF_TEXT_ID if cfg.vocab_size > END_OF_TEXT_ID else None,
         "tie_word_embeddings": False,  # our output head is its own matrix
         "torch_dtype": "float32",
+        # What GPT2Config cannot say, so that `gptcli import` gives back this model's config
+        # (transformers keeps unknown keys as attributes and ignores them).
+        GPTCLI_KEY: {"qkv_bias": cfg.qkv_bias, "impl": cfg.impl},
     }
 
 
@@ -683,6 +697,10 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         raise InputError(f"{out}: exists; pass --overwrite to replace it")
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config.model
+    try:
+        check_fits(ckpt.weights, cfg, str(ckpt.path / "model.safetensors"))
+    except InputError as e:
+        raise RunError(f"{e} (the weights do not fit the checkpoint's config.yaml)") from None
     # GPT2LMHeadModel's names: the body under "transformer.", the head beside it.
     tensors = {(k if k == "lm_head.weight" else f"transformer.{k}"): v.contiguous()
                for k, v in to_gpt2_state_dict(ckpt.weights, cfg).items()}
@@ -692,7 +710,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_weights_file(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(encoder_json, tmp / "vocab.json")
         shutil.copyfile(vocab_bpe, tmp / "merges.txt")

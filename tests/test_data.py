@@ -91,7 +91,7 @@ def test_missing_and_too_short(tmp_path):
     with pytest.raises(InputError, match=r"validation split has \d+ tokens, one window needs 33"):
         data.load_splits(DataConfig(path=str(short)), 32)
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(InputError, match="no .txt files"):
+    with pytest.raises(InputError, match="holds no .txt"):
         data.load_splits(DataConfig(path=str(tmp_path / "empty_dir")), 32)
 
 

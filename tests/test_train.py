@@ -68,6 +68,8 @@ def test_book_exact_equals_train_model_simple(verdict, tiktoken_offline, tmp_pat
     events = Recorder()
     summary = train(cfg, tmp_path / "run", events=events)
     # (both lines) the same float32 ops in the same order; 1e-6 allows only for averaging batch losses in float64
+    assert events.evals[-1].get("final")  # the final weights' evaluation, which the book does not have
+    events.evals = [e for e in events.evals if not e.get("final")]
     assert [e["train_loss"] for e in events.evals] == pytest.approx(book_train, abs=1e-6, rel=0)
     assert [e["val_loss"] for e in events.evals] == pytest.approx(book_val, abs=1e-6, rel=0)
     assert [e["tokens_seen"] for e in events.evals] == book_tokens
@@ -214,7 +216,8 @@ def test_metrics_csv_and_plot_agree_and_plot_redraws(cli, verdict, tmp_path):
                 # the CSV holds the JSON value's decimal digits: only their float64 parsing
                 assert float(row[key]) == pytest.approx(e[key], rel=1e-12)
     evals = [e for e in events if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [1, 6, 11]  # the book's cadence: after step 1, then every 5
+    # The book's cadence (after step 1, then every 5), then the final weights (issue 12 finding 13).
+    assert [e["step"] for e in evals] == [1, 6, 11, 12]
     assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, 13))
     assert summary["val_loss"] == evals[-1]["val_loss"]
     plot = run / "losses.png"
