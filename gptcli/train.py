@@ -237,6 +237,10 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         pos = _Position(state["epoch"], state["windows_done"], state["epoch_seed"])
         best_val = state.get("best_val_loss", math.inf)
         last_eval = state.get("last_eval", {})
+        if splits.sources:  # a mixture: the position in every source
+            if "mixture" not in state:
+                raise InputError(f"--resume {ckpt.path}: the checkpoint holds no mixture positions; data.path was not a list then")
+            sampler.load_state(state["mixture"])
         rng = state["rng"]
         restore_rng = lambda: _set_rng(rng, device, info, t.seed + step)  # noqa: E731
         if pos.windows_done == 0:
@@ -271,6 +275,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 "epoch": pos.epoch, "windows_done": pos.windows_done, "epoch_seed": pos.seed,
                 "rng": rng_state, "best_val_loss": best_val, "last_eval": last_eval,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                **({"mixture": sampler.state()} if splits.sources else {}),
             }
             meta = {"step": step, "epoch": pos.epoch, "tokens_seen": tokens_seen, "reason": reason,
                     "val_loss": last_eval.get("val_loss"), "train_loss": last_eval.get("train_loss")}
@@ -369,11 +374,16 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             t_pause = time.perf_counter()
             if (step - 1) % t.eval_freq == 0:
                 train_eval = evaluate_loss(wrapped, train_eval_loader, device, t.eval_iter, autocast, reduce)
-                val_eval = evaluate_loss(wrapped, val_loader, device, t.eval_iter, autocast, reduce)
+                by_source = _source_losses(wrapped, splits, t, info, pin, device, autocast, reduce)
+                if by_source:  # a mixture: the overall loss weighs each source's as the mixture does
+                    val_eval = {"loss": sum(w * by_source[n] for n, w, _ in splits.sources) / sum(w for _, w, _ in splits.sources)}
+                else:
+                    val_eval = evaluate_loss(wrapped, val_loader, device, t.eval_iter, autocast, reduce)
                 last_eval = {
                     "event": "eval", "step": step, "epoch": epoch_number, "epoch_progress": epoch_progress,
                     "tokens_seen": tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"],
                     "lr": lr, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                    **({"val_loss_by_source": by_source} if by_source else {}),
                 }
                 if info.is_main:
                     metrics.write(last_eval)
@@ -411,6 +421,15 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         "checkpoint": str(run_dir / step_dir_name(step)), "elapsed_s": elapsed,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,
     }
+
+
+def _source_losses(model, splits: Splits, t, info, pin, device, autocast, reduce) -> dict[str, float]:
+    """Validation loss of each source of a mixture ({} for a single corpus)."""
+    out = {}
+    for name, _, windows in splits.sources:
+        loader = make_loader(windows, t.batch_size, False, False, info.rank, info.world_size, "stride", pin)
+        out[name] = evaluate_loss(model, loader, device, t.eval_iter, autocast, reduce)["loss"]
+    return out
 
 
 def _nonfinite(value: float, at_step: int, run_dir: Path, last_saved_step: int, what: str) -> RunError:
