@@ -50,6 +50,7 @@ from gptcli.checkpoint import (
 from gptcli.config import SHAPE_FIELDS, Config
 from gptcli.data import Splits, load_splits, make_loader
 from gptcli.device import resolve_device
+from gptcli.documents import DocumentMasked
 from gptcli.distributed import (
     DistInfo,
     all_gather_objects,
@@ -70,7 +71,7 @@ from gptcli.generate import generate
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import cross_entropy
 from gptcli.perf import peak_flops, set_host_memory
-from gptcli.tokenizer import decode, encode
+from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
 RUN_MANIFEST = "run.json"
 # None: defer the non-finite check on CUDA only; tests set True to exercise it on the CPU.
@@ -191,7 +192,9 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
     autocast = _autocast(device, t.precision)
-    train_module = wrapped
+    # data.document_mask: attention stays within documents (documents.py); off, the book's model call.
+    masked = (lambda m: DocumentMasked(m, END_OF_TEXT_ID, cfg.data.reset_positions)) if cfg.data.document_mask else (lambda m: m)
+    train_module = masked(wrapped)
 
     def forward_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # No name for the logits: held through backward they would cost B x T x V floats
@@ -205,6 +208,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         # that cut the GPU time of a step from 79 ms to 68 ms (the eager loss took a quarter).
         wrapped = torch.compile(wrapped)  # for evaluation (eval mode compiles its own graph)
         forward_loss = torch.compile(forward_loss)
+    scorer = masked(wrapped)  # what evaluation calls
 
     pin = device.type == "cuda"
     sampling = cfg.data.sampling
@@ -373,12 +377,12 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             # ---- evaluate (the book: after the first step and every eval_freq steps)
             t_pause = time.perf_counter()
             if (step - 1) % t.eval_freq == 0:
-                train_eval = evaluate_loss(wrapped, train_eval_loader, device, t.eval_iter, autocast, reduce)
-                by_source = _source_losses(wrapped, splits, t, info, pin, device, autocast, reduce)
+                train_eval = evaluate_loss(scorer, train_eval_loader, device, t.eval_iter, autocast, reduce)
+                by_source = _source_losses(scorer, splits, t, info, pin, device, autocast, reduce)
                 if by_source:  # a mixture: the overall loss weighs each source's as the mixture does
                     val_eval = {"loss": sum(w * by_source[n] for n, w, _ in splits.sources) / sum(w for _, w, _ in splits.sources)}
                 else:
-                    val_eval = evaluate_loss(wrapped, val_loader, device, t.eval_iter, autocast, reduce)
+                    val_eval = evaluate_loss(scorer, val_loader, device, t.eval_iter, autocast, reduce)
                 last_eval = {
                     "event": "eval", "step": step, "epoch": epoch_number, "epoch_progress": epoch_progress,
                     "tokens_seen": tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"],
