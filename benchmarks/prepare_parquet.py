@@ -57,13 +57,21 @@ def main() -> None:
     parser.add_argument("--row-group", type=int, default=10_000, help="rows per Parquet row group (default 10,000)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer threads (default: CPUs)")
     parser.add_argument("--tmp", type=Path, default=None, help="scratch directory (default: the system's)")
+    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # the child that writes the files
     args = parser.parse_args()
+    if args.generate:
+        print(make_files(args.generate, args.mb, args.row_group)[2])
+        return
 
     scratch = Path(tempfile.mkdtemp(prefix="gptcli-parquet-bench-", dir=args.tmp))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
         t0 = time.perf_counter()
-        parquet, jsonl, documents = make_files(scratch / "in", args.mb, args.row_group)
+        # In a child: a forked child's ru_maxrss counts the parent's pages until exec, so the
+        # generated tables must never be in this process.
+        out, _, _, _ = run_child([sys.executable, __file__, "--generate", str(scratch / "in"), "--mb", str(args.mb),
+                                  "--row-group", str(args.row_group)], env)
+        parquet, jsonl, documents = scratch / "in" / "docs.parquet", scratch / "in" / "docs.jsonl", int(out)
         print(f"generated {documents:,} documents: Parquet {parquet.stat().st_size / 1e6:,.0f} MB, "
               f"JSON Lines {jsonl.stat().st_size / 1e6:,.0f} MB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         runs = {}

@@ -34,6 +34,7 @@ from gptcli.errors import InputError
 PARQUET_SUFFIXES = (".parquet",)
 HF_PREFIX = "hf:"
 BATCH_ROWS = 1024  # rows per record batch: bounded memory, amortised Python overhead
+READ_BUFFER = 1 << 20  # Parquet is read page by page through a buffer this size, not a column chunk at once
 EXTRA = "pip install 'gptcli[data]'"
 
 
@@ -124,7 +125,7 @@ class ParquetTable:
 
     def read(self, first: int, last: int) -> Iterator[tuple[str, int]]:
         pq = require("pyarrow.parquet", self.label)
-        f = pq.ParquetFile(self.path)
+        f = pq.ParquetFile(self.path, buffer_size=READ_BUFFER, pre_buffer=False)
         for g in range(first, last):
             row0 = sum(self.rows[:g])
             group_bytes = self._offsets[g + 1] - self._offsets[g]
