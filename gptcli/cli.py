@@ -933,22 +933,23 @@ class SplitDocs(str, Enum):
 @app.command()
 @_handle_errors
 def prepare(
-    inputs: Annotated[list[Path], typer.Argument(help="Text files (.txt, .txt.gz), JSON Lines (.jsonl, .jsonl.gz) or folders of them.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Text files (.txt, .txt.gz), JSON Lines (.jsonl, .jsonl.gz), Parquet (.parquet), folders or globs of them, or Hugging Face datasets (hf:NAME[:CONFIG], hf:DIR).")],
     out: Annotated[Path, typer.Option(help="Output directory, e.g. data/NAME; a rerun keeps its finished shards.")],
     workers: Annotated[Optional[int], typer.Option(min=1, help="Tokenizer threads (default: the number of CPUs).")] = None,
     val_ratio: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of documents (chosen by hash) for validation.")] = 0.01,
     shard_mb: Annotated[float, typer.Option(min=0.001, help="Input megabytes per shard.")] = 64.0,
-    field: Annotated[str, typer.Option(help="The JSON Lines field that holds the text.")] = "text",
+    field: Annotated[str, typer.Option(help="The JSON Lines field, Parquet or dataset column that holds the text.")] = "text",
     split_docs: Annotated[SplitDocs, typer.Option(help="Cut text files into documents: at blank lines, or at lines holding only <|endoftext|> (default: a text file is one document).")] = SplitDocs.none,
+    split: Annotated[Optional[str], typer.Option(help="The split of hf: datasets to read, e.g. train.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Tokenize a corpus into uint16 token shards with a document-level train/validation split."""
+    """Tokenize a corpus into uint16 (uint32 for vocabularies beyond 65,536) token shards with a document-level train/validation split."""
     from gptcli.shards import empty_split_warnings, prepare as run_prepare
 
     render = _PrepareProgress()
     try:
         result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
-                             split_docs=split_docs.value, progress=render)
+                             split_docs=split_docs.value, split=split, progress=render)
     finally:
         render.close()
     splits = result.index["splits"]

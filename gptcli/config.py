@@ -80,20 +80,47 @@ SHAPE_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"
 
 @dataclass
 class DataConfig:
-    # A UTF-8 text file, a folder of .txt files, or a folder made by `gptcli prepare`.
+    # A UTF-8 text file, a folder of .txt files, or a folder made by `gptcli prepare`; or a
+    # mixture of prepared folders, [{path: ..., weight: 0.7}, ...], drawn in those proportions.
     # The default is the book's corpus, downloaded and sha256-checked when missing.
-    path: str = "data/the-verdict.txt"
+    path: Any = "data/the-verdict.txt"
     train_ratio: float = 0.90  # the book splits the text by character: first 90 % trains (prepared dirs: unused)
     stride: Optional[int] = None  # window step in tokens; None = context_length (the book's choice)
     # "sliding": the book's windows at every `stride`, shuffled each epoch;
     # "random": windows at random offsets (for prepared corpora too large to enumerate).
     sampling: Literal["sliding", "random"] = "sliding"
+    # Document-aware attention on prepared corpora: a window spanning several documents gets a
+    # block-causal mask (no token attends across a document boundary). Off: the book's numbers.
+    document_mask: bool = False
+    reset_positions: bool = False  # with document_mask: position ids restart at each document
 
     def __post_init__(self) -> None:
+        if isinstance(self.path, list):
+            self.path = [_mixture_entry(entry, i) for i, entry in enumerate(self.path)]
+            if not self.path:
+                raise ConfigError("data.path: an empty mixture; give a path or a list of {path, weight}")
+            if self.sampling != "sliding":
+                raise ConfigError(f"data.sampling: {self.sampling} is not supported for a mixture (data.path is a list); use sliding")
+        elif not isinstance(self.path, str):
+            raise ConfigError(f"data.path: expected a path or a list of {{path, weight}}, got {self.path!r}")
+        if self.reset_positions and not self.document_mask:
+            raise ConfigError("data.reset_positions: needs data.document_mask: true")
         if not 0.0 < self.train_ratio < 1.0:
             raise ConfigError(f"data.train_ratio: must be in (0, 1), got {self.train_ratio}")
         if self.stride is not None and self.stride <= 0:
             raise ConfigError(f"data.stride: must be positive, got {self.stride}")
+
+
+def _mixture_entry(entry: Any, i: int) -> dict[str, Any]:
+    """One source of a mixture, checked: {path: str, weight: number > 0}."""
+    name = f"data.path[{i}]"
+    if not isinstance(entry, dict) or set(entry) != {"path", "weight"}:
+        raise ConfigError(f"{name}: expected {{path: ..., weight: ...}}, got {entry!r}")
+    path = _coerce(entry["path"], str, f"{name}.path")
+    weight = _coerce(entry["weight"], float, f"{name}.weight")
+    if weight <= 0:
+        raise ConfigError(f"{name}.weight: must be positive, got {entry['weight']}")
+    return {"path": path, "weight": weight}
 
 
 @dataclass
@@ -299,16 +326,29 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
     return Config(**sections, source=source, origins=origins)
 
 
+def map_paths(value: Any, fn) -> Any:
+    """Apply `fn` to a path value: a path string, or each source's path of a mixture list."""
+    if isinstance(value, str) and value:
+        return fn(value)
+    if isinstance(value, list):
+        return [{**e, "path": fn(e["path"])} if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"]
+                else e for e in value]
+    return value
+
+
 def _anchor_paths(values: dict[str, dict[str, Any]], folder: Path | None) -> None:
     """Expand ``~`` in path keys; resolve a relative one against `folder` (None: leave it relative)."""
+
+    def anchor(value: str) -> str:
+        p = Path(value).expanduser()
+        if folder is not None and not p.is_absolute():
+            p = (folder / p).resolve()
+        return str(p)
+
     for dotted in PATH_KEYS:
         section, _, key = dotted.partition(".")
-        value = (values.get(section) or {}).get(key)
-        if isinstance(value, str) and value:
-            p = Path(value).expanduser()
-            if folder is not None and not p.is_absolute():
-                p = (folder / p).resolve()
-            values[section][key] = str(p)
+        if key in (values.get(section) or {}):
+            values[section][key] = map_paths(values[section][key], anchor)
 
 
 def _checked(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
@@ -403,6 +443,8 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check `value` against a field's annotation; ints are accepted where floats are."""
+    if hint is Any:
+        return value  # checked by the dataclass's __post_init__
     if hint in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         value = float(value)  # PyYAML reads 4e-4 (no dot) as a string; YAML 1.2 reads a number
     origin = typing.get_origin(hint)

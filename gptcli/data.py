@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from gptcli.config import DataConfig
 from gptcli.download import Progress, download, sha256_file
 from gptcli.errors import InputError, RunError
+from gptcli.mixture import MixtureBatchSampler, MixtureWindows, open_sources
+from gptcli.sampling import GlobalBatchSampler
 from gptcli.shards import INDEX, ShardTokens, is_prepared, read_document_texts, read_index
 from gptcli.tokenizer import END_OF_TEXT, encode
 
@@ -98,7 +100,7 @@ class TokenWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class WindowBatchSampler(Sampler[list[int]]):
+class WindowBatchSampler(GlobalBatchSampler):
     """Batches of window indices for one epoch, shuffled or in order.
 
     Shuffling draws the epoch's seed from the global torch RNG exactly as
@@ -129,36 +131,8 @@ class WindowBatchSampler(Sampler[list[int]]):
         mode: str = "split",
         draw_from: int | None = None,
     ):
-        self.num_windows = num_windows
+        super().__init__(num_windows, batch_size, shuffle, drop_last, rank, world_size, mode)
         self.draw_from = draw_from
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.rank = rank
-        self.world_size = world_size
-        self.mode = mode
-        self.seed: int | None = None  # seed of the epoch being iterated
-        self._resume: tuple[int | None, int] | None = None
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * (self.world_size if self.mode == "split" else 1)
-
-    def num_batches(self) -> int:
-        """Global batches per epoch."""
-        if self.drop_last:
-            return self.num_windows // self.global_batch
-        return -(-self.num_windows // self.global_batch)
-
-    def __len__(self) -> int:
-        n = self.num_batches()
-        if self.mode == "stride":
-            return len(range(self.rank, n, self.world_size))
-        return n
-
-    def resume(self, seed: int | None, windows_done: int) -> None:
-        """Make the next iteration replay the epoch of `seed` after its first `windows_done` windows."""
-        self._resume = (seed, windows_done)
 
     def __iter__(self) -> Iterator[list[int]]:
         resume, self._resume = self._resume, None
@@ -205,6 +179,9 @@ def make_loader(
     With ``sampling="random"`` and `shuffle`, an epoch has as many windows as
     `dataset` (TokenWindows) but each starts at a random token offset.
     """
+    if isinstance(dataset, MixtureWindows):  # data.path is a list: windows drawn by weight
+        sampler = MixtureBatchSampler(dataset, batch_size, shuffle, drop_last, rank, world_size, mode)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=pin_memory)
     num_windows, draw_from = len(dataset), None
     if sampling == "random" and shuffle:
         dataset = TokenWindows(dataset.tokens, dataset.max_length, 1)  # window i starts at token i
@@ -223,6 +200,8 @@ class Splits:
     sha256: str  # of the corpus text (UTF-8), or of a prepared directory's index.json
     train_tokens: int
     val_tokens: int
+    # A mixture (data.path is a list): (name, weight, validation windows) of each source.
+    sources: tuple[tuple[str, float, TokenWindows], ...] = ()
 
 
 def load_splits(cfg: DataConfig, context_length: int, path: str | None = None, progress: Progress | None = None) -> Splits:
@@ -240,6 +219,8 @@ def load_splits(cfg: DataConfig, context_length: int, path: str | None = None, p
     Raises:
         InputError: the corpus cannot be read, or a split is too short for one window.
     """
+    if path is None and isinstance(cfg.path, list):
+        return _load_mixture(cfg, context_length)
     corpus = Path(path or cfg.path)
     if is_prepared(corpus):
         index = read_index(corpus)
@@ -255,6 +236,27 @@ def load_splits(cfg: DataConfig, context_length: int, path: str | None = None, p
     stride = cfg.stride or context_length
     train, val = (TokenWindows(tokens, context_length, stride) for tokens in parts)
     return Splits(train, val, source=str(corpus), sha256=digest, train_tokens=len(parts[0]), val_tokens=len(parts[1]))
+
+
+def _load_mixture(cfg: DataConfig, context_length: int) -> Splits:
+    """The windows of each prepared source of a mixture, joined (see mixture.py)."""
+    opened = open_sources(cfg.path)
+    stride = cfg.stride or context_length
+    names = [str(root) for root, _ in opened]
+    weights = [entry["weight"] for entry in cfg.path]
+    windows: dict[str, list[TokenWindows]] = {"train": [], "val": []}
+    for root, index in opened:
+        for split, name in (("train", "training"), ("val", "validation")):
+            tokens = ShardTokens(root, split, index)
+            check_split(root, name, len(tokens), context_length)
+            windows[split].append(TokenWindows(tokens, context_length, stride))
+    digest = hashlib.sha256("\n".join(f"{w} {sha256_file(root / INDEX)}" for (root, _), w in zip(opened, weights)).encode())
+    return Splits(
+        MixtureWindows(windows["train"], names, weights), MixtureWindows(windows["val"], names, weights),
+        source="mixture(" + ", ".join(f"{n}: {w:g}" for n, w in zip(names, weights)) + ")", sha256=digest.hexdigest(),
+        train_tokens=sum(len(w.tokens) for w in windows["train"]), val_tokens=sum(len(w.tokens) for w in windows["val"]),
+        sources=tuple(zip(names, weights, windows["val"])),
+    )
 
 
 def check_split(source: Path | str, name: str, num_tokens: int, context_length: int) -> None:

@@ -83,7 +83,7 @@ def evaluate_loss(
     limit = len(loader) if num_batches is None else min(num_batches, len(loader))
     lockstep = 0
     sampler = getattr(loader, "batch_sampler", None)
-    if isinstance(sampler, WindowBatchSampler) and sampler.mode == "stride":
+    if getattr(sampler, "mode", None) == "stride":  # a WindowBatchSampler or a MixtureBatchSampler
         # Batches go round-robin to the ranks: together they evaluate the first `num_batches`.
         total = sampler.num_batches() if num_batches is None else min(num_batches, sampler.num_batches())
         limit = len(range(sampler.rank, total, sampler.world_size))

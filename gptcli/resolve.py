@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from gptcli.checkpoint import (CONFIG, MANIFEST, STEP_DIR, Checkpoint, find_latest, find_newest_anywhere,
                                list_step_checkpoints, load_checkpoint, named_dir, remove_dir)
-from gptcli.config import Config, ConfigError, Layer, build_config, config_from_dict, config_layers
+from gptcli.config import Config, ConfigError, Layer, build_config, config_from_dict, config_layers, map_paths
 from gptcli.data import DEFAULT_CORPUS
 from gptcli.errors import InputError, RunError
 
@@ -256,7 +256,7 @@ def _refuse_changes(saved: Config, cfg: Config, layers: list[Layer]) -> None:
 
 def _absolute(cfg: Config) -> Config:
     """Make the config's paths absolute (a checkpoint's config then works from any folder)."""
-    cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
+    cfg.data.path = map_paths(cfg.data.path, lambda p: str(Path(p).expanduser().absolute()))
     if cfg.train.out_dir:
         cfg.train.out_dir = str(Path(cfg.train.out_dir).expanduser().absolute())
     return cfg
@@ -364,14 +364,16 @@ def check_data_path(cfg: Config, flag: Optional[str] = None) -> None:
     Raises:
         InputError: the path does not exist.
     """
-    path = Path(cfg.data.path)
-    if path.exists() or path.name == Path(DEFAULT_CORPUS).name:
-        return
-    raise InputError(f"{path}: data file not found (data.path from {flag or describe_origin(cfg, 'data.path')})")
+    paths = [Path(e["path"]) for e in cfg.data.path] if isinstance(cfg.data.path, list) else [Path(cfg.data.path)]
+    for path in paths:
+        if not (path.exists() or (len(paths) == 1 and path.name == Path(DEFAULT_CORPUS).name)):
+            raise InputError(f"{path}: data file not found (data.path from {flag or describe_origin(cfg, 'data.path')})")
 
 
 def corpus_available(cfg: Config) -> bool:
     """Whether the config's corpus is on disk (evaluating its split then needs no download)."""
+    if isinstance(cfg.data.path, list):
+        return all(Path(e["path"]).exists() for e in cfg.data.path)
     return Path(cfg.data.path).exists()
 
 

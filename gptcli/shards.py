@@ -4,14 +4,17 @@ Layout of a prepared directory::
 
     OUT/index.json              format, tokenizer, split rule, and per shard: file,
                                 tokens, documents, sha256, and its boundaries file
-    OUT/train-000000.bin        uint16 token ids; every document is followed by <|endoftext|>
+    OUT/train-000000.bin        uint16 token ids (uint32 when the vocabulary has more than 65,536;
+                                index.json "dtype"); every document is followed by <|endoftext|>
     OUT/train-000000.docs.npy   uint64 offsets (within the shard) where documents start
     OUT/val-000000.bin, ...     the same for the validation documents
 
 Documents. A text file (``.txt``, ``.txt.gz``) is one document, unless
 `split_docs` cuts it into several: at blank lines (``blank-lines``) or at lines
 holding only ``<|endoftext|>`` (``endoftext``); each line of a JSON Lines file
-(``.jsonl``, ``.jsonl.gz``) is one, its text in a string field (``text``). A document goes to validation when the first 8 bytes of the sha256
+(``.jsonl``, ``.jsonl.gz``) is one, its text in a string field (``text``); each row of a
+Parquet file or a Hugging Face dataset is one, its text in the column `field`
+(sources.py reads them). A document goes to validation when the first 8 bytes of the sha256
 of its UTF-8 text, read as a fraction of 2**64, fall below `val_ratio`: the split
 depends on the document alone, so adding files moves no document, and identical
 documents always land on the same side.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import datetime as _dt
+import glob
 import gzip
 import hashlib
 import io
@@ -53,12 +57,13 @@ import zlib
 from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field as _field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from gptcli import sources as tables
 from gptcli.download import fsync_dir, sha256_file
 from gptcli.errors import InputError, RunError
 from gptcli.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, get_tokenizer
@@ -71,9 +76,11 @@ VERSION = 1
 INDEX = "index.json"
 PARTIAL = ".partial"
 SPLITS = ("train", "val")
+DTYPES = ("uint16", "uint32")  # token ids on disk; index.json says which
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 BOM = "\ufeff"  # a UTF-8 byte order mark, which some editors write first
+INPUT_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + tables.PARQUET_SUFFIXES
 READ_BLOCK = 1 << 20  # bytes read from a file at a time
 TASK_CHARS = 1 << 18  # characters per tokenizer task: small enough to spread, big enough to amortise
 SAFE_CUT = re.compile(r"\S[ \n]")  # a cut goes between the two characters (see the module docstring)
@@ -95,6 +102,7 @@ class Source:
     gz: bool
     size: int  # bytes on disk
     mtime_ns: int
+    table: Any = _field(default=None, compare=False, repr=False)  # Parquet/hf: a sources.py table, read by rows
 
 
 @dataclass(frozen=True)
@@ -111,23 +119,33 @@ class Segment:
         return [str(s.path), self.start, self.end, s.size, s.mtime_ns, self.digest]
 
 
-def find_sources(inputs: list[Path]) -> list[Source]:
-    """The input files: each file as given, and the supported files below each folder (sorted),
-    skipping hidden files and folders (names starting with '.': .git, editor backups, ...).
+def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] = None,
+                 shard_bytes: int = 1 << 26) -> list[Source]:
+    """The input files: each file as given, the supported files below each folder and matching
+    each glob (sorted), and each ``hf:`` dataset (see sources.py); hidden files and folders
+    (names starting with '.': .git, editor backups, ...) below a folder are skipped.
 
     Raises:
         InputError: an input is missing, a file cannot be read, or there is no input file at all.
     """
     paths: list[Path] = []
+    found: list[Source] = []
+    if split is not None and not any(tables.is_hf(g) for g in inputs):
+        raise InputError(f"--split {split}: applies to hf: inputs only")
     for given in inputs:
-        if given.is_dir():
-            paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+        if tables.is_hf(given):
+            t = tables.open_hf(str(given), split, field, shard_bytes)
+            found.append(Source(Path(t.label), False, False, t.size, t.mtime_ns, t))
+        elif given.is_dir():
+            paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES)
                             and not any(part.startswith(".") for part in p.relative_to(given).parts))
         elif given.exists():
             paths.append(given)
+        elif glob.has_magic(str(given)) and (matches := sorted(Path(p) for p in glob.glob(str(given), recursive=True))):
+            paths += [p for p in matches if p.is_file() and p.name.endswith(INPUT_SUFFIXES)]
         else:
             raise InputError(f"{given}: input not found")
-    sources, seen = [], set()
+    sources, seen = found, set()
     for path in paths:
         key = path.resolve()
         if key in seen:
@@ -140,9 +158,10 @@ def find_sources(inputs: list[Path]) -> list[Source]:
         except OSError as e:
             raise InputError(f"{path}: cannot read ({e.strerror})") from None
         name = path.name
-        sources.append(Source(path, name.endswith(JSONL_SUFFIXES), name.endswith(".gz"), stat.st_size, stat.st_mtime_ns))
+        table = tables.ParquetTable(path, field) if name.endswith(tables.PARQUET_SUFFIXES) else None
+        sources.append(Source(path, name.endswith(JSONL_SUFFIXES), name.endswith(".gz"), stat.st_size, stat.st_mtime_ns, table))
     if not sources:
-        kinds = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES)
+        kinds = ", ".join(INPUT_SUFFIXES)
         where = " ".join(str(p) for p in inputs) or "(none given)"
         raise InputError(f"no input files: {where} holds no {kinds} files")
     return sources
@@ -166,6 +185,9 @@ def plan_pieces(sources: list[Source], shard_bytes: int, split_docs: str = "none
 
 
 def _segments(source: Source, shard_bytes: int, split_docs: str = "none") -> list[Segment]:
+    if source.table is not None:  # cut only where a row group / row / shard starts
+        cuts = tables.cut_offsets(source.table.offsets(), shard_bytes)
+        return [Segment(source, a, b) for a, b in zip(cuts, cuts[1:])]
     if source.gz or source.size <= shard_bytes:
         return [Segment(source, 0, source.size)]
     many = not source.jsonl and split_docs != "none"  # a text file of several documents
@@ -326,14 +348,29 @@ def _jsonl_parts(seg: Segment, val_ratio: Optional[float], field: str) -> Iterat
             offset += len(line)
             if line.strip():
                 text = _record_text(line, field, source, seg, lineno)
-                if text:
-                    split = _split_of(lambda: hashlib.sha256(text.encode("utf-8")).digest(), val_ratio)
-                    chunks, rest = cut_text(text) if len(text) > TASK_CHARS else ([], text)
-                    for i, chunk in enumerate(chunks):
-                        yield _Part(split, chunk, i == 0, False, 0)
-                    yield _Part(split, rest, not chunks, True, 0 if source.gz else len(line))
+                yield from _document_parts(text, val_ratio, 0 if source.gz else len(line))
             if offset >= seg.end and not source.gz:
                 break
+
+
+def _document_parts(text: str, val_ratio: Optional[float], nbytes: int) -> Iterator[_Part]:
+    """The parts of one whole document (a JSON Lines record, a table row); none when it is empty."""
+    if not text:
+        return
+    split = _split_of(lambda: hashlib.sha256(text.encode("utf-8")).digest(), val_ratio)
+    chunks, rest = cut_text(text) if len(text) > TASK_CHARS else ([], text)
+    for i, chunk in enumerate(chunks):
+        yield _Part(split, chunk, i == 0, False, 0)
+    yield _Part(split, rest, not chunks, True, nbytes)
+
+
+def _table_parts(seg: Segment, val_ratio: float) -> Iterator[_Part]:
+    table = seg.source.table
+    offsets = table.offsets()
+    for text, nbytes in table.read(tables.unit_at(offsets, seg.start), tables.unit_at(offsets, seg.end)):
+        yield from _document_parts(text, val_ratio, 0)
+        if nbytes:
+            yield _Part("train", "", False, False, nbytes)  # progress only: writes nothing
 
 
 def _record_text(line: bytes, field: str, source: Source, seg: Segment, lineno: int) -> str:
@@ -370,7 +407,7 @@ def read_document_texts(path: Path, field: str = "text") -> list[str]:
     """The documents of a file or folder, read as `prepare` reads them (one reader for both).
 
     A text file (``.txt``, ``.txt.gz``, or any file named directly) is one document,
-    each JSON Lines record another; folders are searched as `find_sources` does
+    each JSON Lines record or Parquet row another; folders are searched as `find_sources` does
     (hidden entries skipped); a leading byte order mark is dropped.
 
     Raises:
@@ -378,8 +415,7 @@ def read_document_texts(path: Path, field: str = "text") -> list[str]:
     """
     docs: list[str] = []
     for source in find_sources([path]):
-        seg = Segment(source, 0, source.size)
-        parts = _jsonl_parts(seg, None, field) if source.jsonl else _text_parts(seg, None)
+        parts = _piece_parts([Segment(source, 0, source.size)], None, field)
         doc: list[str] = []
         for part in parts:
             doc.append(part.text)
@@ -426,9 +462,11 @@ def _doc_parts(seg: Segment, val_ratio: Optional[float], split_docs: str) -> Ite
     yield from document()
 
 
-def _piece_parts(piece: list[Segment], val_ratio: float, field: str, split_docs: str = "none") -> Iterator[_Part]:
+def _piece_parts(piece: list[Segment], val_ratio: Optional[float], field: str, split_docs: str = "none") -> Iterator[_Part]:
     for seg in piece:
-        if seg.source.jsonl:
+        if seg.source.table is not None:
+            yield from _table_parts(seg, val_ratio)
+        elif seg.source.jsonl:
             yield from _jsonl_parts(seg, val_ratio, field)
         elif split_docs != "none":
             yield from _doc_parts(seg, val_ratio, split_docs)
@@ -449,14 +487,27 @@ def _tasks(parts: Iterator[_Part]) -> Iterator[list[_Part]]:
         yield task
 
 
+def token_dtype(vocab_size: int, what: str = "vocab_size") -> np.dtype:
+    """The narrowest shard dtype that holds every id of a vocabulary: uint16, else uint32.
+
+    Raises:
+        InputError: the vocabulary does not fit uint32 either (naming `what`).
+    """
+    for dtype in (np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise InputError(f"{what}: its {vocab_size} token ids do not fit uint32 shards (at most {2**32})")
+
+
 def _encode_task(encoding, task: list[_Part]) -> list[np.ndarray]:
-    """Token ids (uint16) of each part, <|endoftext|> appended where a document ends. Runs in a worker thread."""
+    """Token ids (uint16 or uint32) of each part, <|endoftext|> appended where a document ends. Runs in a worker thread."""
     out = []
+    dtype = token_dtype(encoding.n_vocab)
     for part in task:
         # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary,
         # returned as a uint32 buffer instead of a list of Python ints.
         ids = encoding.encode_to_numpy(part.text, disallowed_special=()) if part.text else np.empty(0, np.uint32)
-        arr = np.empty(len(ids) + part.ends_doc, dtype=np.uint16)
+        arr = np.empty(len(ids) + part.ends_doc, dtype=dtype)
         arr[: len(ids)] = ids
         if part.ends_doc:
             arr[-1] = END_OF_TEXT_ID
@@ -522,13 +573,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _entry_ok(out: Path, entry: Optional[dict[str, Any]]) -> bool:
+def _entry_ok(out: Path, entry: Optional[dict[str, Any]], itemsize: int) -> bool:
     """Whether a recorded shard is on disk, whole and unchanged."""
     if entry is None:
         return True
     tokens, docs = out / entry["file"], out / entry["docs_file"]
     try:
-        if tokens.stat().st_size != 2 * entry["tokens"]:
+        if tokens.stat().st_size != itemsize * entry["tokens"]:
             return False
         return sha256_file(tokens) == entry["sha256"] and sha256_file(docs) == entry["docs_sha256"]
     except OSError:
@@ -553,24 +604,28 @@ def prepare(
     shard_mb: float = 64,
     field: str = "text",
     split_docs: str = "none",
+    split: Optional[str] = None,
     progress: Optional[Progress] = None,
 ) -> PrepareResult:
-    """Tokenize text files, folders, .txt.gz and JSON Lines into uint16 token shards under `out`.
+    """Tokenize text files, folders, .txt.gz, JSON Lines, Parquet and Hugging Face datasets into
+    token shards under `out` (uint16, or uint32 for a vocabulary beyond 65,536 ids).
 
     Args:
-        inputs: files and folders (folders are searched for .txt, .txt.gz, .jsonl, .jsonl.gz).
+        inputs: files, folders (searched for .txt, .txt.gz, .jsonl, .jsonl.gz, .parquet), globs,
+            and ``hf:NAME[:CONFIG]`` / ``hf:DIR`` datasets (see sources.py).
         out: the output directory; finished shards of an earlier run into it are kept.
         workers: tokenizer threads (default: the CPU count).
         val_ratio: the fraction of documents, by hash, that go to validation.
         shard_mb: input megabytes per piece (one train and one val shard each).
-        field: the text field of JSON Lines records.
+        field: the text field of JSON Lines records, the text column of Parquet files and datasets.
         split_docs: cut each text file into documents at blank lines ("blank-lines") or at
             lines holding only <|endoftext|> ("endoftext"); "none": a text file is one document.
+        split: the split of ``hf:`` inputs.
         progress: called with (input bytes done, input bytes total, tokens written).
 
     Raises:
         InputError: bad inputs (named, with the line for JSON Lines), an output directory
-            that is not ours, or a tokenizer whose vocabulary does not fit uint16.
+            that is not ours, or a tokenizer whose vocabulary does not fit uint32.
         RunError: the output cannot be written.
     """
     t0 = time.perf_counter()
@@ -582,11 +637,11 @@ def prepare(
     if split_docs not in SPLIT_DOCS:
         raise InputError(f"--split-docs: one of {', '.join(SPLIT_DOCS)}, got {split_docs!r}")
     encoding = get_tokenizer()
-    if encoding.n_vocab > np.iinfo(np.uint16).max + 1:
-        raise InputError(f"tokenizer {encoding.name}: its {encoding.n_vocab} token ids do not fit uint16 shards (at most 65536)")
-    sources = find_sources(inputs)
+    token_dtype(encoding.n_vocab, f"tokenizer {encoding.name}")
+    shard_bytes = max(int(shard_mb * 1e6), 1)
+    sources = find_sources(inputs, field, split, shard_bytes)
     _check_out(out)
-    pieces = plan_pieces(sources, max(int(shard_mb * 1e6), 1), split_docs)
+    pieces = plan_pieces(sources, shard_bytes, split_docs)
     options = {"val_ratio": val_ratio, "field": field, "tokenizer": encoding.name, "vocab_size": encoding.n_vocab,
                "version": VERSION, **({"split_docs": split_docs} if split_docs != "none" else {})}
     created = not out.exists()
@@ -616,12 +671,13 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
             progress(done["bytes"], total, done["tokens"])
 
     records, tokenized = [], 0
+    itemsize = token_dtype(options["vocab_size"]).itemsize
     with ThreadPoolExecutor(workers, thread_name_prefix="gptcli-tokenize") as pool:
         for k, piece in enumerate(pieces):
             spec = {"segments": [seg.spec() for seg in piece], **options}
             record = earlier.get(k)
             piece_bytes, bytes_before = sum(seg.end - seg.start for seg in piece), done["bytes"]
-            if record is None or record["spec"] != spec or not all(_entry_ok(out, record[s]) for s in SPLITS):
+            if record is None or record["spec"] != spec or not all(_entry_ok(out, record[s], itemsize) for s in SPLITS):
                 record = {"piece": k, "spec": spec, **_tokenize_piece(piece, k, out, pool, workers, encoding, options, advance)}
                 _write_atomic(out / PARTIAL / f"piece-{k:06d}.json", json.dumps(record).encode())
                 tokenized += 1
@@ -700,7 +756,7 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
         "tokenizer": options["tokenizer"],
         "vocab_size": options["vocab_size"],
         "eot_id": END_OF_TEXT_ID,
-        "dtype": "uint16",
+        "dtype": token_dtype(options["vocab_size"]).name,
         "split_rule": "sha256(document UTF-8)[:8] / 2**64 < val_ratio -> val",
         "val_ratio": options["val_ratio"],
         "field": options["field"],
@@ -765,8 +821,8 @@ def read_index(root: Path) -> dict[str, Any]:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the shard index ({getattr(e, 'strerror', None) or e})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("dtype") != "uint16":
-        raise InputError(f"{path}: not a gptcli shard index (format {FORMAT}, dtype uint16)")
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("dtype") not in DTYPES:
+        raise InputError(f"{path}: not a gptcli shard index (format {FORMAT}, dtype {' or '.join(DTYPES)})")
     if index.get("version") != VERSION:
         raise InputError(f"{path}: shard format version {index.get('version')}, this gptcli reads {VERSION}; rerun gptcli prepare")
     return index
@@ -792,14 +848,15 @@ class ShardTokens:
         self.split = split
         shards = index["splits"][split]["shards"]
         self.paths = [root / e["file"] for e in shards]
+        self.dtype = np.dtype(index["dtype"])
         self.offsets = np.cumsum([0] + [e["tokens"] for e in shards])
         for path, e in zip(self.paths, shards):
             try:
                 size = path.stat().st_size
             except OSError:
                 raise InputError(f"{path}: shard missing; rerun gptcli prepare") from None
-            if size != 2 * e["tokens"]:
-                raise InputError(f"{path}: {size} bytes, the index says {2 * e['tokens']}; rerun gptcli prepare")
+            if size != self.dtype.itemsize * e["tokens"]:
+                raise InputError(f"{path}: {size} bytes, the index says {self.dtype.itemsize * e['tokens']}; rerun gptcli prepare")
         self._maps: dict[int, np.memmap] = {}
         self._read = 0
 
@@ -820,7 +877,7 @@ class ShardTokens:
             parts.append(self._map(i)[lo:hi])
             pos = int(self.offsets[i] + hi)
         out = np.concatenate(parts) if len(parts) != 1 else parts[0]
-        self._read += max(2 * (stop - start), self.PAGES_PER_READ)
+        self._read += max(self.dtype.itemsize * (stop - start), self.PAGES_PER_READ)
         result = torch.from_numpy(np.array(out, dtype=np.int64))
         if self._read > self.REMAP_BYTES:
             self._maps.clear()
@@ -830,7 +887,7 @@ class ShardTokens:
     def _map(self, i: int) -> np.memmap:
         m = self._maps.get(i)
         if m is None:
-            m = self._maps[i] = np.memmap(self.paths[i], dtype=np.uint16, mode="r")
+            m = self._maps[i] = np.memmap(self.paths[i], dtype=self.dtype, mode="r")
         return m
 
 

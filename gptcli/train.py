@@ -49,6 +49,7 @@ from gptcli.checkpoint import (
 from gptcli.config import SHAPE_FIELDS, Config
 from gptcli.data import Splits, load_splits, make_loader
 from gptcli.device import resolve_device
+from gptcli.documents import DocumentMasked
 from gptcli.distributed import (
     DistInfo,
     all_gather_objects,
@@ -70,7 +71,7 @@ from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, 
 from gptcli.loss import cross_entropy
 from gptcli.perf import MfuMeter, peak_flops, set_host_memory
 from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
-from gptcli.tokenizer import decode, encode
+from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
 RUN_MANIFEST = "run.json"
 # None: defer the non-finite check on CUDA only; tests set True to exercise it on the CPU.
@@ -198,7 +199,9 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
     autocast = _autocast(device, t.precision)
-    train_module = wrapped
+    # data.document_mask: attention stays within documents (documents.py); off, the book's model call.
+    masked = (lambda m: DocumentMasked(m, END_OF_TEXT_ID, cfg.data.reset_positions)) if cfg.data.document_mask else (lambda m: m)
+    train_module = masked(wrapped)
 
     def forward_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # No name for the logits: held through backward they would cost B x T x V floats
@@ -212,6 +215,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         # that cut the GPU time of a step from 79 ms to 68 ms (the eager loss took a quarter).
         wrapped = torch.compile(wrapped)  # for evaluation (eval mode compiles its own graph)
         forward_loss = torch.compile(forward_loss)
+    scorer = masked(wrapped)  # what evaluation calls
 
     pin = device.type == "cuda"
     sampling = cfg.data.sampling
@@ -240,6 +244,10 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         pos = _Position(state["epoch"], state["windows_done"], state["epoch_seed"])
         best_val = state.get("best_val_loss", math.inf)
         last_eval = state.get("last_eval", {})
+        if splits.sources:  # a mixture: the position in every source
+            if "mixture" not in state:
+                raise InputError(f"--resume {ckpt.path}: the checkpoint holds no mixture positions; data.path was not a list then")
+            sampler.load_state(state["mixture"])
         rng = state["rng"]
         restore_rng = lambda: _set_rng(rng, device, info, t.seed + step)  # noqa: E731
         if pos.windows_done == 0:
@@ -274,6 +282,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 "epoch": pos.epoch, "windows_done": pos.windows_done, "epoch_seed": pos.seed,
                 "rng": rng_state, "best_val_loss": best_val, "last_eval": last_eval,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                **({"mixture": sampler.state()} if splits.sources else {}),
             }
             meta = {"step": step, "epoch": pos.epoch, "tokens_seen": tokens_seen, "reason": reason,
                     "val_loss": last_eval.get("val_loss"), "train_loss": last_eval.get("train_loss")}
@@ -384,8 +393,12 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 # The final evaluation leaves the RNG as it found it: its training-loader draws
                 # would otherwise change what a run extended by --resume trains on.
                 rng_before = _get_rng(device, info) if final else None
-                train_eval = evaluate_loss(wrapped, train_eval_loader, device, t.eval_iter, autocast, reduce)
-                val_eval = evaluate_loss(wrapped, val_loader, device, t.eval_iter, autocast, reduce)
+                train_eval = evaluate_loss(scorer, train_eval_loader, device, t.eval_iter, autocast, reduce)
+                by_source = _source_losses(scorer, splits, t, info, pin, device, autocast, reduce)
+                if by_source:  # a mixture: the overall loss weighs each source's as the mixture does
+                    val_eval = {"loss": sum(w * by_source[n] for n, w, _ in splits.sources) / sum(w for _, w, _ in splits.sources)}
+                else:
+                    val_eval = evaluate_loss(scorer, val_loader, device, t.eval_iter, autocast, reduce)
                 if rng_before is not None:
                     _set_rng(rng_before, device, info, t.seed + step)
                 last_eval = {
@@ -393,6 +406,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                     "tokens_seen": tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"],
                     "lr": lr, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                     **({"final": True} if final else {}),
+                    **({"val_loss_by_source": by_source} if by_source else {}),
                 }
                 if info.is_main:
                     metrics.write(last_eval)
@@ -432,6 +446,15 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         "checkpoint": str(run_dir / step_dir_name(step)), "elapsed_s": elapsed,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,
     }
+
+
+def _source_losses(model, splits: Splits, t, info, pin, device, autocast, reduce) -> dict[str, float]:
+    """Validation loss of each source of a mixture ({} for a single corpus)."""
+    out = {}
+    for name, _, windows in splits.sources:
+        loader = make_loader(windows, t.batch_size, False, False, info.rank, info.world_size, "stride", pin)
+        out[name] = evaluate_loss(model, loader, device, t.eval_iter, autocast, reduce)["loss"]
+    return out
 
 
 def _nonfinite(value: float, at_step: int, run_dir: Path, last_saved_step: int, what: str) -> RunError:

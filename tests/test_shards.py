@@ -199,15 +199,6 @@ def test_jsonl_record_without_the_field_names_file_and_line(cli, tmp_path):
     _one_line_error(cli("prepare", path, "--out", tmp_path / "out2"), f"{path}:322", "not a JSON record")
 
 
-def test_a_vocabulary_beyond_uint16_is_refused(cli, tmp_path, monkeypatch):
-    class Big:
-        name, n_vocab = "cl100k_base", 100277
-
-    monkeypatch.setattr(shards, "get_tokenizer", lambda: Big())
-    (tmp_path / "a.txt").write_text("hello")
-    _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", tmp_path / "out"), "100277", "uint16")
-
-
 def test_out_must_be_a_prepare_directory(cli, tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
     (tmp_path / "other").mkdir()

@@ -1,0 +1,59 @@
+"""Document-aware attention (``data.document_mask``): no token attends across a document boundary.
+
+`gptcli prepare` ends every document with <|endoftext|> (and never emits that id
+inside one: documents are tokenized with ``encode_ordinary``), so the token after
+each <|endoftext|> is where the shards' ``*.docs.npy`` record a document start,
+and a window carries its own boundaries. From them: a block-causal mask, query i
+may attend key j when j <= i and both lie in the same document; and, with
+``data.reset_positions``, position ids that restart at 0 at every document, so a
+document in the middle of a window is computed as if it stood alone.
+
+The mask goes to the model's ``attn_mask`` (PyTorch's scaled_dot_product_attention
+with an explicit boolean mask; the book's explicit-softmax path is used only
+without a mask, so the book-exact runs never see this code).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def document_starts(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) bool: True where a document starts inside the window (after an <|endoftext|>)."""
+    starts = torch.zeros_like(idx, dtype=torch.bool)
+    starts[:, 1:] = idx[:, :-1] == eot_id
+    return starts
+
+
+def document_inputs(idx: torch.Tensor, eot_id: int, reset_positions: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(positions (B, T) or None, attn_mask (B, 1, T, T)) for windows `idx` (B, T)."""
+    b, t = idx.shape
+    starts = document_starts(idx, eot_id)
+    doc = starts.cumsum(dim=1)  # (B, T) document number within the window
+    causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+    positions = None
+    if reset_positions:
+        ar = torch.arange(t, device=idx.device).expand(b, t)
+        first = torch.where(starts, ar, torch.zeros_like(ar)).cummax(dim=1).values  # (B, T) start of each token's document
+        positions = ar - first
+    return positions, mask[:, None]
+
+
+class DocumentMasked(nn.Module):
+    """Calls `module(idx, positions, attn_mask)` with the document mask of `idx`.
+
+    Wraps the (possibly DDP/compiled) model for the training step and evaluation;
+    ``model.unwrap`` finds the GPTModel through `module`.
+    """
+
+    def __init__(self, module: nn.Module, eot_id: int, reset_positions: bool):
+        super().__init__()
+        self.module = module
+        self.eot_id = eot_id
+        self.reset_positions = reset_positions
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions, attn_mask = document_inputs(idx, self.eot_id, self.reset_positions)
+        return self.module(idx, positions, attn_mask)

@@ -1,0 +1,90 @@
+"""Document-aware attention (issue 16 item 4): a window of documents scores as the documents alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptcli.config import load_config
+from gptcli.documents import DocumentMasked, document_inputs, document_starts
+from gptcli.model import GPTModel
+from gptcli.shards import ShardTokens, prepare, read_index
+from gptcli.tokenizer import END_OF_TEXT_ID, encode
+from gptcli.train import train
+
+from conftest import CONFIGS
+from test_shards import _one_line_error
+
+A = "Every effort moves you forward, said Gisburn."
+B = "The picture was the last thing he painted before he married."
+
+
+def _model(impl: str) -> GPTModel:
+    cfg = load_config(CONFIGS / "tiny.yaml", {"model.impl": impl, "model.drop_rate": 0.0}).model
+    torch.manual_seed(0)
+    return GPTModel(cfg).eval()
+
+
+@pytest.mark.parametrize("impl", ["book", "fused"])
+def test_a_window_holding_documents_a_and_b_scores_as_a_and_b_evaluated_separately(impl):
+    """issue 16 acceptance: equal to 1e-5, both model implementations (SDPA with an explicit mask)."""
+    model = _model(impl)
+    a = encode(A) + [END_OF_TEXT_ID]  # a document as prepare writes it
+    b = encode(B) + [END_OF_TEXT_ID]
+    window = torch.tensor([a + b])  # (1, T), T <= context_length 32
+    assert window.shape[1] <= model.cfg.context_length
+    inputs, targets = window[:, :-1], window[:, 1:]
+    with torch.no_grad():
+        together = DocumentMasked(model, END_OF_TEXT_ID, reset_positions=True)(inputs)
+        alone = torch.cat([model(torch.tensor([a])), model(torch.tensor([b[:-1]]))], dim=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)  # float32 rounding of a reordered softmax only
+    loss_together = F.cross_entropy(together[0], targets[0])
+    loss_alone = F.cross_entropy(alone[0], targets[0])
+    assert abs(loss_together.item() - loss_alone.item()) < 1e-5  # the acceptance bound
+    with torch.no_grad():  # without the mask B would see A: the test can tell the difference
+        assert (model(inputs) - alone).abs().max() > 1e-3
+
+
+def test_positions_restart_at_each_document_and_the_mask_is_block_causal():
+    idx = torch.tensor([[5, 6, END_OF_TEXT_ID, 7, 8, END_OF_TEXT_ID, 9]])
+    positions, mask = document_inputs(idx, END_OF_TEXT_ID, reset_positions=True)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 0]]
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    for lo, hi in ((0, 3), (3, 6), (6, 7)):
+        expected[lo:hi, lo:hi] = torch.ones(hi - lo, hi - lo, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0], expected)
+    assert document_inputs(idx, END_OF_TEXT_ID, reset_positions=False)[0] is None
+
+
+def test_window_boundaries_are_the_documents_the_shards_record(tmp_path):
+    docs = [f"document {i} " + "word " * (i * 7 % 23) for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([tmp_path / "d.jsonl"], tmp_path / "out", val_ratio=0.0)
+    index = read_index(tmp_path / "out")
+    tokens = ShardTokens(tmp_path / "out", "train", index)
+    stream = tokens[0 : len(tokens)][None]  # the whole split as one window
+    found = [0] + torch.nonzero(document_starts(stream, END_OF_TEXT_ID)[0]).flatten().tolist()
+    recorded = np.load(tmp_path / "out" / index["splits"]["train"]["shards"][0]["docs_file"]).tolist()
+    assert found == recorded
+
+
+def test_document_mask_trains_on_a_prepared_corpus(tmp_path, verdict):
+    text = verdict.read_text(encoding="utf-8")
+    step = len(text) // 80  # documents shorter than a window: most windows span several
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"text": text[i : i + step]}) + "\n" for i in range(0, len(text), step)))
+    prepare([tmp_path / "v.jsonl"], tmp_path / "prep", val_ratio=0.15)
+    common = {"data.path": str(tmp_path / "prep"), "train.max_steps": 2, "train.sample_tokens": 0}
+    masked = train(load_config(CONFIGS / "tiny.yaml", {**common, "data.document_mask": True, "data.reset_positions": True}),
+                   tmp_path / "masked")
+    plain = train(load_config(CONFIGS / "tiny.yaml", common), tmp_path / "plain")
+    assert np.isfinite(masked["train_loss"]) and masked["train_loss"] != plain["train_loss"]
+    # Off (the default) the model is called as before: the book-exact tests (test_book_run, test_train) cover it.
+
+
+def test_reset_positions_without_document_mask_is_a_one_line_error(cli, tmp_path, verdict):
+    _one_line_error(cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", tmp_path / "r",
+                        "--set", "data.reset_positions=true"), "data.reset_positions", "data.document_mask")

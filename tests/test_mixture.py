@@ -1,0 +1,143 @@
+"""Weighted mixtures of prepared corpora (issue 16 item 3): proportions, exact resume, per-source loss, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptcli import shards
+from gptcli.config import load_config
+from gptcli.mixture import MixtureBatchSampler, MixtureWindows
+from gptcli.shards import prepare
+from gptcli.train import train
+
+from conftest import CONFIGS, final_weights, run_losses
+from test_shards import _one_line_error
+
+
+def _mixture(sizes=(50, 500), weights=(0.7, 0.3)) -> MixtureWindows:
+    return MixtureWindows([range(n) for n in sizes], [f"s{i}" for i in range(len(sizes))], weights)
+
+
+def _draw(sampler: MixtureBatchSampler, batches: int, start: int = 0) -> list[list[int]]:
+    """`batches` batches from an epoch resumed after `start` windows (as train.py drives it)."""
+    out = []
+    while len(out) < batches:
+        for batch in sampler:
+            out.append(batch)
+            if len(out) == batches:
+                break
+    return out
+
+
+def test_mixture_draws_sources_within_2_percent_of_their_weights_over_10000_windows():
+    data = _mixture(sizes=(50, 500, 120), weights=(0.5, 0.3, 0.2))
+    torch.manual_seed(0)
+    batches = _draw(MixtureBatchSampler(data, 10, True, True), 1000)
+    counts = [0, 0, 0]
+    for batch in batches:
+        for i in batch:
+            counts[data.source_of(i)] += 1
+    assert sum(counts) == 10_000
+    for count, weight in zip(counts, (0.5, 0.3, 0.2)):
+        assert abs(count / 10_000 - weight) < 0.02, counts  # the acceptance bound (binomial sd here <= 0.5 %)
+    # Each source walks through a permutation before repeating a window.
+    first_50 = [i for b in batches for i in b if data.source_of(i) == 0][:50]
+    assert sorted(first_50) == list(range(50))
+    torch.manual_seed(0)
+    assert _draw(MixtureBatchSampler(data, 10, True, True), 1000) == batches  # deterministic from the seed
+
+
+def test_mixture_sampler_resumed_from_its_state_continues_the_same_windows():
+    data = _mixture()
+    torch.manual_seed(1)
+    whole = MixtureBatchSampler(data, 4, True, True)
+    it = iter(whole)
+    expected = [next(it) for _ in range(100)]
+
+    torch.manual_seed(1)
+    first = MixtureBatchSampler(data, 4, True, True)
+    it = iter(first)
+    head = [next(it) for _ in range(37)]
+    state, seed = json.loads(json.dumps(first.state())), first.seed  # what a checkpoint stores
+
+    torch.manual_seed(99)  # another global RNG state: the saved state alone decides the windows
+    again = MixtureBatchSampler(data, 4, True, True)
+    again.load_state(state)
+    again.resume(seed, 37 * 4)
+    it = iter(again)
+    assert head + [next(it) for _ in range(63)] == expected
+
+
+def _prepared_halves(tmp_path: Path, verdict: Path) -> list[Path]:
+    """The book's corpus cut into 60 documents, odd and even ones prepared as two sources."""
+    text = verdict.read_text(encoding="utf-8")
+    step = len(text) // 60
+    docs = [text[i : i + step] for i in range(0, len(text), step)]
+    roots = []
+    for k, name in enumerate(("even", "odd")):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[k::2]), encoding="utf-8")
+        prepare([src], tmp_path / name, val_ratio=0.2)
+        roots.append(tmp_path / name)
+    return roots
+
+
+def _mixture_config(roots: list[Path], **overrides):
+    return load_config(CONFIGS / "tiny.yaml", {
+        "data.path": [{"path": str(roots[0]), "weight": 0.7}, {"path": str(roots[1]), "weight": 0.3}],
+        "train.sample_tokens": 0, **overrides})
+
+
+def test_mixture_training_stopped_and_resumed_equals_an_uninterrupted_run(tmp_path, verdict):
+    """issue 16 acceptance: stop + --resume gives the same windows (hence losses and weights)."""
+    roots = _prepared_halves(tmp_path, verdict)
+    common = {"train.save_every": 3, "train.eval_freq": 4, "train.eval_iter": 1}  # evaluations at steps 1 and 5
+    train(_mixture_config(roots, **common, **{"train.max_steps": 6}), tmp_path / "whole")
+    train(_mixture_config(roots, **common, **{"train.max_steps": 3}), tmp_path / "cut")
+    train(_mixture_config(roots, **common, **{"train.max_steps": 6}), tmp_path / "cut", resume=True)
+    assert run_losses(tmp_path / "cut") == run_losses(tmp_path / "whole")
+    whole, cut = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+
+
+def test_mixture_reports_validation_loss_per_source_and_weighted_overall(tmp_path, verdict):
+    roots = _prepared_halves(tmp_path, verdict)
+    train(_mixture_config(roots, **{"train.max_steps": 1}), tmp_path / "run")
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals
+    by_source = evals[0]["val_loss_by_source"]
+    assert set(by_source) == {str(r) for r in roots}
+    expected = 0.7 * by_source[str(roots[0])] + 0.3 * by_source[str(roots[1])]
+    assert evals[0]["val_loss"] == pytest.approx(expected, rel=1e-12)  # the same floats summed: rounding only
+
+
+def _write_config(tmp_path: Path, entries: list) -> Path:
+    path = tmp_path / "mix.yaml"
+    path.write_text(json.dumps({"data": {"path": entries}, "train": {"max_steps": 1}}))  # JSON is YAML
+    return path
+
+
+def test_mixture_errors_are_one_line(cli, tmp_path, verdict, monkeypatch):
+    roots = _prepared_halves(tmp_path, verdict)
+    good = {"path": str(roots[0]), "weight": 1}
+    for weight in (0, -0.5):
+        cfg = _write_config(tmp_path, [good, {"path": str(roots[1]), "weight": weight}])
+        _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "r"), "data.path[1].weight", "must be positive")
+    cfg = _write_config(tmp_path, [good, {"path": str(tmp_path / "nowhere"), "weight": 1}])
+    _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "r"), "data.path[1]", "nowhere", "not found")
+    cfg = _write_config(tmp_path, [good, {"path": str(verdict), "weight": 1}])
+    _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "r"), "data.path[1]", "not a directory made by gptcli prepare")
+
+    from test_sources import _WideVocabulary
+
+    monkeypatch.setattr(shards, "get_tokenizer", lambda: _WideVocabulary(100277))
+    prepare([tmp_path / "odd.jsonl"], tmp_path / "wide", val_ratio=0.2)
+    cfg = _write_config(tmp_path, [good, {"path": str(tmp_path / "wide"), "weight": 1}])
+    _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "r"), "different token widths", "uint16", "uint32")
+    assert not (tmp_path / "r").exists()
