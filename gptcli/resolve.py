@@ -364,10 +364,12 @@ def check_data_path(cfg: Config, flag: Optional[str] = None) -> None:
     Raises:
         InputError: the path does not exist.
     """
-    paths = [Path(e["path"]) for e in cfg.data.path] if isinstance(cfg.data.path, list) else [Path(cfg.data.path)]
-    for path in paths:
-        if not (path.exists() or (len(paths) == 1 and path.name == Path(DEFAULT_CORPUS).name)):
-            raise InputError(f"{path}: data file not found (data.path from {flag or describe_origin(cfg, 'data.path')})")
+    mixture = isinstance(cfg.data.path, list)
+    paths = [Path(e["path"]) for e in cfg.data.path] if mixture else [Path(cfg.data.path)]
+    for i, path in enumerate(paths):
+        if not (path.exists() or (not mixture and path.name == Path(DEFAULT_CORPUS).name)):
+            key = f"data.path[{i}]" if mixture else "data.path"
+            raise InputError(f"{path}: data file not found ({key} from {flag or describe_origin(cfg, 'data.path')})")
 
 
 def corpus_available(cfg: Config) -> bool:

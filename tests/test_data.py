@@ -146,7 +146,8 @@ def test_corrupt_download_is_removed(monkeypatch, tmp_path):
             data.load_splits(DataConfig(), 256)
     finally:
         server.close()
-    assert not list((tmp_path / "data").iterdir())
+    # Nothing is left: neither the bad file nor the data/ folder the download created (issue 12 finding 9).
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
 
 
 def test_offline_says_where_to_put_the_file(monkeypatch, tmp_path):
