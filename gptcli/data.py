@@ -40,14 +40,15 @@ def ensure_default_corpus(path: Path, progress: Progress | None = None) -> None:
     """Download the book's corpus to `path` if it is the default corpus and missing.
 
     Raises:
-        InputError: the download failed; says where to put the file or to pass --data.
+        RunError: the download failed (a runtime failure, exit 1 like every network error);
+            says where to put the file or to pass --data.
     """
     if path.exists() or path.name != Path(DEFAULT_CORPUS).name:
         return
     try:
         download(VERDICT_URL, path, sha256=VERDICT_SHA256, progress=progress)
     except RunError as e:
-        raise InputError(
+        raise RunError(
             f"{path}: missing, and downloading it failed ({e}); "
             f"put the-verdict.txt there or pass --data PATH"
         ) from None

@@ -9,7 +9,7 @@ import torch
 
 from gptcli import data
 from gptcli.config import DataConfig
-from gptcli.errors import InputError
+from gptcli.errors import InputError, RunError
 
 
 def test_windows_equal_the_books_dataset(verdict, tiktoken_offline):
@@ -142,7 +142,7 @@ def test_corrupt_download_is_removed(monkeypatch, tmp_path):
     server = _Server(b"not the verdict" * 100)
     monkeypatch.setattr(data, "VERDICT_URL", server.url)
     try:
-        with pytest.raises(InputError, match="sha256"):
+        with pytest.raises(RunError, match="sha256"):
             data.load_splits(DataConfig(), 256)
     finally:
         server.close()
@@ -152,6 +152,19 @@ def test_corrupt_download_is_removed(monkeypatch, tmp_path):
 
 def test_offline_says_where_to_put_the_file(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "VERDICT_URL", "http://127.0.0.1:9/the-verdict.txt")  # closed port
-    with pytest.raises(InputError) as e:
+    with pytest.raises(RunError) as e:
         data.load_splits(DataConfig(), 256)
     assert "data/the-verdict.txt" in str(e.value) and "--data" in str(e.value)
+
+
+def test_a_failed_corpus_download_exits_1_as_the_readme_table_says(monkeypatch, tmp_path):
+    """issue 12 build 8: a network error is a runtime failure (exit 1), as the exit-code table says."""
+    from typer.testing import CliRunner
+
+    from gptcli.cli import app
+
+    monkeypatch.setattr(data, "VERDICT_URL", "http://127.0.0.1:9/the-verdict.txt")  # closed port
+    result = CliRunner().invoke(app, ["loss", "--num-batches", "1"])
+    assert result.exit_code == 1, (result.output, result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "downloading it failed" in last
