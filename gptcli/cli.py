@@ -404,13 +404,15 @@ def train(
                  "train.learning_rate": learning_rate, "train.seed": seed}
     if allow_data_change and not resume:
         raise InputError("--allow-data-change: only with --resume (a new run takes any corpus)")
-    plan = resolve_train(config, sets, overrides, out=out, name=name, resume=resume, overwrite=overwrite,
-                         init_from=init_from, root=CHECKPOINTS_ROOT)
-    check_data_path(plan.cfg, "--data" if data else None)
-    cfg, run_dir = plan.cfg, plan.run_dir
-    resume, overwrite = plan.mode == "resume", plan.mode in ("overwrite", "restart")
-    events = _TrainEvents(plan.notes, cfg.data.path) if os.environ.get("RANK", "0") == "0" else _NoEvents()
-    try:
+    events = _NoEvents()
+    try:  # resolution errors too: under torchrun every rank meets them, and rank 0 alone reports them
+        plan = resolve_train(config, sets, overrides, out=out, name=name, resume=resume, overwrite=overwrite,
+                             init_from=init_from, root=CHECKPOINTS_ROOT)
+        check_data_path(plan.cfg, "--data" if data else None)
+        cfg, run_dir = plan.cfg, plan.run_dir
+        resume, overwrite = plan.mode == "resume", plan.mode in ("overwrite", "restart")
+        if os.environ.get("RANK", "0") == "0":
+            events = _TrainEvents(plan.notes, cfg.data.path)
         summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events,
                                allow_data_change=allow_data_change)
     except GptcliError as e:

@@ -41,6 +41,7 @@ RESUMABLE = (
     "train.batch_size", "train.max_steps", "train.num_epochs", "train.max_tokens", "train.eval_freq", "train.eval_iter",
     "train.save_every", "train.keep_last", "train.log_every", "train.sample_tokens", "train.start_context",
     "train.device", "train.num_threads", "train.host_memory", "train.peak_flops", "train.out_dir", "data.path",
+    "train.distributed",  # checkpoints hold full weights: a DDP run resumes sharded (FSDP) and back
 )
 
 # Model keys that may differ from a checkpoint's when evaluating it: the same weights, the same math.

@@ -123,7 +123,9 @@ def test_nproc_exits_with_the_processes_code_and_one_line(tmp_path, subprocess_e
     cmd = gptcli_cmd() + ["train", "--nproc", "2", "--data", str(tmp_path / "missing.txt"), "--out", "run"]
     result = subprocess.run(cmd, env=subprocess_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: data file not found"]
+    # One line from rank 0 alone, saying where the path came from (issue 12 finding 9).
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.txt'}: data file not found (data.path from --data)"]
 
 
 @pytest.mark.slow
