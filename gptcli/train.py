@@ -586,6 +586,10 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
             f"{info.world_size * batch} windows; the run's is {saved_batch} x {world} = {world * saved_batch}, and its "
             f"position in the epoch counts those: keep the global batch (e.g. --batch-size {saved_batch} with "
             f"--nproc {world})")
+    if "mixture" in ckpt.train_state and not splits.sources:
+        # Its position is one per source of the mixture: a single data.path would silently restart the data.
+        raise InputError(f"--resume: {ckpt.path} trained on a mixture (data.path was a list); data.path "
+                         f"{splits.source} is a single source, on which the saved positions cannot continue")
     corpus = manifest.get("corpus") or {}
     if corpus.get("sha256") and corpus["sha256"] != splits.sha256:
         if not allow_data_change:

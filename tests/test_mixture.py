@@ -144,3 +144,16 @@ def test_mixture_errors_are_one_line(cli, tmp_path, verdict, monkeypatch):
     cfg = _write_config(tmp_path, [good, {"path": str(tmp_path / "wide"), "weight": 1}])
     _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "r"), "different token widths", "uint16", "uint32")
     assert not (tmp_path / "r").exists()
+
+
+def test_resuming_a_mixture_run_on_a_single_source_is_refused(tmp_path, verdict):
+    """A mixture checkpoint holds one position per source: a single data.path on resume would drop them silently."""
+    from gptcli.errors import InputError
+
+    roots = _prepared_halves(tmp_path, verdict)
+    train(_mixture_config(roots, **{"train.max_steps": 2}), tmp_path / "run")
+    single = load_config(CONFIGS / "tiny.yaml", {"data.path": str(roots[0]), "train.sample_tokens": 0,
+                                                 "train.max_steps": 4})
+    for allow in (False, True):  # even when a changed corpus is allowed, the positions cannot carry over
+        with pytest.raises(InputError, match="trained on a mixture .* single source"):
+            train(single, tmp_path / "run", resume=True, allow_data_change=allow)
