@@ -34,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptcli.config import Config, ConfigError, config_from_dict, save_config
-from gptcli.download import fsync_dir, sha256_file
 from gptcli.errors import InputError, RunError, first_line
+from gptcli.fsio import fsync_dir, fsync_file, sha256_file, write_synced
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -111,7 +111,7 @@ def save_checkpoint(
             _torch_save(train_state, tmp / TRAIN_STATE)
         files = {}
         for f in sorted(tmp.iterdir()):
-            _fsync_file(f)
+            fsync_file(f)
             files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {
             "format": FORMAT,
@@ -120,7 +120,7 @@ def save_checkpoint(
             "files": files,
             **(meta or {}),
         }
-        _write_json(tmp / MANIFEST, manifest)
+        write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         fsync_dir(tmp)
         if name == ".":
             for f in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):  # manifest last
@@ -171,19 +171,6 @@ def _torch_save(obj: Any, path: Path) -> None:
         if isinstance(e.__context__, OSError):
             raise e.__context__ from None
         raise
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict[str, Any]:
@@ -339,10 +326,7 @@ def point(run_dir: Path, name: str, target: Path) -> None:
     try:
         os.symlink(target.name, tmp)
     except (OSError, NotImplementedError):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(target.name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, target.name + "\n")
     old = None
     if link.is_dir() and not link.is_symlink():
         old = run_dir / f".old-{name}-{os.getpid()}"

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from gptcli.fsio import atomic_write
+
 # The extensions that decide which float32/bfloat16 matmul kernels run: two machines with
 # the same model name but other firmware or VM settings can differ in these.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
@@ -103,9 +105,7 @@ def _write_cache(key: str, value: float) -> None:
     cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(cache, indent=2))
     except OSError:
         pass  # a read-only home: measure again next time
 

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from gptcli import download as dl
 from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file, verify_checkpoint
 from gptcli.config import Config, ModelConfig
-from gptcli.download import fsync_dir
+from gptcli.fsio import fsync_dir
 from gptcli.errors import InputError, RunError, first_line
 from gptcli.model import GPTModel, export_state_dict, load_state_dict
 from gptcli.tensorbundle import TensorBundle
