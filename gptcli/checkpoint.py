@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from gptcli.config import Config, ConfigError, config_from_dict, save_config
 from gptcli.errors import InputError, RunError, first_line
 from gptcli.fsio import fsync_dir, fsync_file, sha256_file, write_synced
+from gptcli.loading import torch_load
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -303,10 +304,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
 def load_train_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"{path}: missing (this checkpoint holds weights only and cannot resume training)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        raise RunError(f"{path}: refused or unreadable training state ({type(e).__name__}: {first_line(e)})") from None
+    return torch_load(path, "training state")
 
 
 def point(run_dir: Path, name: str, target: Path) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptcli.config import ModelConfig
+from gptcli.loading import key_mismatch
 
 
 class LayerNorm(nn.Module):
@@ -341,13 +342,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     gpt = unwrap(model)
     own = gpt.state_dict()
     padded = pad_vocab(sd, gpt.cfg)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    problems = key_mismatch(own, sd)
     shapes = [f"{key}: shape {tuple(sd[key].shape)} in the file, {tuple(own[key].shape)} in the model"
               for key in sorted(set(own) & set(sd)) if padded[key].shape != own[key].shape]
     if shapes:  # a wrong width mismatches nearly every tensor: the first few say enough

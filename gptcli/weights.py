@@ -32,6 +32,7 @@ from gptcli import download as dl
 from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file, verify_checkpoint
 from gptcli.config import Config, ModelConfig
 from gptcli.fsio import fsync_dir
+from gptcli.loading import key_mismatch, torch_load
 from gptcli.errors import InputError, RunError, first_line
 from gptcli.model import GPTModel, export_state_dict, load_state_dict
 from gptcli.tensorbundle import TensorBundle
@@ -50,15 +51,7 @@ def load_book_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         InputError: the file is missing, refused, or holds no state_dict.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except Exception as e:
-        raise InputError(
-            f"{path}: refused to load ({type(e).__name__}: {first_line(e)}); "
-            "only plain tensors are read from .pth files"
-        ) from None
+    obj = torch_load(path, "state_dict", InputError)
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -188,12 +181,9 @@ def from_gpt2_state_dict(
     expected = _gpt2_shapes(cfg)
     if tied:
         expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(names))
-    unexpected = sorted(set(names) - set(expected))
-    if missing or unexpected:
-        what = [f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"] if missing else []
-        what += [f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"] if unexpected else []
-        raise InputError(f"{where}: not the tensors of this GPT-2 shape ({'; '.join(what)})")
+    mismatch = key_mismatch(expected, names)
+    if mismatch:
+        raise InputError(f"{where}: not the tensors of this GPT-2 shape ({'; '.join(mismatch)})")
 
     def get(name: str) -> torch.Tensor:
         t = src[names[name]]
@@ -369,10 +359,7 @@ def read_hf_tensors(directory: Path) -> Mapping[str, torch.Tensor]:
             raise RunError(f"{index}: unreadable shard index") from None
         return _LazyTensors([directory / s for s in shards])
     path = directory / "pytorch_model.bin"
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: 2019-era files predate zip
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        raise RunError(f"{path}: refused or unreadable ({type(e).__name__}: {first_line(e)})") from None
+    sd = torch_load(path, "state_dict")  # no mmap: 2019-era files predate zip
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RunError(f"{path}: not a state_dict of tensors")
     return sd
