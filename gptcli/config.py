@@ -21,8 +21,12 @@ import yaml
 from gptcli.errors import InputError
 
 
-class ConfigError(InputError):
-    """A config value is unknown, of the wrong type or out of range."""
+class ConfigError(InputError, ValueError):
+    """A config value is unknown, of the wrong type or out of range.
+
+    Also a ValueError, the standard type for a bad value, so callers that catch
+    ValueError around a config construction (e.g. `weights.config_from_hf`) catch it.
+    """
 
 
 # torch.manual_seed takes what fits 64 bits, signed or unsigned; anything else is its RuntimeError.
