@@ -159,3 +159,40 @@ def test_fused_cpu_dropout_has_the_same_distribution_and_gradient():
     assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the same mask and scale
     assert torch.equal(drop.eval()(x), x)  # identity in eval mode
     assert not torch.equal(Dropout(0.1, fused=True).train()(x), y)  # a fresh mask each call
+
+
+def test_gpt2_init_draws_each_parameter_group_at_gpt2s_std():
+    """model.init: gpt2 -- normal(0, 0.02), zero biases, residual projections at 0.02/sqrt(2 L)."""
+    cfg = ModelConfig(vocab_size=1000, context_length=64, emb_dim=64, n_heads=4, n_layers=4, qkv_bias=True, init="gpt2")
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    residual = 0.02 / (2 * cfg.n_layers) ** 0.5
+    checked = set()
+    for name, p in model.named_parameters():
+        if name.endswith(("norm1.scale", "norm2.scale", "final_norm.scale")):
+            expected = "ones"
+        elif name.endswith(("shift", "bias")):
+            expected = "zeros"
+        else:
+            expected = residual if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")) else 0.02
+        checked.add(expected if isinstance(expected, str) else round(expected, 5))
+        if expected == "ones":
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif expected == "zeros":
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            n = p.numel()  # >= 4096 draws per weight here
+            # The sample std of n normal draws has relative standard error 1/sqrt(2n) <= 1.1 %:
+            # 6 % is more than 5 standard errors, and far from the next candidate (2.8x apart).
+            assert abs(p.std().item() / expected - 1) < 0.06, (name, p.std().item(), expected)
+            # The sample mean has standard error std/sqrt(n): 5 of them.
+            assert abs(p.mean().item()) < 5 * expected / n**0.5, name
+    assert checked == {"ones", "zeros", 0.02, round(residual, 5)}
+
+
+def test_init_defaults_to_the_books_and_refuses_unknown_schemes():
+    from gptcli.config import ConfigError, config_from_dict
+
+    assert ModelConfig().init == "book"  # the parity test above then pins what "book" means
+    with pytest.raises(ConfigError, match="model.init"):
+        config_from_dict({"model": {"init": "xavier"}}, "--set")
