@@ -34,9 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptcli.config import Config, ConfigError, config_from_dict, save_config
+from gptcli.device import resolve_device
 from gptcli.errors import InputError, RunError, first_line
 from gptcli.fsio import fsync_dir, fsync_file, sha256_file, write_synced
 from gptcli.loading import torch_load
+from gptcli.model import GPTModel, load_state_dict
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -299,6 +301,22 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
     if with_train_state:
         train_state = load_train_state(ckpt_dir / TRAIN_STATE)
     return Checkpoint(ckpt_dir, config, weights, manifest, train_state, skipped)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device | None = None) -> GPTModel:
+    """A GPTModel in eval mode holding a loaded checkpoint's weights, on `device` (default: the config's).
+
+    Raises:
+        RunError: the weights do not fit the checkpoint's own config.
+        InputError: the device is not available.
+    """
+    dev = resolve_device(device or ckpt.config.train.device)
+    model = GPTModel(ckpt.config.model)
+    try:
+        load_state_dict(model, ckpt.weights)
+    except ValueError as e:
+        raise RunError(f"{ckpt.path}: the weights do not fit the checkpoint's config.yaml ({e})") from None
+    return model.to(dev).eval()
 
 
 def load_train_state(path: Path) -> dict[str, Any]:

@@ -328,8 +328,8 @@ def build_model(plan: Plan, seed: Optional[int]):
     """(model in eval mode on the config's device, description): the checkpoint's weights or a seeded init."""
     import torch
 
+    from gptcli.checkpoint import model_from_checkpoint
     from gptcli.device import resolve_device
-    from gptcli.evaluate import model_from_checkpoint
     from gptcli.model import GPTModel
 
     if plan.ckpt is not None:

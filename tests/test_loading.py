@@ -13,7 +13,7 @@ from gptcli.checkpoint import load_train_state
 from gptcli.errors import InputError, RunError
 from gptcli.loading import SHOWN, key_mismatch, torch_load
 from gptcli.model import GPTModel, load_state_dict
-from gptcli.weights import from_gpt2_state_dict, load_book_state_dict, to_gpt2_state_dict
+from gptcli.convert import from_gpt2_state_dict, load_book_state_dict, to_gpt2_state_dict
 
 
 class _RunsCode:

@@ -11,7 +11,7 @@ from gptcli import evaluate as ev
 from gptcli.config import ModelConfig
 from gptcli.loss import cross_entropy
 from gptcli.model import GPTModel, export_state_dict, flops_per_token, load_state_dict
-from gptcli.weights import from_book_state_dict, load_book_state_dict
+from gptcli.convert import from_book_state_dict, load_book_state_dict
 
 # The chapter-5 toy batch: "every effort moves" / "I really like" and their shifted targets.
 TOY_INPUTS = torch.tensor([[16833, 3626, 6100], [40, 1107, 588]])

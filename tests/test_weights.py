@@ -263,7 +263,7 @@ def test_a_hf_config_our_model_rejects_is_reported_against_the_file():
     """ConfigError is a ValueError, so config_from_hf's handler names the file it came from."""
     from gptcli.config import ConfigError
     from gptcli.errors import InputError
-    from gptcli.weights import config_from_hf
+    from gptcli.convert import config_from_hf
 
     bad = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 0, "n_positions": 32, "vocab_size": 100}
     with pytest.raises(InputError) as e:
