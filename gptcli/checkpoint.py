@@ -34,8 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptcli.config import Config, ConfigError, config_from_dict, save_config
-from gptcli.download import fsync_dir, sha256_file
+from gptcli.device import resolve_device
 from gptcli.errors import InputError, RunError, first_line
+from gptcli.fsio import fsync_dir, fsync_file, sha256_file, write_synced
+from gptcli.loading import torch_load
+from gptcli.model import GPTModel, load_state_dict
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -111,7 +114,7 @@ def save_checkpoint(
             _torch_save(train_state, tmp / TRAIN_STATE)
         files = {}
         for f in sorted(tmp.iterdir()):
-            _fsync_file(f)
+            fsync_file(f)
             files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {
             "format": FORMAT,
@@ -120,7 +123,7 @@ def save_checkpoint(
             "files": files,
             **(meta or {}),
         }
-        _write_json(tmp / MANIFEST, manifest)
+        write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         fsync_dir(tmp)
         if name == ".":
             for f in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):  # manifest last
@@ -171,19 +174,6 @@ def _torch_save(obj: Any, path: Path) -> None:
         if isinstance(e.__context__, OSError):
             raise e.__context__ from None
         raise
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict[str, Any]:
@@ -313,13 +303,26 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
     return Checkpoint(ckpt_dir, config, weights, manifest, train_state, skipped)
 
 
+def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device | None = None) -> GPTModel:
+    """A GPTModel in eval mode holding a loaded checkpoint's weights, on `device` (default: the config's).
+
+    Raises:
+        RunError: the weights do not fit the checkpoint's own config.
+        InputError: the device is not available.
+    """
+    dev = resolve_device(device or ckpt.config.train.device)
+    model = GPTModel(ckpt.config.model)
+    try:
+        load_state_dict(model, ckpt.weights)
+    except ValueError as e:
+        raise RunError(f"{ckpt.path}: the weights do not fit the checkpoint's config.yaml ({e})") from None
+    return model.to(dev).eval()
+
+
 def load_train_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"{path}: missing (this checkpoint holds weights only and cannot resume training)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        raise RunError(f"{path}: refused or unreadable training state ({type(e).__name__}: {first_line(e)})") from None
+    return torch_load(path, "training state")
 
 
 def point(run_dir: Path, name: str, target: Path) -> None:
@@ -339,10 +342,7 @@ def point(run_dir: Path, name: str, target: Path) -> None:
     try:
         os.symlink(target.name, tmp)
     except (OSError, NotImplementedError):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(target.name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, target.name + "\n")
     old = None
     if link.is_dir() and not link.is_symlink():
         old = run_dir / f".old-{name}-{os.getpid()}"

@@ -834,7 +834,7 @@ def download_(
     json_out: JsonOpt = False,
 ) -> None:
     """Download OpenAI's GPT-2 weights, verify them and convert them into a gptcli checkpoint."""
-    from gptcli.weights import download_pretrained
+    from gptcli.hub import download_pretrained
 
     progress = _DownloadProgress()
     try:

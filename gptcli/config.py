@@ -21,8 +21,12 @@ import yaml
 from gptcli.errors import InputError
 
 
-class ConfigError(InputError):
-    """A config value is unknown, of the wrong type or out of range."""
+class ConfigError(InputError, ValueError):
+    """A config value is unknown, of the wrong type or out of range.
+
+    Also a ValueError, the standard type for a bad value, so callers that catch
+    ValueError around a config construction (e.g. `weights.config_from_hf`) catch it.
+    """
 
 
 # torch.manual_seed takes what fits 64 bits, signed or unsigned; anything else is its RuntimeError.
@@ -52,6 +56,9 @@ class ModelConfig:
     # Round the embedding/output matrices up to a multiple of this for faster matmuls;
     # logits and checkpoints keep vocab_size rows (1 = no padding).
     pad_vocab_multiple: int = 1
+    # Initial weights: "book" = PyTorch's defaults in the book's creation order (the book's
+    # model for one seed); "gpt2" = GPT-2's normal(0, 0.02) with depth-scaled residual projections.
+    init: Literal["book", "gpt2"] = "book"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_multiple"):

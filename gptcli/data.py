@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gptcli.config import DataConfig
-from gptcli.download import Progress, download, sha256_file
+from gptcli.download import Progress, download
 from gptcli.errors import InputError, RunError
+from gptcli.fsio import sha256_file
 from gptcli.mixture import MixtureBatchSampler, MixtureWindows, open_sources
 from gptcli.sampling import GlobalBatchSampler
 from gptcli.shards import INDEX, ShardTokens, is_prepared, read_document_texts, read_index

@@ -8,7 +8,6 @@ is deleted, so nothing unverified is ever used.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.error
@@ -17,31 +16,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gptcli.errors import RunError
+from gptcli.fsio import fsync_dir, sha256_file, sync
 
 Progress = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
 CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (no-op where directories can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def download(
@@ -197,8 +175,7 @@ def _fetch(url: str, part: Path, done: int, size: int | None, progress: Progress
                     done += len(chunk)
                     if progress is not None:
                         progress(done, total)
-                f.flush()
-                os.fsync(f.fileno())
+                sync(f)
         except (OSError, urllib.error.URLError) as e:
             raise RunError(f"download {url}: interrupted after {done} bytes ({e}); run again to resume") from None
     return total

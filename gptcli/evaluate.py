@@ -8,10 +8,10 @@ In a notebook::
 
     from pathlib import Path
     from gptcli import evaluate as ev
-    from gptcli.checkpoint import load_checkpoint
+    from gptcli.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(Path("checkpoints/tiny"))    # a run's newest valid checkpoint
-    model = ev.model_from_checkpoint(ckpt, "cpu")
+    model = model_from_checkpoint(ckpt, "cpu")
     ev.evaluate_datasets(model, ev.eval_datasets(ckpt.config, ["notes.txt"]), batch_size=4)
     ev.evaluate_run("checkpoints/tiny")["results"]      # every checkpoint, oldest first
     ev.token_report(model, "Every effort moves you")["tokens"]
@@ -28,13 +28,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from gptcli.checkpoint import Checkpoint, list_step_checkpoints, load_checkpoint, resolve_checkpoint
+from gptcli.checkpoint import list_step_checkpoints, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from gptcli.config import Config
 from gptcli.data import TokenWindows, WindowBatchSampler, load_splits, make_loader, read_corpus
-from gptcli.device import resolve_device
 from gptcli.errors import InputError, RunError
 from gptcli.loss import cross_entropy
-from gptcli.model import GPTModel, load_state_dict
+from gptcli.model import GPTModel
 from gptcli.shards import ShardTokens, is_prepared, read_index
 from gptcli.tokenizer import decode, encode, get_tokenizer
 
@@ -236,22 +235,6 @@ def evaluate_datasets(
         loader = make_loader(windows, batch_size, shuffle=False, drop_last=False)
         rows.append({"dataset": name, **evaluate_loss(model, loader, device, num_batches, byte_lengths=token_byte_lengths())})
     return rows
-
-
-def model_from_checkpoint(ckpt: Checkpoint, device: str | None = None) -> GPTModel:
-    """A GPTModel in eval mode holding a loaded checkpoint's weights, on `device` (default: the config's).
-
-    Raises:
-        RunError: the weights do not fit the checkpoint's own config.
-        InputError: the device is not available.
-    """
-    dev = resolve_device(device or ckpt.config.train.device)
-    model = GPTModel(ckpt.config.model)
-    try:
-        load_state_dict(model, ckpt.weights)
-    except ValueError as e:
-        raise RunError(f"{ckpt.path}: the weights do not fit the checkpoint's config.yaml ({e})") from None
-    return model.to(dev).eval()
 
 
 def evaluate_run(

@@ -12,12 +12,15 @@ Shapes: B batch, T tokens, C = emb_dim, H = n_heads, D = C // H, V = vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptcli.config import ModelConfig
+from gptcli.loading import key_mismatch
 
 
 class LayerNorm(nn.Module):
@@ -227,6 +230,32 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg.emb_dim, cfg.impl == "fused")
         self.out_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
         self.activation_checkpointing = False
+        if cfg.init == "gpt2":
+            self._init_gpt2()
+
+    @torch.no_grad()
+    def _init_gpt2(self, std: float = 0.02) -> None:
+        """GPT-2's initialisation (model.init: gpt2), replacing PyTorch's defaults.
+
+        Every Linear and Embedding weight ~ normal(0, 0.02), biases zero, LayerNorms
+        as built (scale 1, shift 0). The two projections that add into the residual
+        stream in each block (att.out_proj and the MLP's second Linear) get std
+        0.02 / sqrt(2 * n_layers): GPT-2 (Radford et al. 2019, "Language Models are
+        Unsupervised Multitask Learners", section 2.3) scales "the weights of residual
+        layers at initialization by a factor of 1/sqrt(N) where N is the number of
+        residual layers" -- two per block -- so the residual stream's variance does
+        not grow with depth. nanoGPT's model.py (GPT._init_weights and its c_proj
+        loop) applies the same scheme.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.trf_blocks:
+            for proj in (block.att.out_proj, block.ff.layers[-1]):
+                nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
 
     def forward(
         self,
@@ -275,11 +304,8 @@ class GPTModel(nn.Module):
         p = self.out_head.weight
         return KVCache(self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
-        return n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 def flops_per_token(cfg: ModelConfig, training: bool = True) -> float:
@@ -341,13 +367,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     gpt = unwrap(model)
     own = gpt.state_dict()
     padded = pad_vocab(sd, gpt.cfg)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    problems = key_mismatch(own, sd)
     shapes = [f"{key}: shape {tuple(sd[key].shape)} in the file, {tuple(own[key].shape)} in the model"
               for key in sorted(set(own) & set(sd)) if padded[key].shape != own[key].shape]
     if shapes:  # a wrong width mismatches nearly every tensor: the first few say enough

@@ -12,16 +12,17 @@ never reported.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from gptcli.fsio import atomic_write
+from gptcli.hostmem import set_host_memory  # noqa: F401  (train.py imports it from here, for now)
 
 # The extensions that decide which float32/bfloat16 matmul kernels run: two machines with
 # the same model name but other firmware or VM settings can differ in these.
@@ -103,9 +104,7 @@ def _write_cache(key: str, value: float) -> None:
     cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(cache, indent=2))
     except OSError:
         pass  # a read-only home: measure again next time
 
@@ -172,34 +171,3 @@ class MfuMeter:
             self.warn(f"MFU not reported: the model computes {flops_per_s / 1e9:.1f} GFLOP/s, above the peak "
                       f"of {self.peak / 1e9:.1f} GFLOP/s ({source}); the peak is too low")
         return None
-
-
-def set_host_memory(policy: str) -> bool:
-    """Set glibc malloc's policy for this process: "retain" or "return" freed memory.
-
-    A training step allocates and frees the same buffers every step: a few huge ones
-    (logits, their softmax and gradients: 400 MB each for the 124M model at batch 8) and
-    hundreds of activations of 1-30 MB. By default glibc serves huge ones from a fresh
-    mmap and unmaps them when freed, and after such a free raises its mmap threshold so
-    that the activations come from the heap, where they fragment it: the resident size
-    ends up near 1 GB above what the step holds at once.
-
-    "retain" never unmaps or trims (what jemalloc/tcmalloc do, as PyTorch's CPU
-    performance guide recommends): no page faults on the per-step buffers, a fifth of a
-    CPU step, but the resident size stays at its high-water mark. "return" fixes the mmap
-    threshold at 1 MiB: every buffer from 1 MiB on has its own mapping and goes back to
-    the OS when freed, so the heap stays small and the peak is what the step really holds.
-    Returns False where the C library is not glibc (nothing changes then).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # from <malloc.h>
-    if policy == "retain":
-        return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
-    if policy == "return":
-        return bool(mallopt(m_mmap_threshold, 1 << 20))
-    raise ValueError(f"unknown host memory policy {policy!r}")

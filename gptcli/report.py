@@ -11,9 +11,10 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from gptcli.fsio import atomic_write, sync
 
 METRICS = "metrics.jsonl"
 CSV = "metrics.csv"
@@ -32,9 +33,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # Events after the checkpoint we resume from will be logged again: drop them.
             kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(json.dumps(e) + "\n" for e in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, event: dict[str, Any]) -> None:
@@ -42,7 +41,12 @@ class MetricsLog:
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        # Flushed per line (a killed process loses nothing); fsynced once at the end, since
+        # an fsync per line would cost a disk round trip at every log interval.
+        try:
+            sync(self._file)
+        finally:
+            self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -67,7 +71,7 @@ def write_csv(events: list[dict[str, Any]], path: Path) -> None:
     writer.writeheader()
     for e in events:
         writer.writerow({k: ("" if e.get(k) is None else e.get(k)) for k in CSV_COLUMNS})
-    _atomic_write(path, buf.getvalue().encode("utf-8"))
+    atomic_write(path, buf.getvalue())
 
 
 def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
@@ -101,7 +105,7 @@ def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def render(run_dir: Path) -> dict[str, Path]:
@@ -115,8 +119,3 @@ def render(run_dir: Path) -> dict[str, Path]:
 def _finite(x: Any) -> float:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else float("nan")
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

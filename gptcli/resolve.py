@@ -45,7 +45,7 @@ RESUMABLE = (
 )
 
 # Model keys that may differ from a checkpoint's when evaluating it: the same weights, the same math.
-EVAL_FREE_MODEL_KEYS = ("impl", "drop_rate")
+EVAL_FREE_MODEL_KEYS = ("impl", "drop_rate", "init")
 
 # What a gptcli run directory holds (anything else is the user's, and never deleted).
 LOCK_FILES = (".lock", ".lock.pid")  # the run lock and its holder's pid (kept by --overwrite)
@@ -328,8 +328,8 @@ def build_model(plan: Plan, seed: Optional[int]):
     """(model in eval mode on the config's device, description): the checkpoint's weights or a seeded init."""
     import torch
 
+    from gptcli.checkpoint import model_from_checkpoint
     from gptcli.device import resolve_device
-    from gptcli.evaluate import model_from_checkpoint
     from gptcli.model import GPTModel
 
     if plan.ckpt is not None:

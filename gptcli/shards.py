@@ -64,8 +64,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import numpy as np
 
 from gptcli import sources as tables
-from gptcli.download import fsync_dir, sha256_file
 from gptcli.errors import InputError, RunError
+from gptcli.fsio import atomic_write, fsync_dir, sha256_file, sync
 from gptcli.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, get_tokenizer
 
 if TYPE_CHECKING:
@@ -545,14 +545,13 @@ class _ShardWriter:
         """Make the shard durable under its final name; its index entry, or None when empty."""
         if self.file is None:
             return None
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        sync(self.file)
         self.file.close()
         os.replace(self.tmp, self.out / f"{self.name}.bin")
         docs = f"{self.name}.docs.npy"
         buf = io.BytesIO()
         np.save(buf, np.frombuffer(self.starts, dtype=np.uint64) if self.starts else np.empty(0, np.uint64))
-        _write_atomic(self.out / docs, buf.getvalue())
+        atomic_write(self.out / docs, buf.getvalue())
         return {
             "file": f"{self.name}.bin", "tokens": self.tokens, "documents": len(self.starts),
             "sha256": self.sha.hexdigest(), "docs_file": docs, "docs_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
@@ -562,15 +561,6 @@ class _ShardWriter:
         if self.file is not None:
             self.file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _entry_ok(out: Path, entry: Optional[dict[str, Any]], itemsize: int) -> bool:
@@ -679,7 +669,7 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
             piece_bytes, bytes_before = sum(seg.end - seg.start for seg in piece), done["bytes"]
             if record is None or record["spec"] != spec or not all(_entry_ok(out, record[s], itemsize) for s in SPLITS):
                 record = {"piece": k, "spec": spec, **_tokenize_piece(piece, k, out, pool, workers, encoding, options, advance)}
-                _write_atomic(out / PARTIAL / f"piece-{k:06d}.json", json.dumps(record).encode())
+                atomic_write(out / PARTIAL / f"piece-{k:06d}.json", json.dumps(record))
                 tokenized += 1
             else:
                 advance(0, sum(record[s]["tokens"] for s in SPLITS if record[s]))
@@ -766,7 +756,7 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
         "pieces": [{"piece": r["piece"], "spec": r["spec"], "train": r["train"], "val": r["val"]} for r in records],
     }
     try:
-        _write_atomic(out / INDEX, json.dumps(index, indent=1).encode())
+        atomic_write(out / INDEX, json.dumps(index, indent=1))
         named = {r[s][key] for r in records for s in SPLITS if r[s] for key in ("file", "docs_file")}
         for p in out.iterdir():
             if SHARD_FILE.match(p.name) and p.name not in named:

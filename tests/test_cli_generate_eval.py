@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, gptcli_cmd
-from gptcli.checkpoint import load_checkpoint
-from gptcli.evaluate import model_from_checkpoint
+from gptcli.checkpoint import load_checkpoint, model_from_checkpoint
 from gptcli.generate import generate
 from gptcli.tokenizer import decode, encode
 from test_evaluate import save_model_checkpoint

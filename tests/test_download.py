@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcli import weights
+from gptcli import hub
 from gptcli.checkpoint import load_checkpoint
 from gptcli.download import download, head
 from gptcli.errors import RunError
@@ -178,8 +178,8 @@ def tiny_hub(server, monkeypatch):
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4)).eval()
-    spec = weights.Pretrained("gpt2-tiny", "tiny", 32, 2, 4, "test-org/gpt2-tiny")
-    monkeypatch.setitem(weights.PRETRAINED, spec.name, spec)
+    spec = hub.Pretrained("gpt2-tiny", "tiny", 32, 2, 4, "test-org/gpt2-tiny")
+    monkeypatch.setitem(hub.PRETRAINED, spec.name, spec)
     hf_dir = Path("hf-source")
     hf.save_pretrained(hf_dir)
     data = (hf_dir / "model.safetensors").read_bytes()
@@ -257,9 +257,9 @@ def test_hub_errors_are_one_line_failures(cli, tiny_hub):
 
 
 def test_download_from_openai_reads_tensorflow_files(cli, server, monkeypatch, tmp_path):
-    spec = weights.Pretrained("gpt2-tf-tiny", "tiny", 8, 3, 2, "unused/repo", vocab_size=64, context_length=16)
-    monkeypatch.setitem(weights.PRETRAINED, spec.name, spec)
-    for name in weights.OPENAI_FILES:
+    spec = hub.Pretrained("gpt2-tf-tiny", "tiny", 8, 3, 2, "unused/repo", vocab_size=64, context_length=16)
+    monkeypatch.setitem(hub.PRETRAINED, spec.name, spec)
+    for name in hub.OPENAI_FILES:
         server.files[f"/models/tiny/{name}"] = (FIXTURES / "openai-tiny" / name).read_bytes()
     server.cut["/models/tiny/model.ckpt.data-00000-of-00001"] = 5000
     r = cli("download", "gpt2-tf-tiny", "--source", "openai", "--endpoint", f"{server.url}/models")

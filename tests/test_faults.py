@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import errno
 import hashlib
 import json
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -153,12 +153,71 @@ def test_code_in_pickles_is_never_run(cli, verdict, tmp_path):
     assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
 
 
+_LOADERS = {("torch", "load"), ("torch.serialization", "load"), ("pickle", "load"), ("pickle", "loads"),
+            ("pickle", "Unpickler")}
+
+
+def _unsafe_loads(source: str) -> list[str]:
+    """Every use of torch.load (under any import spelling or alias) that is not a call passing
+    weights_only=True, and every use of pickle's loaders, as "line: text"."""
+    tree = ast.parse(source)
+    modules = {}  # local name -> module it stands for
+    functions = {}  # local name -> (module, function) imported by `from M import f [as g]`
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                modules[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                if (node.module, a.name) in _LOADERS:
+                    functions[a.asname or a.name] = (node.module, a.name)
+                elif f"{node.module}.{a.name}" in ("torch.serialization", "pickle"):
+                    modules[a.asname or a.name] = f"{node.module}.{a.name}"
+
+    def loader(expr: ast.AST):
+        if isinstance(expr, ast.Name):
+            return functions.get(expr.id)
+        if isinstance(expr, ast.Attribute):
+            owner = ast.unparse(expr.value)
+            parts = owner.split(".")
+            module = ".".join([modules.get(parts[0], parts[0]), *parts[1:]])
+            return (module, expr.attr) if (module, expr.attr) in _LOADERS else None
+        return None
+
+    safe_calls, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and loader(node.func) in (("torch", "load"), ("torch.serialization", "load")):
+            if any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                   for k in node.keywords):
+                safe_calls.add(id(node.func))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Name, ast.Attribute)) and id(node) not in safe_calls and loader(node) is not None:
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("snippet", [
+    "import torch\ntorch.load(p)",
+    "import torch\ntorch.load(p, weights_only=False)",
+    "import torch as T\nT.load(p, map_location='cpu')",
+    "from torch import load\nload(p)",
+    "from torch import load as read\nread(p)",
+    "import torch\nread = torch.load\nread(p, weights_only=True)",
+    "import torch.serialization\ntorch.serialization.load(p)",
+    "from torch import serialization as s\ns.load(p)",
+    "import pickle\npickle.loads(b)",
+    "from pickle import load\nload(f)",
+])
+def test_the_weights_only_check_catches_every_spelling(snippet):
+    assert _unsafe_loads(snippet), snippet
+
+
 def test_every_torch_load_is_weights_only():
-    """No code path can unpickle arbitrary objects: every torch.load passes weights_only=True."""
-    for path in (ROOT / "gptcli").glob("*.py"):
-        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
-            assert "weights_only=True" in call, f"{path.name}: {call}"
-        assert "pickle.load" not in path.read_text(), path.name
+    """No code path can unpickle arbitrary objects: every torch.load, however it is imported or
+    aliased, is a call passing weights_only=True; pickle's loaders are not used at all."""
+    assert _unsafe_loads("import torch\ntorch.load(p, map_location='cpu', weights_only=True)") == []
+    for path in sorted((ROOT / "gptcli").glob("*.py")):
+        assert _unsafe_loads(path.read_text(encoding="utf-8")) == [], path.name
 
 
 @pytest.mark.parametrize("name", ["../escape", "..", "a/b", "/abs", ".hidden", ""])

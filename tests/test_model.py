@@ -1,27 +1,45 @@
 """The model is the book's GPTModel, weight for weight and logit for logit."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from conftest import book_model, tiny_model_config
+from gptcli import evaluate as ev
 from gptcli.config import ModelConfig
 from gptcli.loss import cross_entropy
 from gptcli.model import GPTModel, export_state_dict, flops_per_token, load_state_dict
-from gptcli.weights import from_book_state_dict, load_book_state_dict
+from gptcli.convert import from_book_state_dict, load_book_state_dict
 
 # The chapter-5 toy batch: "every effort moves" / "I really like" and their shifted targets.
 TOY_INPUTS = torch.tensor([[16833, 3626, 6100], [40, 1107, 588]])
 TOY_TARGETS = torch.tensor([[3626, 6100, 345], [588, 428, 11311]])
 
 
+@pytest.fixture(scope="module")
+def untrained_124m():
+    """The book's GPT_CONFIG_124M at context 256 and seed 123 -- ours and the book's, in eval mode --
+    built once per GELU for the tests of this module (one pair held at a time: 1.3 GB)."""
+    built = {}
+
+    def get(gelu: str):
+        if gelu not in built:
+            built.clear()
+            cfg = ModelConfig(gelu=gelu)
+            torch.manual_seed(123)
+            ours = GPTModel(cfg).eval()
+            built[gelu] = (cfg, ours, book_model(cfg).eval())
+        return built[gelu]
+
+    yield get
+    built.clear()
+
+
 @pytest.mark.parametrize("gelu, toy_loss", [("exact", 10.7723), ("tanh", 10.7722)])
-def test_124m_at_seed_123_equals_the_books_model(gelu, toy_loss):
-    cfg = ModelConfig(gelu=gelu)  # the book's GPT_CONFIG_124M at context 256
-    torch.manual_seed(123)
-    ours = GPTModel(cfg).eval()
-    book = book_model(cfg).eval()
+def test_124m_at_seed_123_equals_the_books_model(untrained_124m, gelu, toy_loss):
+    cfg, ours, book = untrained_124m(gelu)
     for (name, p), (book_name, q) in zip(ours.named_parameters(), book.named_parameters()):
         assert name == book_name and torch.equal(p, q), name
     with torch.no_grad():
@@ -31,6 +49,35 @@ def test_124m_at_seed_123_equals_the_books_model(gelu, toy_loss):
     assert round(cross_entropy(logits, TOY_TARGETS).item(), 4) == toy_loss
     # The book prints 163,009,536 at context 1024; at 256 the position table is 768 x 768 smaller.
     assert ours.num_params() == 163_009_536 - 768 * 768
+
+
+def test_token_report_gives_the_chapters_target_probabilities(untrained_124m, tiktoken_offline):
+    # Chapter 5: the untrained 124M model at seed 123 gives "every effort moves" -> " effort moves you"
+    # the probabilities 7.4541e-05, 3.1061e-05, 1.1563e-05. (Here, beside the parity test, to share its model.)
+    cfg, ours, book = untrained_124m("tanh")
+    report = ev.token_report(ours, "every effort moves you")
+    inputs, targets = torch.tensor([[16833, 3626, 6100]]), torch.tensor([[3626, 6100, 345]])
+    with torch.no_grad():
+        book_logits = book(inputs)
+    book_probs = torch.softmax(book_logits, dim=-1)[0]  # (3, V)
+
+    first, *scored = report["tokens"]
+    assert (first["token"], first["prob"], first["rank"]) == ("every", None, None)
+    assert [t["token"] for t in scored] == [" effort", " moves", " you"]
+    probs = torch.tensor([t["prob"] for t in scored])
+    # log_softmax().exp() vs softmax() of the same float32 logits: rounding of a ~1e-5 probability
+    torch.testing.assert_close(probs, book_probs[[0, 1, 2], targets[0]], rtol=1e-4, atol=0)
+    # the book's printed probabilities have 5 significant digits: 1e-3 is their rounding, not a machine's
+    torch.testing.assert_close(probs, torch.tensor([7.4541e-05, 3.1061e-05, 1.1563e-05]), rtol=1e-3, atol=0)
+    for i, t in enumerate(scored):
+        assert t["rank"] == int((book_probs[i] > book_probs[i, t["id"]]).sum()) + 1
+        assert [a["id"] for a in t["top"]] == book_probs[i].topk(5).indices.tolist()
+    # float64 sum of per-token nats vs float32 mean cross-entropy of the book's logits: float32 rounding
+    assert report["loss"] == pytest.approx(cross_entropy(book_logits, targets).item(), rel=1e-5)
+    assert report["tokens_predicted"] == 3
+    assert report["bytes"] == len(" effort moves you")
+    # default rel=1e-6: the same float64 formula
+    assert report["bpb"] == pytest.approx(report["loss"] * 3 / (math.log(2) * 17))
 
 
 def test_book_model_pth_loads_and_gives_the_books_logits(tmp_path):
@@ -139,10 +186,28 @@ def test_load_state_dict_names_missing_and_mismatched_tensors():
     assert "final_norm.scale" in str(e.value) and "pos_emb.weight" in str(e.value)
 
 
-def test_flops_per_token_formula():
-    cfg = ModelConfig(context_length=1024, qkv_bias=True)
-    n = 12 * 12 * 768**2 + 768 * 50257  # block matmuls + head
-    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 1024 * 768
+@pytest.mark.parametrize("training", [True, False])
+def test_flops_per_token_formula(training):
+    """flops_per_token against PyTorch's own FLOP counter on a small model (the book's ops).
+
+    FlopCounterMode counts 2 FLOPs per multiply-add of every matmul (mm, addmm, bmm), as the
+    formula does; the full T x T attention matmuls are counted, as the formula (PaLM) does not
+    subtract the causal mask; backward is two matmuls per forward matmul. Embedding lookups,
+    norms, softmax and the loss are not matmuls, in both. So the two integer counts agree
+    exactly (fused attention is not used here: FlopCounterMode counts only the causal half of
+    scaled_dot_product_attention, which the formula deliberately does not).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(vocab_size=1000, context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True, impl="book")
+    model = GPTModel(cfg).train(training)
+    x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
+    with FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(training):
+            loss = cross_entropy(model(x), x)
+            if training:
+                loss.backward()
+    assert counter.get_total_flops() == x.numel() * flops_per_token(cfg, training=training)
 
 
 def test_fused_cpu_dropout_has_the_same_distribution_and_gradient():
@@ -159,3 +224,40 @@ def test_fused_cpu_dropout_has_the_same_distribution_and_gradient():
     assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the same mask and scale
     assert torch.equal(drop.eval()(x), x)  # identity in eval mode
     assert not torch.equal(Dropout(0.1, fused=True).train()(x), y)  # a fresh mask each call
+
+
+def test_gpt2_init_draws_each_parameter_group_at_gpt2s_std():
+    """model.init: gpt2 -- normal(0, 0.02), zero biases, residual projections at 0.02/sqrt(2 L)."""
+    cfg = ModelConfig(vocab_size=1000, context_length=64, emb_dim=64, n_heads=4, n_layers=4, qkv_bias=True, init="gpt2")
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    residual = 0.02 / (2 * cfg.n_layers) ** 0.5
+    checked = set()
+    for name, p in model.named_parameters():
+        if name.endswith(("norm1.scale", "norm2.scale", "final_norm.scale")):
+            expected = "ones"
+        elif name.endswith(("shift", "bias")):
+            expected = "zeros"
+        else:
+            expected = residual if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")) else 0.02
+        checked.add(expected if isinstance(expected, str) else round(expected, 5))
+        if expected == "ones":
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif expected == "zeros":
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            n = p.numel()  # >= 4096 draws per weight here
+            # The sample std of n normal draws has relative standard error 1/sqrt(2n) <= 1.1 %:
+            # 6 % is more than 5 standard errors, and far from the next candidate (2.8x apart).
+            assert abs(p.std().item() / expected - 1) < 0.06, (name, p.std().item(), expected)
+            # The sample mean has standard error std/sqrt(n): 5 of them.
+            assert abs(p.mean().item()) < 5 * expected / n**0.5, name
+    assert checked == {"ones", "zeros", 0.02, round(residual, 5)}
+
+
+def test_init_defaults_to_the_books_and_refuses_unknown_schemes():
+    from gptcli.config import ConfigError, config_from_dict
+
+    assert ModelConfig().init == "book"  # the parity test above then pins what "book" means
+    with pytest.raises(ConfigError, match="model.init"):
+        config_from_dict({"model": {"init": "xavier"}}, "--set")

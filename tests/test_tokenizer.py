@@ -1,6 +1,7 @@
 """The offline tokenizer is tiktoken's gpt2 encoding, id for id."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -40,10 +41,28 @@ def test_known_ids_from_the_book(no_network):
     assert tokenizer.encode("<|endoftext|>") == [50256]
 
 
-def test_packaged_files_match_tiktokens_hashes():
-    vocab_bpe, encoder_json = tokenizer.bpe_files()
-    assert hashlib.sha256(open(vocab_bpe, "rb").read()).hexdigest() == tokenizer.VOCAB_BPE_SHA256
-    assert hashlib.sha256(open(encoder_json, "rb").read()).hexdigest() == tokenizer.ENCODER_JSON_SHA256
+def _tiktokens_published_gpt2_hashes(monkeypatch) -> dict[str, str]:
+    """The sha256 hashes tiktoken_ext/openai_public.py's gpt2() passes to its loader, read by
+    calling gpt2() with the loader replaced by a recorder (no download, nothing restated here)."""
+    import tiktoken_ext.openai_public as openai_public
+
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks", record)
+    openai_public.gpt2()
+    return {"vocab.bpe": seen["vocab_bpe_hash"], "encoder.json": seen["encoder_json_hash"]}
+
+
+def test_packaged_files_match_tiktokens_hashes(monkeypatch):
+    published = _tiktokens_published_gpt2_hashes(monkeypatch)
+    for path in tokenizer.bpe_files():
+        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == published[Path(path).name], path
+    # and the module checks against those same hashes (a wrong constant there would refuse good files)
+    assert (tokenizer.VOCAB_BPE_SHA256, tokenizer.ENCODER_JSON_SHA256) == (published["vocab.bpe"], published["encoder.json"])
 
 
 def test_tampered_bpe_file_is_refused(monkeypatch, tmp_path):

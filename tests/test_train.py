@@ -336,7 +336,7 @@ def test_host_memory_policies_apply_and_keep_training_exact(verdict, tmp_path, s
 
 _MALLOC_PROBE = """
 import ctypes, sys, torch
-from gptcli.perf import set_host_memory
+from gptcli.hostmem import set_host_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6")

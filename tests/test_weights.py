@@ -257,3 +257,16 @@ def test_imported_weights_serve_generate_eval_loss_and_train(cli, verdict, tmp_p
     drift = max((after[k] - before[k]).abs().max().item() for k in before)
     # 2 AdamW steps move a weight by at most ~lr (1e-5) each; a fresh init would differ by O(0.1)
     assert 0 < drift < 1e-3  # two small AdamW steps away from the imported weights, not a fresh init
+
+
+def test_a_hf_config_our_model_rejects_is_reported_against_the_file():
+    """ConfigError is a ValueError, so config_from_hf's handler names the file it came from."""
+    from gptcli.config import ConfigError
+    from gptcli.errors import InputError
+    from gptcli.convert import config_from_hf
+
+    bad = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 0, "n_positions": 32, "vocab_size": 100}
+    with pytest.raises(InputError) as e:
+        config_from_hf(bad, "hub/config.json")
+    assert str(e.value).startswith("hub/config.json: model.n_layers")
+    assert issubclass(ConfigError, ValueError)
