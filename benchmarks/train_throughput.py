@@ -124,9 +124,11 @@ def worker_book(args) -> list[float]:
 
 def worker_gptcli(args) -> list[float]:
     """gptcli's training loop (the function behind `gptcli train`), timed at each logged step."""
-    from gptcli.train import Events, train
+    from gptcli.train import Events, apply_host_memory, train
 
     cfg = _config(args.config, args.batch_size, args.steps, args.data, args.device, _sets(args))
+    if note := apply_host_memory(cfg.train.host_memory):  # process-wide: this worker is the program's entry
+        print(note, file=sys.stderr)
     ends: list[float] = []
 
     class Clock(Events):

@@ -397,7 +397,7 @@ def train(
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(nproc)
     from gptcli.resolve import check_data_path, resolve_train
-    from gptcli.train import train as run_training
+    from gptcli.train import apply_host_memory, train as run_training
 
     overrides = {"data.path": str(data) if data else None, "train.device": device, "train.num_epochs": num_epochs,
                  "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.batch_size": batch_size,
@@ -413,6 +413,8 @@ def train(
         resume, overwrite = plan.mode == "resume", plan.mode in ("overwrite", "restart")
         if os.environ.get("RANK", "0") == "0":
             events = _TrainEvents(plan.notes, cfg.data.path)
+        if note := apply_host_memory(cfg.train.host_memory):  # process-wide: set here, at the program's entry
+            events.warn(note)
         summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events,
                                allow_data_change=allow_data_change)
     except GptcliError as e:

@@ -169,6 +169,7 @@ class TrainConfig:
     # size stays at its peak). "default": glibc's own choice.
     host_memory: Literal["default", "return", "retain"] = "default"
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; None = measured and cached
+    tf32: Optional[bool] = None  # TF32 matmuls on CUDA, for this run only; None = on with model.impl fused
     distributed: Literal["ddp", "fsdp"] = "ddp"  # wrapper when launched with torchrun
 
     def __post_init__(self) -> None:

@@ -9,9 +9,10 @@ processes resumes with M processes, or with one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,30 @@ def wrap_model(model: GPTModel, kind: str, info: DistInfo, device: torch.device)
     return DistributedDataParallel(model, device_ids=ids)
 
 
+@contextlib.contextmanager
+def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Forward and backward inside reduce gradients across processes only if `enabled`.
+
+    Gradient accumulation needs the reduction on the last micro-batch only: DDP's ``no_sync()``
+    and FSDP2's ``set_requires_gradient_sync(False)`` keep the others' gradients local (they
+    accumulate in place), so a step costs one reduction, not one per micro-batch. A module that
+    is not wrapped (one process) has nothing to sync.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        with contextlib.nullcontext() if enabled else module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        module.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum floats over all processes (identity outside a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -122,9 +147,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return get_state_dict(model, optimizer, options=options)
 
 
-def load_full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict, info: DistInfo
-) -> None:
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Load full state_dicts (as saved by `full_state`) into a possibly wrapped model."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)

@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 
 from gptcli.fsio import atomic_write
-from gptcli.hostmem import set_host_memory  # noqa: F401  (train.py imports it from here, for now)
 
 # The extensions that decide which float32/bfloat16 matmul kernels run: two machines with
 # the same model name but other firmware or VM settings can differ in these.

@@ -2,7 +2,12 @@
 
 Each line of metrics.jsonl is one event: ``{"event": "train", ...}`` at log
 intervals and ``{"event": "eval", ...}`` at evaluations, with step, epoch,
-tokens_seen, losses, learning rate, throughput and elapsed seconds.
+tokens_seen, losses, learning rate, throughput, memory and elapsed seconds.
+
+During training ``LiveReport`` keeps both up to date at a cost that does not grow with
+the run: it appends each record's CSV row and redraws the plot from the evaluations it
+holds in memory, at most once per ``plot_interval_s`` and always when it closes.
+``render`` redraws both from metrics.jsonl (``gptcli plot``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import csv
 import io
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,7 @@ CSV = "metrics.csv"
 PLOT = "losses.png"
 CSV_COLUMNS = [
     "event", "step", "epoch", "tokens_seen", "loss", "train_loss", "val_loss",
-    "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s",
+    "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s", "peak_host_mb", "peak_device_mb", "data_wait_s", "eta_s",
 ]
 
 
@@ -66,12 +72,66 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def write_csv(events: list[dict[str, Any]], path: Path) -> None:
     """One row per event with the CSV_COLUMNS (empty where an event lacks a field)."""
+    atomic_write(path, _csv_text(events, header=True))
+
+
+def _csv_text(events: list[dict[str, Any]], header: bool) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     for e in events:
         writer.writerow({k: ("" if e.get(k) is None else e.get(k)) for k in CSV_COLUMNS})
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+class LiveReport:
+    """A metrics sink that keeps metrics.csv and losses.png current while a run trains.
+
+    metrics.jsonl is read once, when the report opens (a resumed run's earlier events);
+    after that each record appends one CSV row and evaluations are kept in memory (a
+    few numbers each), so the work per record does not depend on how long the run is.
+    The plot is redrawn at a new run's first evaluation, then at most once per
+    `plot_interval_s` (and never more often than every 20 drawing times), and on close()
+    when it missed an evaluation.
+
+    ``rows_read`` and ``rows_written`` count metrics lines read and CSV rows written.
+    """
+
+    def __init__(self, run_dir: Path, plot_interval_s: float = 60.0):
+        self.csv_path, self.plot_path = run_dir / CSV, run_dir / PLOT
+        self.plot_interval_s = plot_interval_s
+        events = read_metrics(run_dir / METRICS) if (run_dir / METRICS).exists() else []
+        self.rows_read = len(events)
+        self.evals = [e for e in events if e.get("event") == "eval"]
+        write_csv(events, self.csv_path)
+        self.rows_written = len(events)
+        self._csv = open(self.csv_path, "a", encoding="utf-8", newline="")
+        # A new run plots its first evaluation at once; a resumed one has its plot, redrawn at the cadence.
+        self._next_plot = time.perf_counter() + plot_interval_s if self.evals else 0.0
+        self._stale = False
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._csv.write(_csv_text([record], header=False))
+        self._csv.flush()
+        self.rows_written += 1
+        if record.get("event") == "eval":
+            self.evals.append(record)
+            self._stale = True
+            if time.perf_counter() >= self._next_plot:
+                self._plot()
+
+    def close(self) -> None:
+        self._csv.close()
+        if self._stale:
+            self._plot()
+
+    def _plot(self) -> None:
+        t0 = time.perf_counter()
+        plot_losses(self.evals, self.plot_path)
+        took = time.perf_counter() - t0
+        self._next_plot = t0 + max(self.plot_interval_s, 20 * took)  # plotting stays under ~5 % of the run
+        self._stale = False
 
 
 def plot_losses(events: list[dict[str, Any]], path: Path) -> None:

@@ -1,8 +1,12 @@
 """gptcli train: the book's ``train_model_simple``, made durable, resumable and fast.
 
-The loop is one flat function, top to bottom: learning rate -> forward/backward
-(accumulating micro-batches) -> non-finite check -> clip -> optimizer step ->
-log -> evaluate -> epoch sample -> checkpoint -> stop checks.
+The loop (``_loop``) reads top to bottom over one ``TrainState`` (what a checkpoint
+stores): learning rate -> ``accumulate`` (micro-batches; gradients reduced across
+processes on the last one only) -> ``optimizer_step`` (non-finite check, clip, step)
+-> log -> ``evaluate`` -> ``sample`` (after each epoch) -> ``save`` -> stop checks.
+``build`` and ``restore`` prepare it; each stage is a module function. Components that
+own state live beside the loop: ``metrics.Metrics`` (records and their sinks),
+``rundir`` (lock, run.json, stop signals), ``checkpoint`` (durable checkpoints).
 
 Book-exact runs. With the reference config on CPU the printed losses and samples
 equal the book's code at the same seed. That rests on drawing random numbers in
@@ -21,24 +25,18 @@ seed, so it continues the same stream bit for bit.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
+import functools
 import math
-import os
-import platform
 import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from gptcli import report
 from gptcli.checkpoint import (
     Checkpoint,
-    clean_temporaries,
     find_latest,
     load_checkpoint,
     point,
@@ -57,6 +55,7 @@ from gptcli.distributed import (
     barrier,
     broadcast_object,
     full_state,
+    gradient_sync,
     init_distributed,
     load_full_state,
     process_device,
@@ -67,16 +66,13 @@ from gptcli.download import Progress
 from gptcli.errors import GptcliError, InputError, RunError
 from gptcli.evaluate import evaluate_loss
 from gptcli.generate import generate
+from gptcli.metrics import Metrics
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import cross_entropy
-from gptcli.perf import MfuMeter, peak_flops, set_host_memory
-from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
+from gptcli.hostmem import set_host_memory
+from gptcli.perf import MfuMeter, peak_flops
+from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, write_run_manifest
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
-
-RUN_MANIFEST = "run.json"
-# None: defer the non-finite check on CUDA only; tests set True to exercise it on the CPU.
-DEFER_NONFINITE_CHECK: bool | None = None
-LOCK, LOCK_PID = LOCK_FILES  # the run lock, and its holder's pid beside it
 
 
 class Events:
@@ -110,6 +106,73 @@ class _Position:
     seed: int | None = None  # permutation seed of `epoch` once drawn
 
 
+@dataclass
+class TrainState:
+    """Where the run stands: what a checkpoint's train_state stores, beside the optimizer's state."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    position: _Position = field(default_factory=_Position)
+    rng: dict[str, Any] | None = None  # the saved RNG state, restored when the stream starts (a resume)
+    best_val_loss: float = math.inf
+    best_step: int | None = None  # the step whose evaluation set best_val_loss in this session
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0  # seconds of the earlier sessions of the run
+    mixture: dict[str, Any] | None = None  # every source's position (data.path a list)
+    # Not saved: derived from the position, or about this session.
+    epoch_progress: float = 0.0  # fractional epochs done, where evaluations land on the plot
+    finished_epochs: list[int] = field(default_factory=list)  # epochs that ended during this step
+    last_saved_step: int = -1  # -1: no checkpoint written or resumed from
+
+    @property
+    def epoch_number(self) -> int:
+        """1-based epoch of the last batch read."""
+        return math.floor(self.epoch_progress - 1e-9) + 1
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], epoch_windows: int) -> "TrainState":
+        position = _Position(saved["epoch"], saved["windows_done"], saved["epoch_seed"])
+        return cls(step=saved["step"], tokens_seen=saved["tokens_seen"], position=position, rng=saved["rng"],
+                   best_val_loss=saved.get("best_val_loss", math.inf), last_eval=saved.get("last_eval", {}),
+                   elapsed_s=saved.get("elapsed_s", 0.0), mixture=saved.get("mixture"),
+                   epoch_progress=position.epoch + position.windows_done / epoch_windows, last_saved_step=saved["step"])
+
+    def to_checkpoint(self, optimizer: dict, rng: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+        """The train_state a checkpoint stores (the keys every gptcli version wrote and reads)."""
+        return {"optimizer": optimizer, "step": self.step, "tokens_seen": self.tokens_seen,
+                "epoch": self.position.epoch, "windows_done": self.position.windows_done,
+                "epoch_seed": self.position.seed, "rng": rng, "best_val_loss": self.best_val_loss,
+                "last_eval": self.last_eval, "elapsed_s": elapsed_s,
+                **({"mixture": self.mixture} if self.mixture is not None else {})}
+
+
+@dataclass
+class _Run:
+    """What the build stage assembles and every later stage uses; fixed for the session."""
+
+    cfg: Config
+    run_dir: Path
+    splits: Splits
+    device: torch.device
+    info: DistInfo
+    events: Events
+    model: GPTModel  # the unwrapped model (samples, parameter count)
+    wrapped: torch.nn.Module  # DDP/FSDP wrapper (gradient sync, state dicts), or the model
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], Any]
+    forward_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scorer: torch.nn.Module  # what evaluation calls
+    train_loader: Any
+    train_eval_loader: Any
+    val_loader: Any
+    total_steps: int
+    epoch_windows: int  # windows in one epoch of the global batch (per_epoch x global_batch)
+    tokens_per_micro: int  # tokens of one global micro-batch
+    total_micro: int  # micro-batches of all epochs
+    reduce: Callable[[list[float]], list[float]] | None  # sum over processes, None with one
+    guard: "_NonFiniteGuard"
+
+
 def train(
     cfg: Config,
     run_dir: Path,
@@ -119,8 +182,13 @@ def train(
     init_from: Path | None = None,
     events: Events | None = None,
     allow_data_change: bool = False,
+    defer_nonfinite_check: bool | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `run_dir`; return a summary of the run.
+
+    ``train.host_memory`` is a process-wide allocator policy: the program's entry point applies it
+    (``apply_host_memory``, which ``gptcli train`` calls); ``train.tf32`` is applied for the run
+    and restored afterwards.
 
     Args:
         cfg: the resolved config.
@@ -131,6 +199,10 @@ def train(
         init_from: start from these weights (continued pretraining), with a fresh optimizer.
         events: progress callbacks.
         allow_data_change: resume on a corpus whose sha256 differs from the one in run.json.
+        defer_nonfinite_check: check the loss for non-finite values only at log, evaluation and
+            checkpoint points (no host sync per step; a bad step's update is skipped on the device
+            and reported at the next check). Needs ``train.optimizer_impl: fused``. None: on CUDA
+            with the fused optimizer.
 
     Raises:
         InputError: bad data, config or run directory (nothing is written then).
@@ -138,24 +210,44 @@ def train(
         Interrupted: SIGINT/SIGTERM/SIGHUP after the checkpoint was written.
     """
     events = events or Events()
-    t = cfg.train
-    device = resolve_device(t.device)
+    device = resolve_device(cfg.train.device)
     info = init_distributed(device)
     if info.is_main and (warning := book_exact_warning(cfg.model.impl, device)):
         events.warn(warning)
     device = process_device(device, info)
     try:
-        return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info, allow_data_change)
+        return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info, allow_data_change,
+                      defer_nonfinite_check)
     finally:
         shutdown(info)
 
 
-def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: DistInfo, allow_data_change=False):
+def apply_host_memory(policy: str) -> str | None:
+    """Apply ``train.host_memory`` to this process (glibc malloc); returns a warning if it cannot.
+
+    A process-wide setting: call it once at the program's start (``gptcli train`` does), not from
+    a library function. "default" changes nothing.
+    """
+    global _HOST_MEMORY_APPLIED
+    if policy == "default":
+        return None
+    if not set_host_memory(policy):
+        return f"train.host_memory {policy}: not supported by this C library; ignored"
+    _HOST_MEMORY_APPLIED = policy
+    return None
+
+
+_HOST_MEMORY_APPLIED: str | None = None  # the policy apply_host_memory set in this process
+
+
+def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: DistInfo, allow_data_change,
+           defer_nonfinite_check):
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    if t.host_memory != "default" and not set_host_memory(t.host_memory):
-        events.warn(f"train.host_memory {t.host_memory}: not supported by this C library; ignored")
+    if info.is_main and t.host_memory not in ("default", _HOST_MEMORY_APPLIED):
+        events.warn(f"train.host_memory {t.host_memory}: not applied in this process (the program applies it at "
+                    "its start: gptcli.train.apply_host_memory)")
     # Rank 0 first: a missing default corpus is downloaded once, not by every process at the same time.
     splits = _on_main(info, lambda: load_splits(cfg.data, cfg.model.context_length, progress=events.download))
     if not info.is_main:
@@ -166,23 +258,77 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     init_weights = None
     if init_from is not None:
         init_weights = load_checkpoint(init_from)
-        _check_shapes(cfg, init_weights.config, f"--init-from {init_from}")
+        _check_shapes(cfg, init_weights.config, f"init_from={init_from}")
     ckpt = _find_resume(run_dir, cfg) if resume and run_dir.is_dir() else None  # every rank reads it
     if ckpt is not None:
         _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
-    lock = _on_main(info, lambda: _prepare_run_dir(run_dir, resume, overwrite))
+    defer = _defer_check(defer_nonfinite_check, t, device)
+    lock = _on_main(info, lambda: prepare_run_dir(run_dir, resume, overwrite))
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
-        return _loop(cfg, run_dir, splits, ckpt, init_weights, events, device, info)
+        with _tf32(_tf32_wanted(cfg, device, events, info)):
+            return _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer), ckpt)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, init_weights, events, device, info):
+def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
+    """The training loop: lr -> accumulate -> optimizer step -> log -> evaluate -> sample -> save."""
+    t, info = run.cfg.train, run.info
+    state = restore(run, ckpt)
+    stream = _micro_batches(run.train_loader, state.position, t.num_epochs, _rng_restorer(run, state))
+    metrics = _metrics(run, state)
+    if info.is_main:
+        write_run_manifest(run.run_dir, run.cfg, run.splits, run.device, info.world_size,
+                           resumed_at=state.step if ckpt else None)
+    run.events.start({
+        "run_dir": str(run.run_dir), "total_steps": run.total_steps, "step": state.step, "epochs": t.num_epochs,
+        "steps_per_epoch": math.ceil(run.train_loader.batch_sampler.num_batches() / t.grad_accum_steps),
+        "device": str(run.device), "world_size": info.world_size, "params": run.model.num_params(),
+        "train_tokens": run.splits.train_tokens, "val_tokens": run.splits.val_tokens, "resumed": ckpt is not None,
+    })
+    run.model.train()
+    try:
+        with StopSignals() as stop:
+            while state.step < run.total_steps:
+                lr = _set_lr(run.optimizer, _lr_at(state.step, run.total_steps, t))
+                log_now = state.step + 1 in (1, run.total_steps) or (state.step + 1) % t.log_every == 0
+                loss, micro_steps = accumulate(run, state, stream, metrics)
+                loss_value, grad_norm = optimizer_step(run, state, loss, log_now)
+                state.step += 1
+                state.tokens_seen += micro_steps * run.tokens_per_micro
+                if run.guard.defer and (log_now or (state.step - 1) % t.eval_freq == 0):
+                    run.guard.check(run, state)
+                if info.is_main and log_now:
+                    run.events.log(metrics.train_record(state.step, state.epoch_number, state.tokens_seen,
+                                                        loss_value, lr, grad_norm))
+                with metrics.paused():  # throughput counts training time only
+                    final = state.step == run.total_steps and (state.step - 1) % t.eval_freq != 0
+                    if (state.step - 1) % t.eval_freq == 0 or final:
+                        evaluate(run, state, metrics, lr, final)
+                    sample(run, state)
+                    interrupted = _stop_requested(run, stop, log_now)
+                    if state.step == run.total_steps or interrupted or (t.save_every and state.step % t.save_every == 0):
+                        path = save(run, state, metrics, "interrupt" if interrupted else
+                                    "end" if state.step == run.total_steps else "cadence")
+                        if interrupted:
+                            raise Interrupted(stop.signum or signal.SIGTERM, path, run.run_dir)
+        if state.last_saved_step != state.step:
+            save(run, state, metrics, "end")
+    finally:
+        metrics.close()  # the CSV and the plot complete, also when the run stops on an error
+    return _summary(run, state, metrics.elapsed())
+
+
+# ---- stages
+
+
+def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint | None, events: Events,
+          device: torch.device, info: DistInfo, defer: bool) -> _Run:
+    """The model (book order: seed, build, move, then the optimizer), its wrappers, the loaders."""
     t = cfg.train
-    # Book order: seed, build the model (init draws), move it, then the optimizer.
     torch.manual_seed(t.seed)
     model = GPTModel(cfg.model)
     if init_weights is not None:
@@ -193,267 +339,320 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         # draws from the CUDA stream, which gets a per-rank seed so masks differ across ranks.
         torch.cuda.manual_seed(t.seed + info.rank)
     model.activation_checkpointing = t.activation_checkpointing
-    if device.type == "cuda" and cfg.model.impl == "fused":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
     autocast = _autocast(device, t.precision)
-    # data.document_mask: attention stays within documents (documents.py); off, the book's model call.
-    masked = (lambda m: DocumentMasked(m, END_OF_TEXT_ID, cfg.data.reset_positions)) if cfg.data.document_mask else (lambda m: m)
-    train_module = masked(wrapped)
-
-    def forward_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # No name for the logits: held through backward they would cost B x T x V floats
-        # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
-        with autocast():
-            return cross_entropy(train_module(inputs), targets)
-
+    forward_loss = functools.partial(_forward_loss, _masked(wrapped, cfg), autocast)
+    scorer = wrapped
     if t.compile:
         # The loss is compiled with the model so that the float32 upcast, log-softmax and
         # its backward over B x T x V logits fuse into a few kernels: on an H200 at batch 32
         # that cut the GPU time of a step from 79 ms to 68 ms (the eager loss took a quarter).
-        wrapped = torch.compile(wrapped)  # for evaluation (eval mode compiles its own graph)
+        scorer = torch.compile(wrapped)  # for evaluation (eval mode compiles its own graph)
         forward_loss = torch.compile(forward_loss)
-    scorer = masked(wrapped)  # what evaluation calls
 
-    pin = device.type == "cuda"
-    sampling = cfg.data.sampling
+    pin, sampling = device.type == "cuda", cfg.data.sampling
     train_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "split", pin, sampling)
     # The book evaluates on its (shuffling) training loader; a separate loader keeps
     # the training epoch's position intact while drawing the same random numbers.
     train_eval_loader = make_loader(splits.train, t.batch_size, True, True, info.rank, info.world_size, "stride", pin, sampling)
     val_loader = make_loader(splits.val, t.batch_size, False, False, info.rank, info.world_size, "stride", pin)
-    sampler = train_loader.batch_sampler
-    per_epoch = sampler.num_batches()  # micro-batches per epoch
-    global_batch = sampler.global_batch
-    tokens_per_micro = global_batch * cfg.model.context_length
-    total_micro = t.num_epochs * per_epoch
-    total_steps = _total_steps(t, per_epoch, tokens_per_micro)
+    per_epoch = train_loader.batch_sampler.num_batches()  # micro-batches per epoch
+    global_batch = train_loader.batch_sampler.global_batch
+    return _Run(cfg, run_dir, splits, device, info, events, model, wrapped, optimizer, autocast, forward_loss,
+                _masked(scorer, cfg), train_loader, train_eval_loader, val_loader,
+                total_steps=_total_steps(t, per_epoch, global_batch * cfg.model.context_length),
+                epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
+                total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
+                guard=_NonFiniteGuard(defer, device))
 
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    pos = _Position()
-    best_val = math.inf
-    last_eval: dict[str, Any] = {}
-    restore_rng: Callable[[], None] | None = None
-    if ckpt is not None:
-        state = ckpt.train_state
-        load_full_state(wrapped, optimizer, pad_vocab(ckpt.weights, cfg.model), state["optimizer"], info)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        elapsed_before = state.get("elapsed_s", 0.0)
-        pos = _Position(state["epoch"], state["windows_done"], state["epoch_seed"])
-        best_val = state.get("best_val_loss", math.inf)
-        last_eval = state.get("last_eval", {})
-        if splits.sources:  # a mixture: the position in every source
-            if "mixture" not in state:
-                raise InputError(f"--resume {ckpt.path}: the checkpoint holds no mixture positions; data.path was not a list then")
-            sampler.load_state(state["mixture"])
-        rng = state["rng"]
-        restore_rng = lambda: _set_rng(rng, device, info, t.seed + step)  # noqa: E731
-        if pos.windows_done == 0:
-            restore_rng()  # a fresh epoch: its loader draws come from the restored stream
-            restore_rng = None
 
-    flops_token = flops_per_token(cfg.model)
-    mfu = _mfu_meter(t, device, events) if info.is_main else None
-    metrics = report.MetricsLog(run_dir, resume_step=step) if info.is_main else None
-    if info.is_main:
-        _write_run_manifest(run_dir, cfg, splits, device, info, resumed_at=step if ckpt else None)
-    events.start({
-        "run_dir": str(run_dir), "total_steps": total_steps, "step": step, "epochs": t.num_epochs,
-        "steps_per_epoch": math.ceil(per_epoch / t.grad_accum_steps), "device": str(device),
-        "world_size": info.world_size, "params": model.num_params(), "train_tokens": splits.train_tokens,
-        "val_tokens": splits.val_tokens, "resumed": ckpt is not None,
-    })
+def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:
+    """A fresh TrainState, or the checkpoint's: weights, optimizer, position, mixture, RNG."""
+    if ckpt is None:
+        return TrainState()
+    saved = ckpt.train_state
+    load_full_state(run.wrapped, run.optimizer, pad_vocab(ckpt.weights, run.cfg.model), saved["optimizer"])
+    state = TrainState.from_checkpoint(saved, run.epoch_windows)
+    if run.splits.sources:  # a mixture: the position in every source
+        if state.mixture is None:
+            raise InputError(f"resume=True, {ckpt.path}: the checkpoint holds no mixture positions; data.path was "
+                             "not a list then")
+        run.train_loader.batch_sampler.load_state(state.mixture)
+    return state
 
-    def check_deferred() -> None:
-        if defer and int(first_bad) != 0:  # a host sync: only at log, eval and save points
-            raise _nonfinite(float("nan"), int(first_bad), run_dir, last_saved_step,
-                             f"its update was skipped; stopped at step {step}")
 
-    def save(reason: str) -> Path:
-        check_deferred()  # never save after a non-finite step
-        model_sd, optim_sd = full_state(wrapped, optimizer)
-        rng_state = _get_rng(device, info)
-        path = None
-        if info.is_main:
-            state = {
-                "optimizer": optim_sd, "step": step, "tokens_seen": tokens_seen,
-                "epoch": pos.epoch, "windows_done": pos.windows_done, "epoch_seed": pos.seed,
-                "rng": rng_state, "best_val_loss": best_val, "last_eval": last_eval,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                **({"mixture": sampler.state()} if splits.sources else {}),
-            }
-            meta = {"step": step, "epoch": pos.epoch, "tokens_seen": tokens_seen, "reason": reason,
-                    "val_loss": last_eval.get("val_loss"), "train_loss": last_eval.get("train_loss")}
-            path = save_checkpoint(run_dir, step_dir_name(step), trim_vocab(model_sd, cfg.model), cfg, state, meta)
-            point(run_dir, "latest", path)
-            if best_at[0] == step:  # these are the weights of the lowest validation loss measured
-                point(run_dir, "best", path)
-            prune(run_dir, t.keep_last)
-            events.checkpoint(path)
-        barrier(info)
-        return path
+def accumulate(run: _Run, state: TrainState, stream, metrics: Metrics) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one step's micro-batches; returns their mean loss (on the device).
 
-    def save_best() -> None:
-        """RUN/best: the weights of this step, which set a new lowest validation loss (weights only)."""
-        check_deferred()
-        model_sd, _ = full_state(wrapped, optimizer)
-        if info.is_main:
-            meta = {"step": step, "epoch": epoch_number, "tokens_seen": tokens_seen, "reason": "best",
-                    "val_loss": last_eval["val_loss"], "train_loss": last_eval["train_loss"]}
-            save_checkpoint(run_dir, "best", trim_vocab(model_sd, cfg.model), cfg, None, meta)
-        barrier(info)
+    Under DDP/FSDP only the last micro-batch's backward reduces the gradients across processes.
+    """
+    micro_steps = min(run.cfg.train.grad_accum_steps, run.total_micro - state.step * run.cfg.train.grad_accum_steps)
+    loss_sum = torch.zeros((), device=run.device)
+    for i in range(micro_steps):
+        with metrics.waiting_for_data():
+            epoch, inputs, targets, windows_after, seed, epoch_done = next(stream)
+        inputs = inputs.to(run.device, non_blocking=True)
+        targets = targets.to(run.device, non_blocking=True)
+        with gradient_sync(run.wrapped, enabled=i == micro_steps - 1):
+            loss = run.forward_loss(inputs, targets)
+            (loss / micro_steps if micro_steps > 1 else loss).backward()
+        loss_sum += loss.detach()
+        state.position = _Position(epoch + 1, 0, None) if epoch_done else _Position(epoch, windows_after, seed)
+        state.epoch_progress = epoch + windows_after / run.epoch_windows
+        if epoch_done:
+            state.finished_epochs.append(epoch)
+    return (loss_sum / micro_steps if micro_steps > 1 else loss_sum), micro_steps
 
-    best_at = [None]  # the step whose evaluation set the lowest validation loss in this session
-    reduce = all_reduce_sum if info.enabled else None
-    stop = _StopSignals()
-    t_start = time.perf_counter()
-    t_log, tokens_at_log = t_start, tokens_seen
-    last_saved_step = step if ckpt is not None else -1
-    stream = _micro_batches(train_loader, pos, t.num_epochs, restore_rng)
-    # Defer the non-finite check to log points where a host sync costs (CUDA) and the optimizer
-    # can skip an update on the device (fused AdamW's found_inf, as AMP's GradScaler uses it).
-    defer = (DEFER_NONFINITE_CHECK if DEFER_NONFINITE_CHECK is not None else device.type == "cuda") and (
-        t.optimizer_impl == "fused")
-    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
-    micro_index = step * t.grad_accum_steps
-    model.train()
-    finished_epochs: list[int] = []  # epochs that ended during the current step
-    epoch_progress = pos.epoch + pos.windows_done / (per_epoch * global_batch)
-    with stop:
-        while step < total_steps:
-            # ---- learning rate for this step
-            lr = _lr_at(step, total_steps, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # ---- forward/backward over one group of micro-batches
-            group_size = min(t.grad_accum_steps, total_micro - micro_index)
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(group_size):
-                epoch, inputs, targets, windows_after, seed, epoch_done = next(stream)
-                inputs = inputs.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                loss = forward_loss(inputs, targets)
-                (loss / group_size if group_size > 1 else loss).backward()
-                loss_sum += loss.detach()
-                micro_index += 1
-                pos = _Position(epoch + 1, 0, None) if epoch_done else _Position(epoch, windows_after, seed)
-                epoch_progress = epoch + windows_after / (per_epoch * global_batch)
-                if epoch_done:
-                    finished_epochs.append(epoch)
-            epoch_number = math.floor(epoch_progress - 1e-9) + 1  # 1-based epoch of the last batch
-            loss_dev = loss_sum / group_size if group_size > 1 else loss_sum
-            log_now = step + 1 == 1 or (step + 1) % t.log_every == 0 or step + 1 == total_steps
-            if not defer or log_now:
-                # ---- non-finite check before the optimizer step (a host sync: free on CPU)
-                loss_value = loss_dev.item()
-                if reduce is not None:
-                    loss_value = reduce([loss_value])[0] / info.world_size
-                if not math.isfinite(loss_value):
-                    raise _nonfinite(loss_value, step + 1, run_dir, last_saved_step, "stopped before the optimizer step")
-            else:
-                # ---- no host sync between log points: a non-finite loss makes the fused AdamW
-                # skip this update on the device; the step is reported at the next check.
-                bad = (~torch.isfinite(loss_dev)).float()
-                if info.enabled:
-                    torch.distributed.all_reduce(bad)  # every rank skips, or none
-                optimizer.found_inf = bad
-                first_bad = torch.where((bad > 0) & (first_bad == 0), step + 1, first_bad)
-            grad_norm = None
-            if t.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip)
+
+def optimizer_step(run: _Run, state: TrainState, loss: torch.Tensor, log_now: bool) -> tuple[float | None, float | None]:
+    """Non-finite check, clip, step; returns the loss (averaged over processes) at checks and the grad norm."""
+    loss_value = run.guard.before_step(run, state, loss, log_now)
+    grad_norm = None
+    if run.cfg.train.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), run.cfg.train.grad_clip)
+    run.guard.step(run.optimizer)
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value, (float(grad_norm) if grad_norm is not None and log_now else None)
+
+
+def evaluate(run: _Run, state: TrainState, metrics: Metrics, lr: float, final: bool) -> None:
+    """The book's evaluation (after the first step and every eval_freq steps), and the final weights'.
+
+    A new lowest validation loss whose weights no step checkpoint will hold is saved as RUN/best.
+    """
+    t = run.cfg.train
+    # The final evaluation leaves the RNG as it found it: its training-loader draws would
+    # otherwise change what a run extended by resume=True trains on.
+    rng_before = _get_rng(run.device, run.info) if final else None
+    train_eval = evaluate_loss(run.scorer, run.train_eval_loader, run.device, t.eval_iter, run.autocast, run.reduce)
+    by_source = _source_losses(run)
+    if by_source:  # a mixture: the overall loss weighs each source's as the mixture does
+        sources = run.splits.sources
+        val_eval = {"loss": sum(w * by_source[n] for n, w, _ in sources) / sum(w for _, w, _ in sources)}
+    else:
+        val_eval = evaluate_loss(run.scorer, run.val_loader, run.device, t.eval_iter, run.autocast, run.reduce)
+    if rng_before is not None:
+        _set_rng(rng_before, run.device, run.info, t.seed + state.step)
+    fields = {
+        "step": state.step, "epoch": state.epoch_number, "epoch_progress": state.epoch_progress,
+        "tokens_seen": state.tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"], "lr": lr,
+        **({"final": True} if final else {}), **({"val_loss_by_source": by_source} if by_source else {}),
+    }
+    if run.info.is_main:
+        state.last_eval = metrics.eval_record(**fields)
+        run.events.eval(state.last_eval)
+    else:
+        state.last_eval = {"event": "eval", **fields, "elapsed_s": metrics.elapsed()}
+    if math.isfinite(val_eval["loss"]) and val_eval["loss"] < state.best_val_loss:
+        state.best_val_loss, state.best_step = val_eval["loss"], state.step
+        if not (state.step == run.total_steps or (t.save_every and state.step % t.save_every == 0)):
+            save_best(run, state)  # no step checkpoint will hold these weights
+
+
+def sample(run: _Run, state: TrainState) -> None:
+    """A greedy sample after each epoch that ended in this step, as the book prints."""
+    for epoch in state.finished_epochs:
+        if run.cfg.train.sample_tokens > 0:
+            run.events.sample(epoch + 1, _sample(run.model, run.cfg, run.cfg.train.start_context,
+                                                 run.cfg.train.sample_tokens))
+    state.finished_epochs.clear()
+    run.model.train()
+
+
+def save(run: _Run, state: TrainState, metrics: Metrics, reason: str) -> Path | None:
+    """A step checkpoint (weights, optimizer, TrainState), the latest/best links, pruning."""
+    run.guard.check(run, state)  # never save after a non-finite step
+    model_sd, optim_sd = full_state(run.wrapped, run.optimizer)
+    rng_state = _get_rng(run.device, run.info)
+    if run.splits.sources:
+        state.mixture = run.train_loader.batch_sampler.state()
+    path = None
+    if run.info.is_main:
+        train_state = state.to_checkpoint(optim_sd, rng_state, metrics.elapsed())
+        meta = {"step": state.step, "epoch": state.position.epoch, "tokens_seen": state.tokens_seen, "reason": reason,
+                "val_loss": state.last_eval.get("val_loss"), "train_loss": state.last_eval.get("train_loss")}
+        path = save_checkpoint(run.run_dir, step_dir_name(state.step), trim_vocab(model_sd, run.cfg.model), run.cfg,
+                               train_state, meta)
+        point(run.run_dir, "latest", path)
+        if state.best_step == state.step:  # these are the weights of the lowest validation loss measured
+            point(run.run_dir, "best", path)
+        prune(run.run_dir, run.cfg.train.keep_last)
+        run.events.checkpoint(path)
+    barrier(run.info)
+    state.last_saved_step = state.step
+    return path
+
+
+def save_best(run: _Run, state: TrainState) -> None:
+    """RUN/best: the weights of this step, which set a new lowest validation loss (weights only)."""
+    run.guard.check(run, state)
+    model_sd, _ = full_state(run.wrapped, run.optimizer)
+    if run.info.is_main:
+        meta = {"step": state.step, "epoch": state.epoch_number, "tokens_seen": state.tokens_seen, "reason": "best",
+                "val_loss": state.last_eval["val_loss"], "train_loss": state.last_eval["train_loss"]}
+        save_checkpoint(run.run_dir, "best", trim_vocab(model_sd, run.cfg.model), run.cfg, None, meta)
+    barrier(run.info)
+
+
+# ---- the stages' parts
+
+
+class _NonFiniteGuard:
+    """Stops the run on a non-finite loss before the optimizer applies it.
+
+    Immediate: the loss is read on the host before every step (free on the CPU). Deferred: where
+    a host sync costs (CUDA), the loss is read only at log points; between them a non-finite
+    loss makes the fused AdamW skip its update on the device, and the step is reported at the
+    next log, evaluation or checkpoint.
+    """
+
+    def __init__(self, defer: bool, device: torch.device):
+        self.defer = defer
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
+        self._found_inf: torch.Tensor | None = None  # 1.0 when this step's loss was non-finite (deferred)
+
+    def before_step(self, run: _Run, state: TrainState, loss: torch.Tensor, log_now: bool) -> float | None:
+        """The loss on the host (averaged over processes) when checked now; None when deferred."""
+        step = state.step + 1
+        if not self.defer or log_now:
+            value = loss.item()
+            if run.reduce is not None:
+                value = run.reduce([value])[0] / run.info.world_size
+            if not math.isfinite(value):
+                raise _nonfinite(value, step, run.run_dir, state.last_saved_step, "stopped before the optimizer step")
+            self._found_inf = None
+            return value
+        bad = (~torch.isfinite(loss)).float()
+        if run.info.enabled:
+            torch.distributed.all_reduce(bad)  # every rank skips, or none
+        self.first_bad = torch.where((bad > 0) & (self.first_bad == 0), step, self.first_bad)
+        self._found_inf = bad
+        return None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """optimizer.step(), skipped on the device when the deferred check found a non-finite loss.
+
+        PyTorch's fused AdamW reads the skip flag from ``optimizer.found_inf`` (the protocol
+        torch.amp.GradScaler.step uses): it is set for this call only and removed after it.
+        """
+        if self._found_inf is None:
             optimizer.step()
-            optimizer.found_inf = None
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += group_size * tokens_per_micro
-            if defer and (log_now or (step - 1) % t.eval_freq == 0):
-                check_deferred()
+            return
+        optimizer.found_inf = self._found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+            self._found_inf = None
 
-            # ---- log
-            now = time.perf_counter()
-            if info.is_main and log_now:
-                grad_norm = float(grad_norm) if grad_norm is not None else None
-                rate = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
-                record = {
-                    "event": "train", "step": step, "epoch": epoch_number,
-                    "tokens_seen": tokens_seen, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": rate, "mfu": mfu(flops_token * rate / info.world_size),
-                    "elapsed_s": elapsed_before + now - t_start,
-                }
-                metrics.write(record)
-                events.log(record)
-                t_log, tokens_at_log = now, tokens_seen
-            # ---- evaluate (the book: after the first step and every eval_freq steps; we also
-            # evaluate the final weights, which the book does not)
-            t_pause = time.perf_counter()
-            final = step == total_steps and (step - 1) % t.eval_freq != 0
-            if (step - 1) % t.eval_freq == 0 or final:
-                # The final evaluation leaves the RNG as it found it: its training-loader draws
-                # would otherwise change what a run extended by --resume trains on.
-                rng_before = _get_rng(device, info) if final else None
-                train_eval = evaluate_loss(scorer, train_eval_loader, device, t.eval_iter, autocast, reduce)
-                by_source = _source_losses(scorer, splits, t, info, pin, device, autocast, reduce)
-                if by_source:  # a mixture: the overall loss weighs each source's as the mixture does
-                    val_eval = {"loss": sum(w * by_source[n] for n, w, _ in splits.sources) / sum(w for _, w, _ in splits.sources)}
-                else:
-                    val_eval = evaluate_loss(scorer, val_loader, device, t.eval_iter, autocast, reduce)
-                if rng_before is not None:
-                    _set_rng(rng_before, device, info, t.seed + step)
-                last_eval = {
-                    "event": "eval", "step": step, "epoch": epoch_number, "epoch_progress": epoch_progress,
-                    "tokens_seen": tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"],
-                    "lr": lr, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                    **({"final": True} if final else {}),
-                    **({"val_loss_by_source": by_source} if by_source else {}),
-                }
-                if info.is_main:
-                    metrics.write(last_eval)
-                    events.eval(last_eval)
-                    report.render(run_dir)
-                if math.isfinite(val_eval["loss"]) and val_eval["loss"] < best_val:
-                    best_val, best_at[0] = val_eval["loss"], step
-                    if not (step == total_steps or (t.save_every and step % t.save_every == 0)):
-                        save_best()  # no step checkpoint will hold these weights
-            # ---- a greedy sample after each epoch, as the book prints
-            for epoch in finished_epochs:
-                if t.sample_tokens > 0:
-                    events.sample(epoch + 1, _sample(model, cfg, t.start_context, t.sample_tokens))
-            finished_epochs.clear()
-            model.train()
-            # ---- checkpoint and stop checks
-            interrupted = stop.signum is not None
-            if reduce is not None:  # ranks must agree, or one would save while another steps on
-                # (a host sync: with deferred checks only at log points, where one happens anyway)
-                interrupted = reduce([float(interrupted)])[0] > 0 if (not defer or log_now) else False
-            if step == total_steps or interrupted or (t.save_every and step % t.save_every == 0):
-                path = save("interrupt" if interrupted else "end" if step == total_steps else "cadence")
-                last_saved_step = step
-                if interrupted:
-                    raise Interrupted(stop.signum or signal.SIGTERM, path, run_dir)
-            t_log += time.perf_counter() - t_pause  # throughput counts training time only
-    if last_saved_step != step:
-        save("end")
-    if info.is_main:
-        metrics.close()
-        report.render(run_dir)
-    elapsed = elapsed_before + time.perf_counter() - t_start
+    def check(self, run: _Run, state: TrainState) -> None:
+        """Raise if a deferred check flagged a step (a host sync: only at log, eval and save points)."""
+        if self.defer and int(self.first_bad) != 0:
+            raise _nonfinite(float("nan"), int(self.first_bad), run.run_dir, state.last_saved_step,
+                             f"its update was skipped; stopped at step {state.step}")
+
+
+def _defer_check(requested: bool | None, t, device: torch.device) -> bool:
+    """Whether the non-finite check is deferred: asked for, or by default on CUDA with the fused AdamW."""
+    if requested and t.optimizer_impl != "fused":
+        raise InputError(f"defer_nonfinite_check=True: needs train.optimizer_impl fused (it is {t.optimizer_impl}); "
+                         "only the fused AdamW can skip an update on the device")
+    return requested if requested is not None else (device.type == "cuda" and t.optimizer_impl == "fused")
+
+
+def _forward_loss(module: torch.nn.Module, autocast: Callable[[], Any], inputs: torch.Tensor,
+                  targets: torch.Tensor) -> torch.Tensor:
+    # No name for the logits: held through backward they would cost B x T x V floats
+    # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
+    with autocast():
+        return cross_entropy(module(inputs), targets)
+
+
+def _masked(module: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """data.document_mask: attention stays within documents (documents.py); off, the book's model call."""
+    return DocumentMasked(module, END_OF_TEXT_ID, cfg.data.reset_positions) if cfg.data.document_mask else module
+
+
+def _tf32_wanted(cfg: Config, device: torch.device, events: Events, info: DistInfo) -> bool:
+    """train.tf32: TF32 tensor cores for float32 matmuls (CUDA); None = on with model.impl fused."""
+    tf32 = cfg.train.tf32
+    if tf32 and device.type != "cuda" and info.is_main:
+        events.warn(f"train.tf32 true: TF32 is a CUDA feature; no effect on {device.type}")
+    return device.type == "cuda" and (tf32 if tf32 is not None else cfg.model.impl == "fused")
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions inside, the caller's settings restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _rng_restorer(run: _Run, state: TrainState) -> Callable[[], None] | None:
+    """Restores the checkpoint's RNG state: now for a fresh epoch (its loader draws come from the
+    restored stream), or returned for the stream to call once it re-created a mid-epoch loader."""
+    if state.rng is None:
+        return None
+    restore_rng = functools.partial(_set_rng, state.rng, run.device, run.info, run.cfg.train.seed + state.step)
+    state.rng = None
+    if state.position.windows_done == 0:
+        restore_rng()
+        return None
+    return restore_rng
+
+
+def _metrics(run: _Run, state: TrainState) -> Metrics:
+    """The metrics component; on rank 0 it writes metrics.jsonl and the live CSV and plot."""
+    sinks: list = []
+    mfu = None
+    if run.info.is_main:
+        mfu = _mfu_meter(run.cfg.train, run.device, run.events)
+        sinks.append(report.MetricsLog(run.run_dir, resume_step=state.step))  # truncates a resumed run's file first
+        sinks.append(report.LiveReport(run.run_dir))
+    return Metrics(sinks, run.device, flops_per_token(run.cfg.model), run.info.world_size, mfu, run.total_steps,
+                   state.step, state.tokens_seen, state.elapsed_s)
+
+
+def _stop_requested(run: _Run, stop: StopSignals, log_now: bool) -> bool:
+    """A stop signal arrived on any process (the ranks must agree, or one would save while another steps on)."""
+    interrupted = stop.signum is not None
+    if run.reduce is not None:
+        # A host sync: with deferred checks only at log points, where one happens anyway.
+        interrupted = run.reduce([float(interrupted)])[0] > 0 if (not run.guard.defer or log_now) else False
+    return interrupted
+
+
+def _summary(run: _Run, state: TrainState, elapsed: float) -> dict[str, Any]:
     return {
-        "run_dir": str(run_dir), "steps": step, "tokens_seen": tokens_seen, "epochs_completed": pos.epoch,
-        "train_loss": last_eval.get("train_loss"), "val_loss": last_eval.get("val_loss"),
-        "best_val_loss": best_val if math.isfinite(best_val) else None,
-        "checkpoint": str(run_dir / step_dir_name(step)), "elapsed_s": elapsed,
-        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,
+        "run_dir": str(run.run_dir), "steps": state.step, "tokens_seen": state.tokens_seen,
+        "epochs_completed": state.position.epoch, "train_loss": state.last_eval.get("train_loss"),
+        "val_loss": state.last_eval.get("val_loss"),
+        "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+        "checkpoint": str(run.run_dir / step_dir_name(state.step)), "elapsed_s": elapsed,
+        "tokens_per_s": state.tokens_seen / elapsed if elapsed > 0 else None,
     }
 
 
-def _source_losses(model, splits: Splits, t, info, pin, device, autocast, reduce) -> dict[str, float]:
+def _source_losses(run: _Run) -> dict[str, float]:
     """Validation loss of each source of a mixture ({} for a single corpus)."""
     out = {}
-    for name, _, windows in splits.sources:
-        loader = make_loader(windows, t.batch_size, False, False, info.rank, info.world_size, "stride", pin)
-        out[name] = evaluate_loss(model, loader, device, t.eval_iter, autocast, reduce)["loss"]
+    t, info = run.cfg.train, run.info
+    for name, _, windows in run.splits.sources:
+        loader = make_loader(windows, t.batch_size, False, False, info.rank, info.world_size, "stride",
+                             run.device.type == "cuda")
+        out[name] = evaluate_loss(run.scorer, loader, run.device, t.eval_iter, run.autocast, run.reduce)["loss"]
     return out
 
 
@@ -571,43 +770,38 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
     The epoch's position is a count of windows in batches of the saved global batch over the saved
     corpus: another process count or another number of windows would skip or repeat windows.
     """
-    import json
-
-    try:
-        manifest = json.loads((run_dir / RUN_MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = {}
+    manifest = read_manifest(run_dir)
     runs = [manifest] + list(manifest.get("resumes") or [])
     world = next((r["world_size"] for r in reversed(runs) if isinstance(r.get("world_size"), int)), info.world_size)
     saved_batch, batch = ckpt.config.train.batch_size, cfg.train.batch_size
     if world * saved_batch != info.world_size * batch:
         raise InputError(
-            f"--resume: train.batch_size {batch} x {info.world_size} process(es) is a global batch of "
+            f"resume=True: train.batch_size {batch} x {info.world_size} process(es) is a global batch of "
             f"{info.world_size * batch} windows; the run's is {saved_batch} x {world} = {world * saved_batch}, and its "
-            f"position in the epoch counts those: keep the global batch (e.g. --batch-size {saved_batch} with "
-            f"--nproc {world})")
+            f"position in the epoch counts those: keep the global batch (e.g. train.batch_size {saved_batch} with "
+            f"{world} process(es))")
     if "mixture" in ckpt.train_state and not splits.sources:
         # Its position is one per source of the mixture: a single data.path would silently restart the data.
-        raise InputError(f"--resume: {ckpt.path} trained on a mixture (data.path was a list); data.path "
+        raise InputError(f"resume=True: {ckpt.path} trained on a mixture (data.path was a list); data.path "
                          f"{splits.source} is a single source, on which the saved positions cannot continue")
     corpus = manifest.get("corpus") or {}
     if corpus.get("sha256") and corpus["sha256"] != splits.sha256:
         if not allow_data_change:
-            raise InputError(f"--resume: data.path {splits.source} (sha256 {splits.sha256[:12]}) is not the corpus "
+            raise InputError(f"resume=True: data.path {splits.source} (sha256 {splits.sha256[:12]}) is not the corpus "
                              f"this run trained on ({corpus.get('path')}, sha256 {corpus['sha256'][:12]}); "
-                             "pass --allow-data-change to continue on it")
+                             "pass allow_data_change=True to continue on it")
         old = corpus.get("train_tokens")
         ctx, stride = cfg.model.context_length, cfg.data.stride or cfg.model.context_length
         if isinstance(old, int) and len(range(0, max(old - ctx, 0), stride)) != len(splits.train):
-            raise InputError(f"--allow-data-change: the training split of {splits.source} has {len(splits.train)} "
+            raise InputError(f"allow_data_change=True: the training split of {splits.source} has {len(splits.train)} "
                              f"windows, the run's corpus had {len(range(0, max(old - ctx, 0), stride))}; the epoch "
-                             "position cannot carry over (start a new run with --init-from instead)")
+                             "position cannot carry over (start a new run with init_from= instead)")
     per_epoch = len(splits.train) // (cfg.train.batch_size * info.world_size)  # the loader drops a partial batch
     total = _total_steps(cfg.train, per_epoch, cfg.train.batch_size * info.world_size * cfg.model.context_length)
     step = ckpt.train_state["step"]
     if step >= total:
         events.warn(f"{run_dir}: the run already finished at step {step}; nothing to train. To extend it, "
-                    f"resume with --max-steps N or --num-epochs N beyond it (now {cfg.train.num_epochs} epoch(s)"
+                    f"resume with train.max_steps N or train.num_epochs N beyond it (now {cfg.train.num_epochs} epoch(s)"
                     f"{f', max_steps {cfg.train.max_steps}' if cfg.train.max_steps else ''})")
 
 
@@ -632,10 +826,10 @@ def _find_resume(run_dir: Path, cfg: Config) -> Checkpoint:
     latest, skipped = find_latest(run_dir)
     if latest is None:
         why = f" ({skipped[0]})" if skipped else ""
-        raise InputError(f"--resume: no complete checkpoint in {run_dir}{why}")
+        raise InputError(f"resume=True: no complete checkpoint in {run_dir}{why}")
     ckpt = load_checkpoint(latest, with_train_state=True)
     ckpt.skipped = skipped
-    _check_shapes(cfg, ckpt.config, f"--resume {latest}")
+    _check_shapes(cfg, ckpt.config, f"resume=True, {latest}")
     return ckpt
 
 
@@ -654,158 +848,6 @@ def _on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
-    """Check the run directory, create it, take its lock; returns the open lock file.
-
-    Only a gptcli run (recognised by its own files, see resolve.foreign_entries) is ever
-    continued or cleared: a folder holding anything else is refused, and nothing is deleted.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"{run_dir}: exists and is not a directory")
-    refuse_foreign(run_dir)
-    existing = run_dir.is_dir() and any(p.name not in LOCK_FILES for p in run_dir.iterdir())
-    if resume and not existing:
-        raise InputError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if existing and not resume and not overwrite:
-        raise InputError(f"{run_dir}: a gptcli run exists there; pass --resume to continue it or --overwrite "
-                         "to start it over")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".tmp-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"{run_dir}: output directory is not writable ({e.strerror})") from None
-    lock = _lock(run_dir)
-    if overwrite and not resume:
-        clear_run(run_dir)
-    clean_temporaries(run_dir)
-    return lock
-
-
-def _lock(run_dir: Path) -> "_RunLock":
-    """An exclusive lock on RUN/.lock, our pid in RUN/.lock.pid; the OS drops the lock when the holder dies.
-
-    Through ``filelock`` (flock on POSIX, LockFileEx on Windows). The pid lives in a side
-    file because a locked file cannot be read on Windows and filelock truncates its own.
-    """
-    import filelock
-
-    lock = filelock.FileLock(str(run_dir / LOCK), thread_local=False)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        try:
-            holder = (run_dir / LOCK_PID).read_text(encoding="utf-8").strip() or "another process"
-        except OSError:
-            holder = "another process"
-        raise RunError(f"{run_dir}: in use by gptcli train (pid {holder}); wait for it or choose another --out") from None
-    (run_dir / LOCK_PID).write_text(str(os.getpid()), encoding="utf-8")
-    return _RunLock(lock)
-
-
-class _RunLock:
-    """The held run lock; close() releases it."""
-
-    def __init__(self, lock):
-        self._lock = lock
-
-    def close(self) -> None:
-        self._lock.release()
-
-
-def _write_run_manifest(run_dir: Path, cfg: Config, splits: Splits, device, info: DistInfo, resumed_at) -> None:
-    import json
-
-    path = run_dir / RUN_MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, ValueError):
-        manifest = {}
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if resumed_at is None or not manifest:
-        manifest = {
-            "started": now,
-            "command": sys.argv,
-            "config_source": cfg.source,
-            "git_commit": _git_commit(),
-            "versions": _versions(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-            "world_size": info.world_size,
-            "corpus": {"path": splits.source, "sha256": splits.sha256,
-                       "train_tokens": splits.train_tokens, "val_tokens": splits.val_tokens},
-            "resumes": [],
-        }
-    else:
-        manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
-                                                   "device": str(device), "world_size": info.world_size})
-    tmp = path.with_name(f".tmp-run-{os.getpid()}.json")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("gptcli", "torch", "tiktoken", "numpy", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-# Signals that save and stop: Ctrl-C, kill/SLURM/Kubernetes, a closed terminal or ssh session.
-# Windows has no SIGHUP: a signal this platform lacks is skipped.
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
-
-
-class _StopSignals:
-    """Turn the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
-
-    A second SIGINT stops at once (KeyboardInterrupt); the checkpoints already on
-    disk stay valid because every write is atomic.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading_main():
-            for name in STOP_SIGNALS:
-                s = getattr(signal, name, None)
-                if s is None:
-                    continue
-                try:
-                    self._old[s] = signal.signal(s, self._handle)
-                except (OSError, ValueError, RuntimeError):  # a signal this platform cannot handle
-                    continue
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        return False
-
-
 def book_exact_warning(impl: str, device: torch.device) -> str | None:
     """The one-line warning for a book-exact run on a device whose numbers differ from the book's, or None.
 
@@ -814,11 +856,5 @@ def book_exact_warning(impl: str, device: torch.device) -> str | None:
     """
     if impl == "book" and device.type == "mps":
         return ("model.impl book on mps: losses and samples will not match the book's printed numbers "
-                "(MPS kernels round differently); use --device cpu to reproduce them")
+                "(MPS kernels round differently); use train.device cpu to reproduce them")
     return None
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

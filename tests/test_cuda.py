@@ -18,7 +18,7 @@ from gptcli.checkpoint import find_latest, load_checkpoint
 from gptcli.config import load_config
 from gptcli.generate import generate
 from gptcli.model import GPTModel, load_state_dict
-from gptcli.train import train
+from gptcli.train import Events, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -89,3 +89,25 @@ def test_torchrun_with_nccl(verdict, tmp_path, subprocess_env, kind):
     result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert find_latest(tmp_path / "run")[0] is not None
+
+
+def test_training_uses_tf32_for_the_run_and_restores_the_callers_setting(verdict, tmp_path, no_tf32):
+    """issue 13: TF32 was switched on process-wide by train() and never restored; train.tf32 is a scope now."""
+    seen = []
+
+    class Probe(Events):  # records TF32 as the loop sees it at each log
+        def log(self, record):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+
+    train(_config(verdict, **{"model.impl": "fused", "train.max_steps": 2}), tmp_path / "run", events=Probe())
+    assert seen == [True, True] and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_deferred_nonfinite_check_on_cuda_stops_at_the_next_check(verdict, tmp_path):
+    """The default on CUDA with the fused AdamW: no host sync per step, the bad step's update skipped."""
+    cfg = _config(verdict, **{"train.optimizer_impl": "fused", "train.learning_rate": 1e30, "train.save_every": 1,
+                              "train.log_every": 50, "train.eval_freq": 50})
+    from gptcli.errors import RunError
+
+    with pytest.raises(RunError, match="update was skipped"):
+        train(cfg, tmp_path / "run")

@@ -24,13 +24,13 @@ TINY = ["--config", CONFIGS / "tiny.yaml"]
 
 def test_training_and_ctrl_c_work_where_sighup_and_sigterm_do_not_exist(cli, verdict, tmp_path, monkeypatch):
     """issue 12 finding 6 / build 7: Windows has no SIGHUP; a missing signal is skipped, SIGINT still stops."""
-    from gptcli.train import _StopSignals
+    from gptcli.rundir import StopSignals
 
     monkeypatch.delattr(signal, "SIGHUP")
     monkeypatch.delattr(signal, "SIGTERM")
     result = cli("train", *TINY, "--data", verdict, "--out", tmp_path / "run", "--max-steps", "2")
     assert result.exit_code == 0, result.stderr
-    with _StopSignals() as stop:
+    with StopSignals() as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
@@ -38,7 +38,7 @@ def test_training_and_ctrl_c_work_where_sighup_and_sigterm_do_not_exist(cli, ver
 
 def test_run_lock_needs_no_fcntl(tmp_path, monkeypatch):
     """issue 12 build 7: the run lock went through fcntl (POSIX only); it now goes through filelock."""
-    from gptcli.train import _lock
+    from gptcli.rundir import lock_run as _lock
 
     monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` now raises ImportError
     first = _lock(tmp_path)
@@ -50,10 +50,10 @@ def test_run_lock_needs_no_fcntl(tmp_path, monkeypatch):
 
 def test_run_lock_is_released_when_its_holder_is_killed(tmp_path, subprocess_env):
     """issue 12 build 7: the lock names its holder's pid while it lives and frees itself on SIGKILL."""
-    from gptcli.train import _lock
+    from gptcli.rundir import lock_run as _lock
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from gptcli.train import _lock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from gptcli.rundir import lock_run as _lock; "
          "held = _lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)", str(tmp_path)],
         env=subprocess_env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:

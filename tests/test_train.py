@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from conftest import CONFIGS, VERDICT, assert_equal_up_to_adamw_rounding, book_model, final_weights, gptcli_cmd, run_losses
 from gptcli.checkpoint import find_latest, list_step_checkpoints, load_checkpoint, verify_checkpoint
 from gptcli.config import load_config
+from gptcli.errors import InputError, RunError
 from gptcli.train import Events, _lr_at, train
 
 SMALL = {  # small enough for seconds on 2 cores, big enough to have several batches per epoch
@@ -287,19 +288,40 @@ def test_max_tokens_stops_the_run(verdict, tmp_path):
     assert summary["tokens_seen"] == 1024 and summary["steps"] == 8  # 128 tokens per step, rounded up
 
 
-def test_deferred_nonfinite_check_skips_the_update_and_stops_at_the_next_check(cli, verdict, tmp_path, monkeypatch):
-    """On CUDA the check waits for log points (no host sync per step); forced here on the CPU."""
-    import gptcli.train
-
-    monkeypatch.setattr(gptcli.train, "DEFER_NONFINITE_CHECK", True)
+def test_deferred_nonfinite_check_skips_the_update_and_stops_at_the_next_check(verdict, tmp_path):
+    """On CUDA the check waits for log points (no host sync per step); asked for here on the CPU."""
     run = tmp_path / "run"
-    result = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", run, "--learning-rate", "1e30",
-                 "--set", "train.optimizer_impl=fused", "--set", "train.save_every=1", "--set", "train.log_every=50")
-    assert result.exit_code == 1, result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert "non-finite loss" in line and "at step 2" in line and "update was skipped" in line and "step-000001" in line
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.learning_rate": 1e30},
+                      ["train.optimizer_impl=fused", "train.save_every=1", "train.log_every=50"])
+    with pytest.raises(RunError) as e:
+        train(cfg, run, defer_nonfinite_check=True)
+    message = str(e.value)
+    assert "non-finite loss" in message and "at step 2" in message and "update was skipped" in message
+    assert "step-000001" in message
     assert [p.name for p in list_step_checkpoints(run)] == ["step-000001"]
     verify_checkpoint(run / "step-000001")
+
+
+def test_deferred_nonfinite_check_leaves_no_attribute_on_the_optimizer(verdict, tmp_path):
+    """The skip flag reaches the fused AdamW for one step() call only; the optimizer is left as built."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    stepped = set()
+    handle = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: stepped.add(optimizer))
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 3, "train.sample_tokens": 0},
+                      ["train.optimizer_impl=fused", "train.log_every=50"])
+    try:
+        train(cfg, tmp_path / "run", defer_nonfinite_check=True)
+    finally:
+        handle.remove()
+    assert len(stepped) == 1 and not hasattr(stepped.pop(), "found_inf")
+
+
+def test_deferring_the_nonfinite_check_needs_the_fused_optimizer(verdict, tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 1})
+    with pytest.raises(InputError, match="defer_nonfinite_check=True: needs train.optimizer_impl fused"):
+        train(cfg, tmp_path / "run", defer_nonfinite_check=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_compiled_training_matches_eager_and_saves_plain_keys(verdict, tmp_path):
@@ -419,3 +441,57 @@ def test_every_config_stops_and_resumes_bit_for_bit_on_cpu(verdict, tmp_path, co
     ours, theirs = final_weights(tmp_path / "stopped"), final_weights(tmp_path / "full")
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+def test_train_changes_no_process_wide_allocator_policy_and_says_so(verdict, tmp_path, monkeypatch):
+    """issue 13: glibc mallopt ran from inside train(); the program's entry point applies train.host_memory now."""
+    import gptcli.train
+
+    calls = []
+    monkeypatch.setattr(gptcli.train, "set_host_memory", lambda policy: calls.append(policy) or True)
+    monkeypatch.setattr(gptcli.train, "_HOST_MEMORY_APPLIED", None)
+
+    class Warnings(Events):
+        def __init__(self):
+            self.lines = []
+
+        def warn(self, message):
+            self.lines.append(message)
+
+    events = Warnings()
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 1, "train.sample_tokens": 0},
+                      ["train.host_memory=return"])
+    train(cfg, tmp_path / "a", events=events)
+    assert calls == [] and any("train.host_memory return: not applied" in w for w in events.lines)
+    assert gptcli.train.apply_host_memory("return") is None and calls == ["return"]
+    events.lines.clear()
+    train(cfg, tmp_path / "b", events=events)  # applied at the entry point: nothing to say
+    assert not any("host_memory" in w for w in events.lines)
+
+
+def test_tf32_is_applied_for_the_run_only():
+    """train.tf32 is a scope: the caller's TF32 settings come back after training (and after an error)."""
+    from gptcli.train import _tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with pytest.raises(RuntimeError), _tf32(True):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            raise RuntimeError("a failing run")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_tf32_on_a_device_without_it_is_said_not_ignored(verdict, tmp_path):
+    messages = []
+
+    class Warnings(Events):
+        def warn(self, message):
+            messages.append(message)
+
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 1, "train.sample_tokens": 0,
+                                              "train.device": "cpu"}, ["train.tf32=true"])
+    train(cfg, tmp_path / "run", events=Warnings())
+    assert any(m.startswith("train.tf32 true:") and "no effect on cpu" in m for m in messages)

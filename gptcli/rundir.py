@@ -1,0 +1,185 @@
+"""The run directory while a run trains: its lock, its manifest (run.json), and the stop signals.
+
+``resolve`` decides which run directory a command uses; this module owns what happens to it
+while ``train`` holds it: check and create it, take its exclusive lock, clear it on
+``overwrite`` (only a gptcli run's own files), record who trained it and on what (run.json),
+and turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptcli.checkpoint import clean_temporaries
+from gptcli.errors import InputError, RunError
+from gptcli.fsio import atomic_write
+from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
+
+RUN_MANIFEST = "run.json"
+LOCK, LOCK_PID = LOCK_FILES  # the run lock, and its holder's pid beside it
+# Signals that save and stop: Ctrl-C, kill/SLURM/Kubernetes, a closed terminal or ssh session.
+# Windows has no SIGHUP: a signal this platform lacks is skipped.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> "RunLock":
+    """Check the run directory, create it, take its lock; returns the held lock.
+
+    Only a gptcli run (recognised by its own files, see resolve.foreign_entries) is ever
+    continued or cleared: a folder holding anything else is refused, and nothing is deleted.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: exists and is not a directory")
+    refuse_foreign(run_dir)
+    existing = run_dir.is_dir() and any(p.name not in LOCK_FILES for p in run_dir.iterdir())
+    if resume and not existing:
+        raise InputError(f"resume=True: {run_dir} has no checkpoint to resume from")
+    if existing and not resume and not overwrite:
+        raise InputError(f"{run_dir}: a gptcli run exists there; pass resume=True to continue it or overwrite=True "
+                         "to start it over")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".tmp-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{run_dir}: output directory is not writable ({e.strerror})") from None
+    lock = lock_run(run_dir)
+    if overwrite and not resume:
+        clear_run(run_dir)
+    clean_temporaries(run_dir)
+    return lock
+
+
+def lock_run(run_dir: Path) -> "RunLock":
+    """An exclusive lock on RUN/.lock, our pid in RUN/.lock.pid; the OS drops the lock when the holder dies.
+
+    Through ``filelock`` (flock on POSIX, LockFileEx on Windows). The pid lives in a side
+    file because a locked file cannot be read on Windows and filelock truncates its own.
+    """
+    import filelock
+
+    lock = filelock.FileLock(str(run_dir / LOCK), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = (run_dir / LOCK_PID).read_text(encoding="utf-8").strip() or "another process"
+        except OSError:
+            holder = "another process"
+        raise RunError(f"{run_dir}: in use by gptcli train (pid {holder}); wait for it or choose another "
+                       "run directory") from None
+    (run_dir / LOCK_PID).write_text(str(os.getpid()), encoding="utf-8")
+    return RunLock(lock)
+
+
+class RunLock:
+    """The held run lock; close() releases it."""
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def close(self) -> None:
+        self._lock.release()
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """run.json of `run_dir`, or {} when it is missing or unreadable."""
+    try:
+        manifest = json.loads((run_dir / RUN_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_size: int,
+                       resumed_at: int | None) -> None:
+    """run.json: who started the run, with what code, on which corpus; each resume appends a line."""
+    manifest = read_manifest(run_dir)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if resumed_at is None or not manifest:
+        manifest = {
+            "started": now,
+            "command": sys.argv,
+            "config_source": cfg.source,
+            "git_commit": git_commit(),
+            "versions": versions(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "world_size": world_size,
+            "corpus": {"path": splits.source, "sha256": splits.sha256,
+                       "train_tokens": splits.train_tokens, "val_tokens": splits.val_tokens},
+            "resumes": [],
+        }
+    else:
+        manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
+                                                   "device": str(device), "world_size": world_size})
+    atomic_write(run_dir / RUN_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("gptcli", "torch", "tiktoken", "numpy", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class StopSignals:
+    """Turn the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
+
+    A second SIGINT stops at once (KeyboardInterrupt); the checkpoints already on
+    disk stay valid because every write is atomic. Handlers are installed only on the
+    main thread (Python allows no other) and restored on exit.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                s = getattr(signal, name, None)
+                if s is None:
+                    continue
+                try:
+                    self._old[s] = signal.signal(s, self._handle)
+                except (OSError, ValueError, RuntimeError):  # a signal this platform cannot handle
+                    continue
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        return False
