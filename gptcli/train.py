@@ -344,7 +344,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                     finished_epochs.append(epoch)
             epoch_number = math.floor(epoch_progress - 1e-9) + 1  # 1-based epoch of the last batch
             loss_dev = loss_sum / group_size if group_size > 1 else loss_sum
-            log_now = step + 1 == 1 or (step + 1) % t.log_every == 0 or step + 1 == total_steps
+            log_now = step + 1 == 1 or (step + 1) % t.log_freq == 0 or step + 1 == total_steps
             if not defer or log_now:
                 # ---- non-finite check before the optimizer step (a host sync: free on CPU)
                 loss_value = loss_dev.item()
@@ -414,12 +414,12 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                     report.render(run_dir)
                 if math.isfinite(val_eval["loss"]) and val_eval["loss"] < best_val:
                     best_val, best_at[0] = val_eval["loss"], step
-                    if not (step == total_steps or (t.save_every and step % t.save_every == 0)):
+                    if not (step == total_steps or (t.save_freq and step % t.save_freq == 0)):
                         save_best()  # no step checkpoint will hold these weights
             # ---- a greedy sample after each epoch, as the book prints
             for epoch in finished_epochs:
-                if t.sample_tokens > 0:
-                    events.sample(epoch + 1, _sample(model, cfg, t.start_context, t.sample_tokens))
+                if t.max_new_tokens > 0:
+                    events.sample(epoch + 1, _sample(model, cfg, t.start_context, t.max_new_tokens))
             finished_epochs.clear()
             model.train()
             # ---- checkpoint and stop checks
@@ -427,7 +427,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             if reduce is not None:  # ranks must agree, or one would save while another steps on
                 # (a host sync: with deferred checks only at log points, where one happens anyway)
                 interrupted = reduce([float(interrupted)])[0] > 0 if (not defer or log_now) else False
-            if step == total_steps or interrupted or (t.save_every and step % t.save_every == 0):
+            if step == total_steps or interrupted or (t.save_freq and step % t.save_freq == 0):
                 path = save("interrupt" if interrupted else "end" if step == total_steps else "cadence")
                 last_saved_step = step
                 if interrupted:

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from gptcli import download as dl
 from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file, verify_checkpoint
-from gptcli.config import Config, ModelConfig
+from gptcli.config import Config, ConfigError, ModelConfig
 from gptcli.download import fsync_dir
 from gptcli.errors import InputError, RunError, first_line
 from gptcli.model import GPTModel, export_state_dict, load_state_dict
@@ -108,7 +108,7 @@ def config_from_book_state_dict(sd: dict[str, torch.Tensor], n_heads: int | None
     layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"trf_blocks\.(\d+)\.", k))})
     if n_heads is None:
         if emb not in GPT2_HEADS:
-            raise InputError(f"{where}: emb_dim {emb} is not a GPT-2 width; pass --n-heads (the file does not say)")
+            raise InputError(f"{where}: emb_dim {emb} is not a GPT-2 width; give n_heads=N (the file does not say)")
         n_heads = GPT2_HEADS[emb]
     model = ModelConfig(
         vocab_size=vocab, context_length=sd["pos_emb.weight"].shape[0], emb_dim=emb, n_heads=n_heads,
@@ -292,7 +292,7 @@ def config_from_hf(hf: dict[str, Any], where: str) -> Config:
         if not isinstance(ours, dict) or set(ours) - {"qkv_bias", "impl"}:
             raise InputError(f"{where}: {GPTCLI_KEY!r} holds {ours!r}; expected qkv_bias and impl")
         return Config(model=dataclasses.replace(cfg.model, **ours))
-    except (TypeError, ValueError) as e:  # a malformed number, or ModelConfig's own checks
+    except (TypeError, ValueError, ConfigError) as e:  # a malformed number, or ModelConfig's own checks
         raise InputError(f"{where}: {first_line(e)}") from None
 
 
@@ -430,7 +430,7 @@ def config_from_openai(hparams: dict[str, Any], where: str) -> Config:
         )
     except KeyError as e:
         raise InputError(f"{where}: missing {e.args[0]}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ConfigError) as e:
         raise InputError(f"{where}: {first_line(e)}") from None
 
 
@@ -494,7 +494,7 @@ def import_weights(path: Path, n_heads: int | None = None) -> Imported:
         raise InputError(f"{path}: not a format gptcli imports (looked for {FORMATS_HELP})")
     imported.name = path.resolve().stem if path.is_file() else path.resolve().name
     if n_heads is not None and n_heads != imported.config.model.n_heads:
-        raise InputError(f"--n-heads {n_heads}: {path} states {imported.config.model.n_heads} heads")
+        raise InputError(f"n_heads {n_heads}: {path} states {imported.config.model.n_heads} heads", param="n_heads")
     check_fits(imported.weights, imported.config.model, str(path))
     return imported
 
@@ -513,7 +513,7 @@ def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = Fa
     """
     existing = [p for p in out.iterdir() if p.name != DOWNLOADS] if out.is_dir() else []
     if existing and not overwrite:
-        raise InputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+        raise InputError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
     for p in existing:  # the new weights are converted: only now is the old content given up
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return save_checkpoint(out, ".", imported.weights, imported.config, None,
@@ -600,12 +600,12 @@ def download_pretrained(
     """
     spec = pretrained_spec(name)
     if source not in SOURCES:
-        raise InputError(f"--source {source!r}: choose one of {', '.join(SOURCES)}")
+        raise InputError(f"source {source!r}: choose one of {', '.join(SOURCES)}", param="source")
     if (out / MANIFEST).is_file() and not overwrite:
         manifest = verify_checkpoint(out, check_hashes=False)
         return {"checkpoint": out, "name": name, "source": manifest.get("source"), "downloaded": False}
     if out.is_dir() and any(p.name != DOWNLOADS for p in out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: exists and is not a checkpoint; pass --overwrite to replace it")
+        raise InputError(f"{out}: exists and is not a checkpoint; pass overwrite=True to replace it")
     cache = out / DOWNLOADS
     cfg = spec.config()
     if source == "hf":
@@ -694,7 +694,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         RunError: the checkpoint is missing or damaged, or the disk fails.
     """
     if out.exists() and not overwrite:
-        raise InputError(f"{out}: exists; pass --overwrite to replace it")
+        raise InputError(f"{out}: exists; pass overwrite=True to replace it")
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config.model
     try:
