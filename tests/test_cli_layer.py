@@ -2,6 +2,8 @@
 flags; --version and -h; one spelling per concept (deprecated spellings warn and keep working);
 one progress renderer whose plain lines carry the elapsed time and the ETA."""
 
+import json
+
 import pytest
 import torch
 
@@ -173,3 +175,36 @@ def test_plain_download_and_prepare_progress(capsys):
     prepare(2_000_000, 4_000_000, 500_000)
     prepare(4_000_000, 4_000_000, 1_000_000)  # the end: the command's summary reports it
     assert capsys.readouterr().err == "prepare  50.0% · 2.0/4.0 MB · 0.2 MB/s · 50,000 tokens/s\n"
+
+
+# ---------------------------------------------------------------- one library call per command
+
+
+def test_loss_reports_what_the_library_computes_for_a_notebook(cli, ckpt, verdict):
+    from gptcli.checkpoint import load_checkpoint
+    from gptcli.data import load_splits
+    from gptcli.evaluate import model_from_checkpoint, split_losses
+
+    loaded = load_checkpoint(ckpt)
+    splits = load_splits(loaded.config.data, loaded.config.model.context_length)
+    rows = split_losses(model_from_checkpoint(loaded), splits, 2, 3)
+    r = cli("loss", "--checkpoint", ckpt, "--eval-iter", "3", "--batch-size", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert {s: report[s] for s in ("train", "val")} == rows
+    assert rows["train"]["batches"] == rows["val"]["batches"] == 3
+
+
+def test_generate_warnings_name_parameters_in_a_notebook_and_flags_in_the_cli(cli, ckpt):
+    from gptcli.checkpoint import load_checkpoint
+    from gptcli.evaluate import model_from_checkpoint
+    from gptcli.generate import complete
+
+    said = []
+    samples = complete(model_from_checkpoint(load_checkpoint(ckpt)), ["one two " * 40], 2, num_samples=2,
+                       warn=said.append)
+    assert len(samples) == 2 and samples[0]["text"] == samples[1]["text"]  # greedy: the same twice
+    assert said[0].startswith("num_samples=2 with greedy decoding (temperature=0)") and "dropped" in said[1]
+    assert not any("--" in s for s in said)
+    r = cli("generate", "hi", "--checkpoint", ckpt, "--num-samples", "2", "--max-new-tokens", "1")
+    assert r.exit_code == 0 and "warning: --num-samples 2 with greedy decoding (--temperature 0)" in r.stderr
