@@ -170,7 +170,7 @@ def resolve_train(
     if init_from is not None and config is None:  # continued pretraining with the weights' own config
         init_ckpt, _ = _checkpoint_dir(init_from, "init_from")
         init_cfg = _saved_config(init_ckpt)
-        notes.append(f"config: the model of --init-from {init_from} ({init_ckpt / CONFIG}); --config chooses another")
+        notes.append(f"config: the model of init_from={init_from} ({init_ckpt / CONFIG}); `config` chooses another")
     if out is not None:
         run_dir = out
     elif name is not None:
@@ -181,9 +181,9 @@ def resolve_train(
         run_dir = Path(cfg_dir) if cfg_dir else root / stem
         if init_from is not None and not cfg_dir and _inside(init_from, run_dir):
             run_dir = root / f"{stem}-continued"  # never the source run itself
-        why = "train.out_dir" if cfg_dir else "named after --config" if config is not None else (
-            "named after --init-from" if init_from is not None else "no --config")
-        notes.append(f"run directory: {run_dir} ({why}; --out or --name chooses another)")
+        why = "train.out_dir" if cfg_dir else "named after `config`" if config is not None else (
+            "named after `init_from`" if init_from is not None else "no `config`")
+        notes.append(f"run directory: {run_dir} ({why}; `out` or `name` chooses another)")
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a directory")
 
@@ -303,18 +303,18 @@ def resolve_model(
         latest, _ = find_latest(run_dir) if run_dir.is_dir() else (None, [])
         if latest is not None:
             checkpoint = run_dir
-            notes.append(f"model: {latest} (the run of --config {config}; --checkpoint chooses another)")
+            notes.append(f"model: {latest} (the run of config={config}; `checkpoint` chooses another)")
         else:
-            notes.append(f"model: untrained, from --config {config} (no checkpoint in {run_dir}; "
-                         "--checkpoint chooses one)")
+            notes.append(f"model: untrained, from config={config} (no checkpoint in {run_dir}; "
+                         "`checkpoint` chooses one)")
             return Plan(build_config(layers), "model", notes=notes)
     elif checkpoint is None and search:
         newest = find_newest_anywhere(root)
         if newest is not None:
             checkpoint = newest
-            notes.append(f"model: {newest} (the newest checkpoint under {root}/; --checkpoint chooses another)")
+            notes.append(f"model: {newest} (the newest checkpoint under {root}/; `checkpoint` chooses another)")
         else:
-            notes.append(f"model: untrained (no checkpoint under {root}/; --checkpoint chooses one)")
+            notes.append(f"model: untrained (no checkpoint under {root}/; `checkpoint` chooses one)")
             return Plan(build_config(layers), "model", notes=notes)
     elif checkpoint is None:
         return Plan(build_config(layers), "model", notes=notes)
@@ -392,7 +392,7 @@ def eval_validation(cfg: Config, files: list[str], val: Optional[bool], text: bo
     if val is None and files and not text and not corpus_available(cfg):
         val = False
         notes.append(f"validation split skipped: its corpus {cfg.data.path} (data.path from "
-                     f"{describe_origin(cfg, 'data.path')}) is not on disk; --val evaluates it "
+                     f"{describe_origin(cfg, 'data.path')}) is not on disk; val=True evaluates it "
                      "(downloading the default corpus)")
     if val is not False and not text:
         check_data_path(cfg)
