@@ -94,19 +94,22 @@ class Renderer:
 
 def _bar_columns():
     """The rich columns: a label, the bar, the count (bytes or steps), a status text, the time left."""
+    from rich.table import Column
     from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, ProgressColumn, TextColumn,
                                TimeRemainingColumn)
 
     class Count(ProgressColumn):  # bytes as sizes, steps as N/M, chosen per task
         def __init__(self):
-            super().__init__()
+            super().__init__(table_column=Column(no_wrap=True))
             self._bytes, self._steps = DownloadColumn(), MofNCompleteColumn()
 
         def render(self, task):
             return (self._bytes if task.fields.get("unit") == "bytes" else self._steps).render(task)
 
-    return (TextColumn("{task.description}"), Count(), BarColumn(), TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn())
+    # No column wraps: on a narrow terminal they are cut short with an ellipsis, one line per task.
+    return (TextColumn("{task.description}", table_column=Column(no_wrap=True)), Count(), BarColumn(bar_width=24),
+            TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)))
 
 
 # ---------------------------------------------------------------- adapters
@@ -205,12 +208,16 @@ def download_progress(renderer: Renderer) -> Callable[[str, int, Optional[int]],
 
 def corpus_download(renderer: Renderer, corpus: Optional[str]) -> Callable[[int, Optional[int]], None]:
     """The callback (bytes done, total) for the book's corpus, which train and loss download when missing."""
-    by_file = download_progress(renderer)
 
     def report(done: int, total: Optional[int]) -> None:
-        by_file(f"the book's corpus -> {corpus} (data.path)", done, total)
+        if renderer.add(CORPUS_LABEL, total, unit="bytes"):  # once: where the default corpus goes
+            renderer.line(f"downloading the book's corpus to {corpus} (data.path)")
+        renderer.update(CORPUS_LABEL, done, total)
 
     return report
+
+
+CORPUS_LABEL = "the-verdict.txt"
 
 
 TTY_EVERY_S, PLAIN_EVERY_S = 0.5, 10.0  # prepare's rate measurements: a live bar, a log file's line
