@@ -62,7 +62,7 @@ class _OneLineErrors(TyperGroup):
         streams = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Output(streams[0], "stdout"), _Output(streams[1], "stderr")
         try:
-            args = _renamed_flags(list(sys.argv[1:] if args is None else args))
+            args = _state["args"] = _renamed_flags(list(sys.argv[1:] if args is None else args))
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             sys.stdout.flush()  # here, not at interpreter exit, where a failing flush cannot be reported
         except click.exceptions.UsageError as e:
@@ -181,7 +181,7 @@ app = typer.Typer(
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
-_state = {"debug": bool(os.environ.get("GPTCLI_DEBUG"))}
+_state: dict[str, Any] = {"debug": bool(os.environ.get("GPTCLI_DEBUG")), "args": []}  # args: as parsed
 
 
 @app.callback()
@@ -386,7 +386,7 @@ def train(
     from gptcli.train import Interrupted, train as run_training
 
     if nproc is not None and nproc > 1 and not distributed.launched_by_torchrun():
-        raise typer.Exit(distributed.relaunch_with_torchrun(nproc, _without_option(sys.argv[1:], "--nproc")))
+        raise typer.Exit(distributed.relaunch_with_torchrun(nproc, _without_option(_state["args"], "--nproc")))
     if allow_data_change and not resume:
         raise InputError("--allow-data-change: only with --resume (a new run takes any corpus)")
     overrides = {"data.path": str(data) if data else None, "train.device": device, "train.num_epochs": num_epochs,
@@ -402,9 +402,9 @@ def train(
                                    overwrite=plan.mode in ("overwrite", "restart"), events=events,
                                    allow_data_change=allow_data_change)
     except (Interrupted, InputError) as e:  # every rank meets it: rank 0 alone says so
-        if main and not isinstance(e, Interrupted):
+        if main and isinstance(e, InputError):
             raise
-        if main:  # the checkpoint is saved; the message says how to go on
+        if main:  # Interrupted: the checkpoint is saved, and the message says how to go on
             _err(str(e))
         raise typer.Exit(e.exit_code) from None
     if not main:
