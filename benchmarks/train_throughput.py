@@ -63,7 +63,7 @@ def _config(path: str, batch_size: int, steps: int, data: str, device: str, sets
 
     return load_config(path, {
         "train.batch_size": batch_size, "train.max_steps": steps, "train.device": device, "data.path": data,
-        "train.eval_freq": 10**9, "train.sample_tokens": 0, "train.save_every": None, "train.log_every": 1,
+        "train.eval_freq": 10**9, "train.max_new_tokens": 0, "train.save_freq": None, "train.log_freq": 1,
         "train.num_epochs": 10**6,
     }, sets)
 

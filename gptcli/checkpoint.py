@@ -57,7 +57,7 @@ def named_dir(root: Path, name: str, what: str) -> Path:
         InputError: the name is empty, hidden, or not a single path component.
     """
     if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
-        raise InputError(f"{what} {name!r}: must be a plain name (no '/', no '..', not hidden)")
+        raise InputError(f"{what} {name!r}: must be a plain name (no '/', no '..', not hidden)", param=what)
     return root / name
 
 

@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -22,10 +23,31 @@ from typer.core import TyperGroup
 
 try:  # recent Typer vendors its own click; its usage exceptions are the ones raised
     from typer import _click as click
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - older Typer uses click itself
     import click
+    from click import get_current_context
 
 from gptcli.errors import GptcliError, InputError, first_line
+from gptcli.progress import PrepareProgress, Renderer, TrainProgress, corpus_download, download_progress, err as _err
+
+# Flags renamed for one spelling per concept (the book's name where the book has one): the old
+# spelling still works, with a warning naming the new one.
+RENAMED_FLAGS = {"--num-batches": "--eval-iter"}
+
+
+def _renamed_flags(args: list[str]) -> list[str]:
+    """`args` with each deprecated flag spelled anew (a one-line warning each); options end at `--`."""
+    out = []
+    for i, a in enumerate(args):
+        if a == "--":
+            return out + args[i:]
+        old, eq, value = a.partition("=")
+        if old in RENAMED_FLAGS:
+            _err(f"warning: {old} is deprecated; use {RENAMED_FLAGS[old]}")
+            a = RENAMED_FLAGS[old] + eq + value
+        out.append(a)
+    return out
 
 
 class _OneLineErrors(TyperGroup):
@@ -40,6 +62,7 @@ class _OneLineErrors(TyperGroup):
         streams = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Output(streams[0], "stdout"), _Output(streams[1], "stderr")
         try:
+            args = _state["args"] = _renamed_flags(list(sys.argv[1:] if args is None else args))
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             sys.stdout.flush()  # here, not at interpreter exit, where a failing flush cannot be reported
         except click.exceptions.UsageError as e:
@@ -138,6 +161,17 @@ class _Output:
             raise _OutputFailed(error) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"gptcli {version('gptcli')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("gptcli (not installed)")
+        raise typer.Exit(0)
+
+
 app = typer.Typer(
     cls=_OneLineErrors,
     help="Pretrain, evaluate and sample GPT models from scratch (the book's chapter 5, as a tool).",
@@ -145,21 +179,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
-_state = {"debug": bool(os.environ.get("GPTCLI_DEBUG"))}
+_state: dict[str, Any] = {"debug": bool(os.environ.get("GPTCLI_DEBUG")), "args": []}  # args: as parsed
 
 
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print gptcli's version and exit.", is_eager=True,
+                                          callback=_version)] = False,
 ) -> None:
     """Pretrain, evaluate and sample GPT models from scratch."""
     _state["debug"] = _state["debug"] or debug
-
-
-def _err(message: str) -> None:
-    """One plain line on stderr (no markup, no wrapping)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def _handle_errors(fn):
@@ -176,7 +208,7 @@ def _handle_errors(fn):
         except GptcliError as e:
             if _state["debug"]:
                 raise
-            _err(f"error: {e}")
+            _err(f"error: {_in_flags(str(e), e.param)}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             _err("interrupted")
@@ -190,14 +222,64 @@ def _handle_errors(fn):
     return wrapper
 
 
-def _stderr_console():
-    from rich.console import Console
+# ---------------------------------------------------------------- library names -> flags
 
-    return Console(stderr=True, highlight=False)
+_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=([^\s,;]*?)(?=$|[\s,;)]|:\s)")  # top_k=5, overwrite=True
+_NAMED = re.compile(r"`([a-z][a-z0-9_.]*)`")  # `val_ratio`: a parameter or config key named in passing
+
+
+def _in_flags(message: str, param: Optional[str] = None) -> str:
+    """A library message in the running command's flags.
+
+    The library names what a notebook caller passes: keywords (``overwrite=True``,
+    ``top_k=5``) become ``--overwrite``, ``--top-k 5``, a name in backquotes its flag; the leading parameter or config key
+    of the error becomes its flag (``top_k`` -> ``--top-k``, ``train.max_steps`` ->
+    ``--max-steps (train.max_steps)``). Names the command has no flag for stay as they are.
+    """
+    ctx = get_current_context(silent=True)
+    options = {p.name: p for p in ctx.command.params if p.param_type_name == "option"} if ctx is not None else {}
+
+    def flag(name: str) -> Optional[str]:
+        if "." in name:  # a config key: the command's dedicated flag for it, if any
+            from gptcli.config import flag_name
+
+            return next((o for p in options.values() for o in p.opts if o == flag_name(name)), None)
+        option = options.get(name)
+        return next((o for o in option.opts if o.startswith("--")), None) if option is not None else None
+
+    def keyword(m: re.Match) -> str:
+        name, value = m.groups()
+        f = flag(name)
+        if f is None:
+            return m.group(0)
+        if value == "True":
+            return f
+        if value == "False":
+            return options[name].secondary_opts[0] if options[name].secondary_opts else m.group(0)
+        return f"{f} {value}"
+
+    message = _KEYWORD.sub(keyword, message)
+    message = _NAMED.sub(lambda m: flag(m.group(1)) or m.group(0), message)
+    if param and message.startswith(param) and not message[len(param):].startswith("="):
+        f = flag(param)
+        if f is not None:
+            message = (f"{f} ({param})" if "." in param else f) + message[len(param):]
+    return message
+
+
+def _warn(message: str) -> None:
+    """A library warning, in the command's flags."""
+    _err(f"warning: {_in_flags(message)}")
+
+
+def _notes(notes) -> None:
+    """Say on stderr, one line each, what the tool chose by itself."""
+    for note in notes:
+        _err(_in_flags(note))
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
+    print(json.dumps(_json_safe(obj), indent=2, default=_json_default, allow_nan=False))
 
 
 def _json_default(x: Any) -> Any:
@@ -227,6 +309,8 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable); beside a checkpoint a model key is refused.")
 ]
+
+
 def _checked(check):
     """A Typer callback that runs a library check on a given option value; its error becomes a usage error (exit 2)."""
 
@@ -234,8 +318,11 @@ def _checked(check):
         if value is not None:
             try:
                 check(value)
-            except InputError as e:
-                raise typer.BadParameter(str(e)) from None
+            except InputError as e:  # click names the flag itself: keep what follows the parameter
+                message = str(e)
+                if e.param and message.startswith(e.param):
+                    message = message[len(e.param):].lstrip(": ")
+                raise typer.BadParameter(message) from None
         return value
 
     return callback
@@ -263,112 +350,12 @@ CheckpointOpt = Annotated[
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (model init when untrained; sampling).",
                                                 callback=_checked(_check_seed))]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Text file (.txt, .txt.gz), JSON Lines (.jsonl, .jsonl.gz), a folder of them, or prepared shards.")]
+EvalIterOpt = Annotated[Optional[int], typer.Option("--eval-iter", min=1, help="At most this many batches per split or dataset (the book's eval_iter; default: all).")]
 
 CHECKPOINTS_ROOT = Path("checkpoints")
 
 
-def _notes(plan):
-    """Say on stderr, one line each, what the tool chose by itself; return the plan."""
-    for note in plan.notes:
-        _err(note)
-    return plan
-
-
-def _model_for(checkpoint, config, sets, seed, device):
-    """(model, cfg, description) in one step, for commands that read no data first."""
-    from gptcli.resolve import build_model, resolve_model
-
-    plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
-    model, where = build_model(plan, seed)
-    _notes(plan)
-    return model, plan.cfg, where
-
-
 # ---------------------------------------------------------------- train
-
-
-class _TrainEvents:
-    """Renders training progress on stderr: a rich bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, notes: tuple[str, ...] = (), corpus: Optional[str] = None):
-        from gptcli.train import Events
-
-        self.notes = list(notes)  # the choices the tool made, said once the inputs checked out
-        self.corpus = corpus
-        self._base = Events
-        self.console = _stderr_console()
-        self.tty = sys.stderr.isatty()
-        self.progress = None
-        self.task = None
-        self.total = 0
-        self.last_val = None
-
-    def download(self, done: int, total: Optional[int]) -> None:
-        if self.corpus is not None:  # once: where the default corpus goes
-            _err(f"downloading the book's corpus to {self.corpus} (data.path)")
-            self.corpus = None
-        if self.tty:
-            pct = f"{100 * done / total:5.1f}%" if total else f"{done} bytes"
-            print(f"\rdownloading the-verdict.txt {pct}", end="", file=sys.stderr, flush=True)
-            if total and done >= total:
-                print(file=sys.stderr)
-
-    def start(self, info: dict[str, Any]) -> None:
-        for note in self.notes:
-            _err(note)
-        self.total = info["total_steps"]
-        what = "resuming" if info["resumed"] else "training"
-        _err(f"{what} {info['params'] / 1e6:.1f}M parameters on {info['device']}"
-             f"{' x' + str(info['world_size']) if info['world_size'] > 1 else ''}: "
-             f"{info['train_tokens']} training / {info['val_tokens']} validation tokens, "
-             f"{info['total_steps']} steps -> {info['run_dir']}")
-        if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(), console=self.console, transient=False,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=self.total, completed=info["step"], status="")
-
-    def log(self, r: dict[str, Any]) -> None:
-        mfu = f" · MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
-        val = f" · val {self.last_val:.3f}" if self.last_val is not None else ""
-        status = (f"epoch {r['epoch']} · loss {r['loss']:.3f}{val} · lr {r['lr']:.2e} · "
-                  f"{r['tokens_per_s']:,.0f} tok/s{mfu}")
-        if self.progress is not None:
-            self.progress.update(self.task, completed=r["step"], status=status)
-        else:
-            _err(f"step {r['step']}/{self.total} · {status}")
-
-    def eval(self, r: dict[str, Any]) -> None:
-        self.last_val = r["val_loss"]
-        # The book's line; its step counter starts at 0 for the first optimizer step. The book
-        # has no evaluation of the final weights: that line says "End" instead of "Ep N".
-        where = f"End (Ep {r['epoch']}, " if r.get("final") else f"Ep {r['epoch']} ("
-        self._line(f"{where}Step {r['step'] - 1:06d}): "
-                   f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}")
-
-    def sample(self, epoch: int, text: str) -> None:
-        self._line(text)
-
-    def checkpoint(self, path: Path) -> None:
-        if self.progress is None:
-            _err(f"saved {path}")
-
-    def warn(self, message: str) -> None:
-        self._line(f"warning: {message}")
-
-    def _line(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
-        else:
-            _err(text)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 @app.command()
@@ -394,92 +381,50 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train a model (the book's train_model_simple: AdamW, periodic evaluation, epoch samples)."""
-    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_with_torchrun(nproc)
+    from gptcli import distributed
     from gptcli.resolve import check_data_path, resolve_train
-    from gptcli.train import apply_host_memory, train as run_training
+    from gptcli.train import Interrupted, apply_host_memory, train as run_training
 
+    if nproc is not None and nproc > 1 and not distributed.launched_by_torchrun():
+        raise typer.Exit(distributed.relaunch_with_torchrun(nproc, _without_option(_state["args"], "--nproc")))
+    if allow_data_change and not resume:
+        raise InputError("--allow-data-change: only with --resume (a new run takes any corpus)")
     overrides = {"data.path": str(data) if data else None, "train.device": device, "train.num_epochs": num_epochs,
                  "train.max_steps": max_steps, "train.max_tokens": max_tokens, "train.batch_size": batch_size,
                  "train.learning_rate": learning_rate, "train.seed": seed}
-    if allow_data_change and not resume:
-        raise InputError("--allow-data-change: only with --resume (a new run takes any corpus)")
-    events = _NoEvents()
-    try:  # resolution errors too: under torchrun every rank meets them, and rank 0 alone reports them
+    main = distributed.is_main_process()  # under torchrun rank 0 reports for every rank
+    try:
         plan = resolve_train(config, sets, overrides, out=out, name=name, resume=resume, overwrite=overwrite,
                              init_from=init_from, root=CHECKPOINTS_ROOT)
         check_data_path(plan.cfg, "--data" if data else None)
-        cfg, run_dir = plan.cfg, plan.run_dir
-        resume, overwrite = plan.mode == "resume", plan.mode in ("overwrite", "restart")
-        if os.environ.get("RANK", "0") == "0":
-            events = _TrainEvents(plan.notes, cfg.data.path)
-        if note := apply_host_memory(cfg.train.host_memory):  # process-wide: set here, at the program's entry
-            events.warn(note)
-        summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, init_from=init_from, events=events,
-                               allow_data_change=allow_data_change)
-    except GptcliError as e:
-        events.close()
-        # Under torchrun every rank meets the same bad input or interruption: rank 0 reports it.
-        other_rank = os.environ.get("RANK", "0") != "0" and (isinstance(e, InputError) or hasattr(e, "checkpoint"))
-        if hasattr(e, "checkpoint") or other_rank:  # Interrupted: the checkpoint is saved, say how to go on
-            if not other_rank:
-                _err(str(e))
-            raise typer.Exit(e.exit_code) from None
-        raise
-    events.close()
-    if os.environ.get("RANK", "0") != "0":
+        with TrainProgress([_in_flags(n) for n in plan.notes], plan.cfg.data.path, quiet=not main) as events:
+            if note := apply_host_memory(plan.cfg.train.host_memory):  # process-wide: set here, at the entry point
+                events.warn(note)
+            summary = run_training(plan.cfg, plan.run_dir, resume=plan.mode == "resume", init_from=init_from,
+                                   overwrite=plan.mode in ("overwrite", "restart"), events=events,
+                                   allow_data_change=allow_data_change)
+    except (Interrupted, InputError) as e:  # every rank meets it: rank 0 alone says so
+        if main and isinstance(e, InputError):
+            raise
+        if main:  # Interrupted: the checkpoint is saved, and the message says how to go on
+            _err(str(e))
+        raise typer.Exit(e.exit_code) from None
+    if not main:
         return
     if json_out:
-        _print_json(_json_safe(summary))
+        _print_json(summary)
     else:
         print(summary["checkpoint"])
 
 
-class _NoEvents:
-    """The progress of ranks other than 0: rank 0 speaks for all of them."""
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
-
-
-def _relaunch_with_torchrun(nproc: int) -> None:
-    """Run `torchrun --standalone --nproc_per_node=N -m gptcli <same args without --nproc>`, exit with its status.
-
-    torchrun's own argument parser and launcher (``torch.distributed.run``) start
-    the processes; a failing process's exit code (2 for bad input, 130/143 when
-    interrupted) becomes ours instead of torchrun's generic 1 and error report.
-    """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    import logging
-
-    # torchrun pins each process to 1 thread (and says so in a banner); share the CPUs instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes report their own errors
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        args.append(a)
-    try:
-        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "gptcli", *args]))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode < 0:  # killed by a signal: it could not say so itself
-            _err(f"error: rank {rank} was killed by {failure.signal_name()}")
-            raise typer.Exit(128 - failure.exitcode) from None
-        raise typer.Exit(failure.exitcode) from None
-    except SignalException as e:
-        raise typer.Exit(128 + int(e.sigval)) from None
-    raise typer.Exit(0)
+def _without_option(args: list[str], option: str) -> list[str]:
+    """`args` less `option` and its value (given as `option VALUE` or `option=VALUE`)."""
+    out, skip = [], False
+    for a in args:
+        if not skip and a != option and not a.startswith(option + "="):
+            out.append(a)
+        skip = a == option
+    return out
 
 
 @app.command()
@@ -504,37 +449,28 @@ def loss(
     checkpoint: CheckpointOpt = None,
     data: DataOpt = None,
     seed: SeedOpt = None,
-    num_batches: Annotated[Optional[int], typer.Option(min=1, help="At most this many batches per split.")] = None,
+    eval_iter: EvalIterOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per batch (default: the config's, 2).")] = None,
     device: DeviceOpt = None,
     sets: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Training and validation loss and perplexity (the book's calc_loss_loader)."""
-    from gptcli.data import load_splits, make_loader
-    from gptcli.device import resolve_device
-    from gptcli.evaluate import evaluate_loss
-
+    from gptcli.data import load_splits
+    from gptcli.evaluate import split_losses
     from gptcli.resolve import build_model, check_data_path, resolve_model
 
     plan = resolve_model(checkpoint, config, sets, {"train.device": device, "data.path": str(data) if data else None},
                          root=CHECKPOINTS_ROOT)
-    cfg = plan.cfg
-    check_data_path(cfg, "--data" if data else None)
-    splits = load_splits(cfg.data, cfg.model.context_length, progress=_TrainEvents(corpus=cfg.data.path).download)
+    check_data_path(plan.cfg, "--data" if data else None)
+    with Renderer() as renderer:
+        splits = load_splits(plan.cfg.data, plan.cfg.model.context_length,
+                             progress=corpus_download(renderer, plan.cfg.data.path))
     model, where = build_model(plan, seed)
-    _notes(plan)
-    bs = batch_size or cfg.train.batch_size
-    dev = resolve_device(cfg.train.device)
-    rows = {}
-    # The book's loaders: training drops its last partial batch, validation keeps it. In order,
-    # so --num-batches picks the same batches every time.
-    for name, windows, drop_last in (("train", splits.train, True), ("val", splits.val, False)):
-        loader = make_loader(windows, bs, shuffle=False, drop_last=drop_last)
-        rows[name] = evaluate_loss(model, loader, dev, num_batches, split=name)
+    _notes(plan.notes)
+    rows = split_losses(model, splits, batch_size or plan.cfg.train.batch_size, eval_iter)
     if json_out:
-        _print_json(_json_safe({"model": where, "data": splits.source, **rows}))
-        return
+        return _print_json({"model": where, "data": splits.source, **rows})
     print(f"{'split':<6} {'loss':>10} {'perplexity':>12} {'tokens':>9} {'batches':>8}")
     for name, r in rows.items():
         print(f"{name:<6} {r['loss']:>10.5f} {r['ppl']:>12.2f} {r['tokens']:>9d} {r['batches']:>8d}")
@@ -565,47 +501,24 @@ def generate(
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a prompt (greedy by default, like the book's generate_text_simple)."""
-    import torch
-
-    from gptcli.generate import check_sampling, generate as run_generate, optimize_for_decoding
-    from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
+    from gptcli.generate import check_sampling, complete
+    from gptcli.resolve import load_model
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
     prompts = _read_prompts(prompt, prompts_file)
-    if num_samples > 1 and temperature == 0.0:
-        _err(f"warning: --num-samples {num_samples} with greedy decoding (--temperature 0) gives {num_samples} "
-             f"identical samples; give a temperature > 0 to sample")
-    model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
-    ids = [encode(p) for p in prompts for _ in range(num_samples)]
-    context = cfg.model.context_length
-    for i, p in enumerate(prompts):
-        n = len(ids[i * num_samples])
-        if n > context:
-            which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
-            _err(f"warning: {which} has {n} tokens, the context {context}: its first {n - context} tokens are "
-                 f"dropped and it continues from its last {context}")
-    optimize_for_decoding(model, len(ids))
-    seed = cfg.train.seed if seed is None else seed
-    torch.manual_seed(seed)  # the book seeds right before it samples
-    live = (sys.stdout.isatty() if stream is None else stream) and not json_out
-    if live and len(ids) > 1:
-        live = False
-        if stream:
-            _err(f"warning: --stream shows one sample; the {len(ids)} samples print when done")
-    printer = _StreamPrinter(prompts[0]) if live else None
-    outs = run_generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_id=END_OF_TEXT_ID if eos else None, use_cache=not no_cache,
-                        on_tokens=printer.feed if printer else None)
-    texts = [p + decode(o) for p, o in zip((p for p in prompts for _ in range(num_samples)), outs)]
+    model, plan, where = load_model(checkpoint, config, sets, {"train.device": device}, seed, root=CHECKPOINTS_ROOT)
+    _notes(plan.notes)
+    seed = plan.cfg.train.seed if seed is None else seed
+    printer = _stream_printer(prompts, num_samples, stream, json_out)
+    samples = complete(model, prompts, max_new_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k,
+                       top_p=top_p, eos=eos, use_cache=not no_cache, seed=seed, warn=_warn,
+                       on_tokens=printer.feed if printer else None)
     if printer is not None:
         printer.finish()
     elif json_out:
-        samples = [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "text": t, "completion": decode(o),
-                    "ids": o, "new_tokens": len(o), "finish": "eos" if len(o) < max_new_tokens else "length"}
-                   for i, (t, o) in enumerate(zip(texts, outs))]
         _print_json({"model": where, "seed": seed, "samples": samples})
     else:
-        print("\n\n".join(texts))
+        print("\n\n".join(s["text"] for s in samples))
 
 
 def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
@@ -631,6 +544,17 @@ def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[s
     if not prompts or "" in prompts:
         raise InputError("prompt: empty; give the text to continue (or --prompts-file)")
     return prompts
+
+
+def _stream_printer(prompts: list[str], num_samples: int, stream: Optional[bool], json_out: bool):
+    """A `_StreamPrinter` when tokens are printed as they come: one sample, not --json; on a terminal by default."""
+    live = (sys.stdout.isatty() if stream is None else stream) and not json_out
+    n = len(prompts) * num_samples
+    if live and n > 1:
+        if stream:
+            _err(f"warning: --stream shows one sample; the {n} samples print when done")
+        return None
+    return _StreamPrinter(prompts[0]) if live else None
 
 
 class _StreamPrinter:
@@ -661,14 +585,14 @@ class _StreamPrinter:
 @app.command("eval")
 @_handle_errors
 def eval_(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run directory (default: the newest).")] = None,
-    checkpoint_opt: CheckpointOpt = None,
+    checkpoint_arg: Annotated[Optional[Path], typer.Argument(metavar="CHECKPOINT", help="Deprecated: use --checkpoint.", hidden=True)] = None,
+    checkpoint: CheckpointOpt = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Evaluate this file or folder too, as --data of train reads it; prepared shards: their validation split (repeatable).")] = None,
     val: Annotated[Optional[bool], typer.Option("--val/--no-val", help="Evaluate the config's validation split (default: yes; with --data only when its corpus is on disk).")] = None,
     all_checkpoints: Annotated[bool, typer.Option("--all", help="Every checkpoint of the run: loss against step.")] = False,
     text: Annotated[Optional[str], typer.Option(help="Score this text instead of datasets.")] = None,
     show_tokens: Annotated[bool, typer.Option("--show-tokens", help="With --text: each token's probability, rank and top-5 alternatives.")] = False,
-    num_batches: Annotated[Optional[int], typer.Option(min=1, help="At most this many batches per dataset.")] = None,
+    eval_iter: EvalIterOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per batch (default: the config's).")] = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
@@ -678,54 +602,53 @@ def eval_(
 ) -> None:
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
     from gptcli import evaluate as ev
+    from gptcli.resolve import build_model, eval_validation, resolve_model, run_or_newest
 
+    checkpoint = _eval_checkpoint(checkpoint_arg, checkpoint)
     files = [str(p) for p in data or []]
-    if checkpoint is not None and checkpoint_opt is not None and checkpoint != checkpoint_opt:
-        raise InputError("--checkpoint: give the checkpoint once (as the argument or as --checkpoint)")
-    checkpoint = checkpoint or checkpoint_opt
+    _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets)
+    if all_checkpoints:
+        run, notes = run_or_newest(checkpoint, CHECKPOINTS_ROOT)
+        _notes(notes)
+        report = ev.evaluate_run(run, files, val is not False, eval_iter, batch_size, device)
+        for reason in report["skipped"]:
+            _err(f"warning: skipped a damaged checkpoint: {reason}")
+        return _render_rows(report["results"], ["step", "checkpoint", "dataset", "loss", "ppl", "bpb", "tokens"],
+                            json_out, {"run": report["run"], "skipped": report["skipped"]})
+    plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    use_val, notes = eval_validation(plan.cfg, files, val, text is not None)
+    _notes(notes)
+    datasets = ev.eval_datasets(plan.cfg, files, use_val) if text is None else None  # bad data fails before the model loads
+    model, where = build_model(plan, seed)
+    _notes(plan.notes)
+    if text is not None:
+        result = ev.token_report(model, text)
+        return _print_json({"model": where, **result}) if json_out else _render_token_report(result, show_tokens)
+    rows = ev.evaluate_datasets(model, datasets, batch_size or plan.cfg.train.batch_size, eval_iter)
+    _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
+
+
+def _eval_checkpoint(argument: Optional[Path], option: Optional[Path]) -> Optional[Path]:
+    """eval's checkpoint: --checkpoint, or the deprecated positional argument (with a warning)."""
+    if argument is None:
+        return option
+    if option is not None and argument != option:
+        raise InputError("--checkpoint: give the checkpoint once (as --checkpoint; the argument is deprecated)")
+    _err("warning: the CHECKPOINT argument of eval is deprecated; use --checkpoint CHECKPOINT")
+    return argument
+
+
+def _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets) -> None:
+    """Refuse eval's flag combinations that cannot all apply, naming them."""
     if show_tokens and text is None:
         raise InputError("--show-tokens: needs --text TEXT")
     if text is not None and (all_checkpoints or files):
         raise InputError("--text: cannot be combined with --all or --data")
     if val is False and not files and text is None:
         raise InputError("--no-val: nothing left to evaluate; add --data FILE")
-    if all_checkpoints:
-        if config is not None or sets:
-            raise InputError(f"--all and {'--config' if config is not None else '--set'}: --all evaluates each "
-                             "checkpoint with its own saved config")
-        if checkpoint is None:
-            from gptcli.resolve import newest_run
-
-            checkpoint, note = newest_run(CHECKPOINTS_ROOT)
-            _err(note)
-        report = ev.evaluate_run(checkpoint, files, val is not False, num_batches, batch_size, device)
-        for reason in report["skipped"]:
-            _err(f"warning: skipped a damaged checkpoint: {reason}")
-        columns = ["step", "checkpoint", "dataset", "loss", "ppl", "bpb", "tokens"]
-        _render_rows(report["results"], columns, json_out, {"run": report["run"], "skipped": report["skipped"]})
-        return
-    from gptcli.resolve import build_model, check_data_path, corpus_available, describe_origin, resolve_model
-
-    plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
-    cfg = plan.cfg
-    if val is None and files and text is None and not corpus_available(cfg):
-        val = False  # --data files never trigger a download of the model's corpus
-        _err(f"validation split skipped: its corpus {cfg.data.path} (data.path from "
-             f"{describe_origin(cfg, 'data.path')}) is not on disk; --val evaluates it (downloading the default corpus)")
-    if val is not False and text is None:
-        check_data_path(cfg)
-    datasets = ev.eval_datasets(cfg, files, val is not False) if text is None else None  # bad data fails before the model loads
-    model, where = build_model(plan, seed)
-    _notes(plan)
-    if text is not None:
-        result = ev.token_report(model, text)
-        if json_out:
-            _print_json(_json_safe({"model": where, **result}))
-        else:
-            _render_token_report(result, show_tokens)
-        return
-    rows = ev.evaluate_datasets(model, datasets, batch_size or cfg.train.batch_size, num_batches)
-    _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
+    if all_checkpoints and (config is not None or sets):
+        raise InputError(f"--all and {'--config' if config is not None else '--set'}: --all evaluates each "
+                         "checkpoint with its own saved config")
 
 
 _HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}
@@ -733,7 +656,7 @@ _HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}
 
 def _render_rows(rows: list[dict[str, Any]], columns: list[str], json_out: bool, extra: dict[str, Any]) -> None:
     if json_out:
-        _print_json(_json_safe({**extra, "results": rows}))
+        _print_json({**extra, "results": rows})
         return
     from rich.table import Table
 
@@ -795,35 +718,6 @@ class ExportFormat(str, Enum):
     hf = "hf"
 
 
-class _DownloadProgress:
-    """Download progress on stderr: a rich bar per file on a terminal, one line per file otherwise."""
-
-    def __init__(self):
-        self.progress = None
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, label: str, done: int, total: Optional[int]) -> None:
-        if not sys.stderr.isatty():
-            if label not in self.tasks:
-                self.tasks[label] = None
-                _err(f"downloading {label}" + (f" ({total:,} bytes)" if total else ""))
-            return
-        if self.progress is None:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TimeRemainingColumn(), console=_stderr_console())
-            self.progress.start()
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=total)
-        self.progress.update(self.tasks[label], completed=done, total=total)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
 @app.command("download")
 @_handle_errors
 def download_(
@@ -838,12 +732,9 @@ def download_(
     """Download OpenAI's GPT-2 weights, verify them and convert them into a gptcli checkpoint."""
     from gptcli.hub import download_pretrained
 
-    progress = _DownloadProgress()
-    try:
+    with Renderer() as renderer:
         result = download_pretrained(name, out or PRETRAINED_ROOT / name, source=source.value, revision=revision,
-                                     endpoint=endpoint, overwrite=overwrite, progress=progress)
-    finally:
-        progress.close()
+                                     endpoint=endpoint, overwrite=overwrite, progress=download_progress(renderer))
     if not result["downloaded"]:
         _err(f"{result['checkpoint']}: already downloaded (--overwrite fetches it again)")
     if json_out:
@@ -892,42 +783,6 @@ def export_(
 # ---------------------------------------------------------------- prepare
 
 
-class _PrepareProgress:
-    """Renders prepare progress on stderr: input MB/s and tokens/s (one updating line on a terminal)."""
-
-    def __init__(self):
-        import time
-
-        self.clock = time.perf_counter
-        self.tty = sys.stderr.isatty()
-        self.start = self.mark = (self.clock(), 0, 0)  # (time, bytes, tokens) at the start, at the last line
-        self.shown = self.finished = False
-
-    def __call__(self, done: int, total: int, tokens: int) -> None:
-        now = self.clock()
-        if self.finished or (now - self.mark[0] < (0.5 if self.tty else 10.0) and done < total):
-            return
-        self.finished = done >= total
-        if self.finished and not self.tty:
-            return  # plain mode: the command's summary line reports the whole run
-        t0, bytes0, tokens0 = self.start if self.finished else self.mark  # the last line: whole-run rates
-        dt = max(now - t0, 1e-9)
-        fraction = done / max(total, 1)
-        line = (f"prepare {100 * fraction:5.1f}% · {done / 1e6:,.1f}/{total / 1e6:,.1f} MB · "
-                f"{(done - bytes0) / dt / 1e6:,.1f} MB/s · {(tokens - tokens0) / dt:,.0f} tokens/s")
-        self.mark = (now, done, tokens)
-        if self.tty:
-            bar = "█" * round(24 * fraction) + "░" * (24 - round(24 * fraction))
-            print(f"\r{bar} {line}\x1b[K", end="", file=sys.stderr, flush=True)
-            self.shown = True
-        else:
-            _err(line)
-
-    def close(self) -> None:
-        if self.shown:
-            print(file=sys.stderr, flush=True)
-
-
 class SplitDocs(str, Enum):
     none = "none"
     blank_lines = "blank-lines"
@@ -940,7 +795,7 @@ def prepare(
     inputs: Annotated[list[Path], typer.Argument(help="Text files (.txt, .txt.gz), JSON Lines (.jsonl, .jsonl.gz), Parquet (.parquet), folders or globs of them, or Hugging Face datasets (hf:NAME[:CONFIG], hf:DIR).")],
     out: Annotated[Path, typer.Option(help="Output directory, e.g. data/NAME; a rerun keeps its finished shards.")],
     workers: Annotated[Optional[int], typer.Option(min=1, help="Tokenizer threads (default: the number of CPUs).")] = None,
-    val_ratio: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of documents (chosen by hash) for validation.")] = 0.01,
+    val_ratio: Annotated[float, typer.Option(help="Fraction of documents (chosen by hash) for validation, in [0, 1).")] = 0.01,
     shard_mb: Annotated[float, typer.Option(min=0.001, help="Input megabytes per shard.")] = 64.0,
     field: Annotated[str, typer.Option(help="The JSON Lines field, Parquet or dataset column that holds the text.")] = "text",
     split_docs: Annotated[SplitDocs, typer.Option(help="Cut text files into documents: at blank lines, or at lines holding only <|endoftext|> (default: a text file is one document).")] = SplitDocs.none,
@@ -950,12 +805,9 @@ def prepare(
     """Tokenize a corpus into uint16 (uint32 for vocabularies beyond 65,536) token shards with a document-level train/validation split."""
     from gptcli.shards import empty_split_warnings, prepare as run_prepare
 
-    render = _PrepareProgress()
-    try:
+    with PrepareProgress() as progress:
         result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
-                             split_docs=split_docs.value, split=split, progress=render)
-    finally:
-        render.close()
+                             split_docs=split_docs.value, split=split, progress=progress)
     splits = result.index["splits"]
     summary = {"out": str(out), "pieces_done": result.pieces_done, "pieces_kept": result.pieces_kept,
                **{f"{s}_{k}": splits[s][k] for s in ("train", "val") for k in ("tokens", "documents")},
@@ -966,7 +818,7 @@ def prepare(
          f"({(summary['train_tokens'] + summary['val_tokens']) / max(result.elapsed_s, 1e-9):,.0f} tokens/s); "
          f"{result.pieces_kept} finished piece(s) kept")
     for warning in empty_split_warnings(result.index):
-        _err(f"warning: {warning}")
+        _warn(warning)
     if json_out:
         _print_json(summary)
     else:

@@ -154,9 +154,9 @@ class TrainConfig:
     eval_freq: int = 5  # evaluate every this many steps (the book: 5)
     eval_iter: Optional[int] = 5  # batches per split per evaluation; None = the whole split
     start_context: str = "Every effort moves you"  # prompt of the greedy sample after each epoch
-    sample_tokens: int = 50  # new tokens in that sample (0 = no sample)
-    log_every: int = 1  # write a metrics line every this many steps
-    save_every: Optional[int] = 50  # checkpoint every this many steps (and always at the end)
+    max_new_tokens: int = 50  # new tokens in that sample (0 = no sample); was sample_tokens
+    log_freq: int = 1  # write a metrics line every this many steps; was log_every
+    save_freq: Optional[int] = 50  # checkpoint every this many steps (and always at the end); was save_every
     keep_last: int = 3  # step checkpoints kept (the best one is kept as well)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CUDA (weights stay fp32)
     compile: bool = False  # torch.compile the model
@@ -174,14 +174,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "train.seed")
-        for name in ("num_epochs", "batch_size", "grad_accum_steps", "eval_freq", "log_every", "keep_last"):
+        for name in ("num_epochs", "batch_size", "grad_accum_steps", "eval_freq", "log_freq", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_tokens", "eval_iter", "save_every", "num_threads"):
+        for name in ("max_steps", "max_tokens", "eval_iter", "save_freq", "num_threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"train.{name}: must be positive or null, got {value}")
-        for name in ("warmup_steps", "sample_tokens"):
+        for name in ("warmup_steps", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must not be negative, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -208,6 +208,8 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
     # Which source gave each dotted key ("data.path" -> "configs/x.yaml"), for messages; not a YAML key.
     origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # One line per deprecated key the sources used (see RENAMED_KEYS), for the caller to show; not a YAML key.
+    warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def origin(self, key: str) -> str:
         """Where the value of dotted `key` came from: a file, --set, the command line, or the default."""
@@ -223,6 +225,33 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 # The config keys that hold paths: relative values in a YAML file are relative to that file's folder.
 PATH_KEYS = ("data.path", "train.out_dir")
 
+# Keys renamed for one spelling per concept (the book's eval_freq and max_new_tokens), old -> new.
+# A source that still uses an old key works; the config's `warnings` name the new spelling.
+RENAMED_KEYS = {
+    "train.sample_tokens": "train.max_new_tokens",
+    "train.log_every": "train.log_freq",
+    "train.save_every": "train.save_freq",
+}
+
+
+def _rename_keys(values: dict[str, dict[str, Any]], source: str) -> list[str]:
+    """Spell the deprecated keys of `values` anew, in place; one warning for each.
+
+    Raises:
+        ConfigError: a source gives a key under both its old and its new name.
+    """
+    warnings = []
+    for old, new in RENAMED_KEYS.items():
+        section, _, old_key = old.partition(".")
+        keys = values.get(section) or {}
+        if old_key in keys:
+            new_key = new.partition(".")[2]
+            if new_key in keys:
+                raise ConfigError(f"{source}: {old} and {new}: one key under two names; keep {new}")
+            keys[new_key] = keys.pop(old_key)
+            warnings.append(f"{source}: {old} is deprecated; use {new}")
+    return warnings
+
 
 @dataclass
 class Layer:
@@ -230,6 +259,10 @@ class Layer:
 
     source: str  # how messages name it: the file's path, "--set", a flag ("--max-steps")
     values: dict[str, dict[str, Any]]  # section -> key -> value, only the keys this source gave
+    warnings: list[str] = field(default_factory=list)  # deprecated keys it used, spelled anew in `values`
+
+    def __post_init__(self) -> None:
+        self.warnings += _rename_keys(self.values, self.source)
 
 
 def config_layers(
@@ -300,7 +333,8 @@ def build_config(layers: list[Layer], base: Config | None = None) -> Config:
         where = origins.get(key.group(0), fallback) if key else fallback
         raise ConfigError(f"{where}: {e}") from None
     files = [layer.source for layer in layers if not layer.source.startswith("--")]
-    return Config(**sections, source=files[-1] if files else default_source, origins=origins)
+    warnings = (base.warnings if base is not None else []) + [w for layer in layers for w in layer.warnings]
+    return Config(**sections, source=files[-1] if files else default_source, origins=origins, warnings=warnings)
 
 
 def load_config(
@@ -326,12 +360,13 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
     """Build a Config from an already-parsed mapping (e.g. a checkpoint's config.yaml)."""
     raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     _merge(raw, data, source)
+    warnings = _rename_keys(raw, source)
     try:
         sections = {name: _build(cls, raw[name], name) for name, cls in SECTIONS.items()}
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     origins = {f"{s}.{k}": source for s, values in raw.items() for k in values}
-    return Config(**sections, source=source, origins=origins)
+    return Config(**sections, source=source, origins=origins, warnings=warnings)
 
 
 def map_paths(value: Any, fn) -> Any:

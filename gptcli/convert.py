@@ -94,7 +94,7 @@ def config_from_book_state_dict(sd: dict[str, torch.Tensor], n_heads: int | None
     layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"trf_blocks\.(\d+)\.", k))})
     if n_heads is None:
         if emb not in GPT2_HEADS:
-            raise InputError(f"{where}: emb_dim {emb} is not a GPT-2 width; pass --n-heads (the file does not say)")
+            raise InputError(f"{where}: emb_dim {emb} is not a GPT-2 width; give n_heads=N (the file does not say)")
         n_heads = GPT2_HEADS[emb]
     model = ModelConfig(
         vocab_size=vocab, context_length=sd["pos_emb.weight"].shape[0], emb_dim=emb, n_heads=n_heads,

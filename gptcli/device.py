@@ -21,14 +21,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine")
+            raise InputError(f"train.device {name!r}: CUDA is not available on this machine", param="train.device")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise InputError(f"train.device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here", param="train.device")
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise InputError(f"--device {name}: MPS is not available on this machine")
+            raise InputError(f"train.device {name!r}: MPS is not available on this machine", param="train.device")
     elif device.type != "cpu":
-        raise InputError(f"--device {name!r}: unsupported device type (use auto, cpu, cuda or mps)")
+        raise InputError(f"train.device {name!r}: unsupported device type (use auto, cpu, cuda or mps)", param="train.device")
     return device
 
 
@@ -40,12 +40,14 @@ def check_device_name(name: str) -> None:
     refused here, not taken as "not given".
     """
     if not name or name != name.strip():
-        raise InputError(f"--device {name!r}: empty or padded device name (use auto, cpu, cuda, cuda:N or mps)")
+        raise InputError(f"train.device {name!r}: empty or padded device name (use auto, cpu, cuda, cuda:N or mps)",
+                         param="train.device")
     if name == "auto":
         return
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise InputError(f"--device {name!r}: unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise InputError(f"train.device {name!r}: unknown device (use auto, cpu, cuda, cuda:N or mps)",
+                         param="train.device") from None
     if device.type in ("cpu", "mps") and device.index not in (None, 0):
-        raise InputError(f"--device {name}: there is one {device.type} device; use {device.type}")
+        raise InputError(f"train.device {name!r}: there is one {device.type} device; use {device.type}", param="train.device")

@@ -151,3 +151,53 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
     """Load full state_dicts (as saved by `full_state`) into a possibly wrapped model."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of torchrun's (it sets WORLD_SIZE, even to 1)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a single process: the one that reports for all of them."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def relaunch_with_torchrun(nproc: int, args: list[str]) -> int:
+    """Run `torchrun --standalone --nproc_per_node=N -m gptcli ARGS`; return its exit status.
+
+    torchrun's own argument parser and launcher (``torch.distributed.run``) start the
+    processes; a failing process's exit code (2 for bad input, 130/143 when interrupted)
+    becomes the return value instead of torchrun's generic 1 and error report.
+
+    Args:
+        nproc: processes to start.
+        args: gptcli's command line for each process (without the option that asked for nproc).
+
+    Raises:
+        RunError: a process was killed by a signal (it could not report itself); its
+            ``exit_code`` is 128 + the signal number.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from gptcli.errors import RunError
+
+    # torchrun pins each process to 1 thread (and says so in a banner); share the CPUs instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes report their own errors
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "gptcli", *args]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal: it could not say so itself
+            error = RunError(f"rank {rank} was killed by {failure.signal_name()}")
+            error.exit_code = 128 - failure.exitcode
+            raise error from None
+        return failure.exitcode
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0

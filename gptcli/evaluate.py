@@ -237,6 +237,32 @@ def evaluate_datasets(
     return rows
 
 
+def split_losses(
+    model: GPTModel,
+    splits,
+    batch_size: int,
+    num_batches: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """The book's ``calc_loss_loader`` on the training and validation splits (what `gptcli loss` reports).
+
+    The book's loaders: training drops its last partial batch, validation keeps it. Batches are
+    taken in order, so `num_batches` picks the same batches every time.
+
+    Args:
+        model: a GPTModel (its device is used).
+        splits: ``data.load_splits``'s result for the model's config.
+        batch_size: windows per batch.
+        num_batches: at most this many batches per split; None = all.
+
+    Returns:
+        {"train": {...}, "val": {...}}, each as ``evaluate_loss`` returns it.
+    """
+    device = model.tok_emb.weight.device
+    return {name: evaluate_loss(model, make_loader(windows, batch_size, shuffle=False, drop_last=drop_last), device,
+                                num_batches, split=name)
+            for name, windows, drop_last in (("train", splits.train, True), ("val", splits.val, False))}
+
+
 def evaluate_run(
     run: str | Path,
     data: Sequence[str | Path] = (),
@@ -310,7 +336,7 @@ def token_report(model: GPTModel, text: str, top: int = 5) -> dict[str, Any]:
     """
     ids = encode(text)
     if len(ids) < 2:
-        raise InputError("--text: needs at least two tokens (the first one is only context)")
+        raise InputError("text: needs at least two tokens (the first one is only context)", param="text")
     ctx = model.cfg.context_length
     device = model.tok_emb.weight.device
     was_training = model.training

@@ -48,28 +48,29 @@ EOS_CHECK_EVERY = 8
 def check_sampling(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None
 ) -> None:
-    """Raise InputError, naming the command-line flag, for a sampling argument out of range.
+    """Raise InputError, naming the parameter, for a sampling argument out of range.
 
     `top_k` is checked against `vocab_size` when that is given, else only for >= 1.
     With `vocab_size` given, `top_k` and `top_p` are refused at temperature 0: greedy decoding ignores them.
     """
     if max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens: must be >= 0, got {max_new_tokens}", param="max_new_tokens")
     if not 0.0 <= temperature < math.inf:  # also refuses NaN
-        raise InputError(f"--temperature: must be a finite number >= 0 (0 = greedy), got {temperature}")
+        raise InputError(f"temperature: must be a finite number >= 0 (0 = greedy), got {temperature}",
+                         param="temperature")
     if top_k is not None and top_k < 1:
-        raise InputError(f"--top-k: must be >= 1, got {top_k}")
+        raise InputError(f"top_k: must be >= 1, got {top_k}", param="top_k")
     if top_k is not None and vocab_size is not None and top_k > vocab_size:
-        raise InputError(f"--top-k: must be at most the vocabulary size {vocab_size}, got {top_k}")
+        raise InputError(f"top_k: must be at most the vocabulary size {vocab_size}, got {top_k}", param="top_k")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise InputError(f"--top-p: must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p: must be in (0, 1], got {top_p}", param="top_p")
     # Greedy decoding takes the most likely token, which every top-k and top-p filter keeps:
     # the flag would be ignored, so it is refused instead (once the range checks above are
-    # complete, i.e. with `vocab_size`, so an out-of-range --top-k is reported as such).
-    for flag, value in (("--top-k", top_k), ("--top-p", top_p)):
+    # complete, i.e. with `vocab_size`, so an out-of-range top_k is reported as such).
+    for name, value in (("top_k", top_k), ("top_p", top_p)):
         if value is not None and temperature == 0.0 and vocab_size is not None:
-            raise InputError(f"{flag}: has no effect with --temperature 0 (greedy decoding); "
-                             f"give a temperature > 0 to sample, or drop {flag}")
+            raise InputError(f"{name}: has no effect with temperature=0 (greedy decoding); "
+                             f"give a temperature > 0 to sample, or drop {name}={value}", param=name)
 
 
 def sample_next(
@@ -305,3 +306,62 @@ class TextStream:
     def flush(self) -> str:
         """What is left at the end: U+FFFD for a character that never completed."""
         return self._decoder.decode(b"", final=True)
+
+
+def complete(
+    model: GPTModel,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos: bool = True,
+    use_cache: bool = True,
+    seed: int = 123,
+    on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Continue each text prompt `num_samples` times in one batch, seeded as the book seeds: right before sampling.
+
+    Args:
+        model: a GPTModel in eval mode; it is laid out for decoding (see ``optimize_for_decoding``),
+            so it should be one that no optimizer or wrapper holds.
+        prompts: the texts to continue.
+        max_new_tokens, temperature, top_k, top_p, use_cache, on_tokens: as ``generate``.
+        num_samples: samples per prompt, in prompt order.
+        eos: a sample ends at <|endoftext|>.
+        seed: ``torch.manual_seed`` before sampling.
+        warn: told, in one line each, about a prompt longer than the context (its start is dropped)
+            and about several samples of greedy decoding (all the same).
+
+    Returns:
+        One dict per sample: {"prompt", "sample", "text" (prompt + completion), "completion",
+        "ids", "new_tokens", "finish": "eos" or "length"}.
+    """
+    from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
+
+    warn = warn or (lambda message: None)
+    if num_samples > 1 and temperature == 0.0:
+        warn(f"num_samples={num_samples} with greedy decoding (temperature=0) gives {num_samples} identical "
+             "samples; give a temperature > 0 to sample")
+    context = model.cfg.context_length
+    encoded = [encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if len(ids) > context:
+            which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+            warn(f"{which} has {len(ids)} tokens, the context {context}: its first {len(ids) - context} tokens are "
+                 f"dropped and it continues from its last {context}")
+    batch = [ids for ids in encoded for _ in range(num_samples)]
+    optimize_for_decoding(model, len(batch))
+    torch.manual_seed(seed)  # the book seeds right before it samples
+    outs = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_id=END_OF_TEXT_ID if eos else None, use_cache=use_cache, on_tokens=on_tokens)
+    samples = []
+    for i, out in enumerate(outs):
+        prompt, completion = prompts[i // num_samples], decode(out)
+        samples.append({"prompt": prompt, "sample": i % num_samples, "text": prompt + completion,
+                        "completion": completion, "ids": out, "new_tokens": len(out),
+                        "finish": "eos" if len(out) < max_new_tokens else "length"})
+    return samples

@@ -101,12 +101,12 @@ def download_pretrained(
     """
     spec = pretrained_spec(name)
     if source not in SOURCES:
-        raise InputError(f"--source {source!r}: choose one of {', '.join(SOURCES)}")
+        raise InputError(f"source {source!r}: choose one of {', '.join(SOURCES)}", param="source")
     if (out / MANIFEST).is_file() and not overwrite:
         manifest = verify_checkpoint(out, check_hashes=False)
         return {"checkpoint": out, "name": name, "source": manifest.get("source"), "downloaded": False}
     if out.is_dir() and any(p.name != DOWNLOADS for p in out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: exists and is not a checkpoint; pass --overwrite to replace it")
+        raise InputError(f"{out}: exists and is not a checkpoint; pass overwrite=True to replace it")
     cache = out / DOWNLOADS
     cfg = spec.config()
     if source == "hf":

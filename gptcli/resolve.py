@@ -7,8 +7,8 @@ and one-line notes for every choice the tool made by itself (the CLI prints them
 stderr). Precedence, lowest first, is ``PRECEDENCE``; what may change when a run is
 resumed is ``RESUMABLE``. Both are documented in the README, and a test reads them there.
 
-Library code: errors name config keys and the flags the caller passes in; nothing here
-prints or exits.
+Library code: errors name config keys and parameters (the CLI maps them to its flags);
+nothing here prints or exits.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ PRECEDENCE = (
 # process count, keeping the global batch (train checks it: the epoch's position counts those batches).
 RESUMABLE = (
     "train.batch_size", "train.max_steps", "train.num_epochs", "train.max_tokens", "train.eval_freq", "train.eval_iter",
-    "train.save_every", "train.keep_last", "train.log_every", "train.sample_tokens", "train.start_context",
+    "train.save_freq", "train.keep_last", "train.log_freq", "train.max_new_tokens", "train.start_context",
     "train.device", "train.num_threads", "train.host_memory", "train.peak_flops", "train.out_dir", "data.path",
     "train.distributed",  # checkpoints hold full weights: a DDP run resumes sharded (FSDP) and back
 )
@@ -65,6 +65,9 @@ class Plan:
     run_dir: Optional[Path] = None
     init_from: Optional[Path] = None
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.notes = [f"warning: {w}" for w in self.cfg.warnings] + self.notes  # deprecated config keys
 
 
 # ---------------------------------------------------------------- run directories
@@ -155,43 +158,46 @@ def resolve_train(
         InputError: contradictory flags (naming both), a run directory that is not ours,
             a resumed run whose config would change outside ``RESUMABLE``.
     """
-    for a, b, given in (("--out", "--name", out is not None and name is not None),
-                        ("--resume", "--overwrite", resume and overwrite),
-                        ("--resume", "--init-from", resume and init_from is not None)):
-        if given:
-            raise InputError(f"{a} and {b}: give one of them ({_WHY_NOT_BOTH[a, b]})")
+    for a, b in (("out", "name"), ("resume", "overwrite"), ("resume", "init_from")):
+        given = {"out": out, "name": name, "resume": resume or None, "overwrite": overwrite or None,
+                 "init_from": init_from}
+        if given[a] is not None and given[b] is not None:
+            raise InputError(f"{a}={given[a]} and {b}={given[b]}: give one of them ({_WHY_NOT_BOTH[a, b]})",
+                             param=a)
     layers = config_layers(config, overrides, sets or ())
     notes: list[str] = []
     init_cfg = None
     if init_from is not None and config is None:  # continued pretraining with the weights' own config
-        init_ckpt, _ = _checkpoint_dir(init_from, "--init-from")
+        init_ckpt, _ = _checkpoint_dir(init_from, "init_from")
         init_cfg = _saved_config(init_ckpt)
-        notes.append(f"config: the model of --init-from {init_from} ({init_ckpt / CONFIG}); --config chooses another")
+        notes.append(f"config: the model of init_from={init_from} ({init_ckpt / CONFIG}); `config` chooses another")
     if out is not None:
         run_dir = out
     elif name is not None:
-        run_dir = named_dir(root, name, "--name")
+        run_dir = named_dir(root, name, "name")
     else:
         cfg_dir = build_config(layers, init_cfg).train.out_dir
         stem = config.stem if config is not None else _source_name(init_from) if init_from is not None else "default"
         run_dir = Path(cfg_dir) if cfg_dir else root / stem
         if init_from is not None and not cfg_dir and _inside(init_from, run_dir):
             run_dir = root / f"{stem}-continued"  # never the source run itself
-        why = "train.out_dir" if cfg_dir else "named after --config" if config is not None else (
-            "named after --init-from" if init_from is not None else "no --config")
-        notes.append(f"run directory: {run_dir} ({why}; --out or --name chooses another)")
+        why = "train.out_dir" if cfg_dir else "named after `config`" if config is not None else (
+            "named after `init_from`" if init_from is not None else "no `config`")
+        notes.append(f"run directory: {run_dir} ({why}; `out` or `name` chooses another)")
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a directory")
 
     if resume:
         if not run_dir.is_dir():
-            raise InputError(f"--resume: {run_dir} does not exist: nothing to resume (start the run without --resume)")
+            raise InputError(f"resume=True: {run_dir} does not exist: nothing to resume (start the run without it)",
+                             param="resume")
         refuse_foreign(run_dir)
         if not _has_run_files(run_dir):
-            raise InputError(f"--resume: {run_dir} holds no run: nothing to resume (start the run without --resume)")
+            raise InputError(f"resume=True: {run_dir} holds no run: nothing to resume (start the run without it)",
+                             param="resume")
         latest, skipped = find_latest(run_dir)  # the newest that verifies, whatever `latest` says
         if latest is None and skipped:  # damaged checkpoints are never deleted by a restart
-            raise InputError(f"--resume: no complete checkpoint in {run_dir} ({skipped[0]})")
+            raise InputError(f"resume=True: no complete checkpoint in {run_dir} ({skipped[0]})", param="resume")
         if latest is None:
             # Our own run, stopped before its first checkpoint: nothing to lose, start it again.
             notes.append(f"{run_dir}: no checkpoint yet (the run stopped before its first save): starting it over")
@@ -211,7 +217,7 @@ def resolve_train(
             steps = list_step_checkpoints(run_dir)
             if steps:
                 raise InputError(f"{run_dir}: a gptcli run with checkpoints (newest {steps[-1].name}); "
-                                 "pass --resume to continue it or --overwrite to start it over")
+                                 "pass resume=True to continue it or overwrite=True to start it over")
             notes.append(f"{run_dir}: a gptcli run with no checkpoint yet (it stopped before its first save): "
                          "starting it over")
             return Plan(cfg, "restart", run_dir=run_dir, init_from=init_from, notes=notes)
@@ -219,9 +225,9 @@ def resolve_train(
 
 
 _WHY_NOT_BOTH = {
-    ("--out", "--name"): "--name NAME means --out checkpoints/NAME",
-    ("--resume", "--overwrite"): "--resume continues the run, --overwrite deletes it",
-    ("--resume", "--init-from"): "a resumed run continues from its own checkpoint",
+    ("out", "name"): "a name means the run directory checkpoints/NAME",
+    ("resume", "overwrite"): "resuming continues the run, overwriting deletes it",
+    ("resume", "init_from"): "a resumed run continues from its own checkpoint",
 }
 
 
@@ -251,8 +257,9 @@ def _refuse_changes(saved: Config, cfg: Config, layers: list[Layer]) -> None:
                     diffs[dotted] = f"{dotted} {before[section][key]!r} vs {after[section][key]!r} (from {layer.source})"
     if diffs:
         raise InputError(
-            f"--resume: the run's config differs (run vs given): {'; '.join(diffs.values())}; a resumed run "
-            f"keeps its config except {', '.join(RESUMABLE)} (start a new run with --init-from to change the rest)")
+            f"resume=True: the run's config differs (run vs given): {'; '.join(diffs.values())}; a resumed run "
+            f"keeps its config except {', '.join(RESUMABLE)} (start a new run with init_from=CHECKPOINT to change "
+            "the rest)", param="resume")
 
 
 def _absolute(cfg: Config) -> Config:
@@ -296,18 +303,18 @@ def resolve_model(
         latest, _ = find_latest(run_dir) if run_dir.is_dir() else (None, [])
         if latest is not None:
             checkpoint = run_dir
-            notes.append(f"model: {latest} (the run of --config {config}; --checkpoint chooses another)")
+            notes.append(f"model: {latest} (the run of config={config}; `checkpoint` chooses another)")
         else:
-            notes.append(f"model: untrained, from --config {config} (no checkpoint in {run_dir}; "
-                         "--checkpoint chooses one)")
+            notes.append(f"model: untrained, from config={config} (no checkpoint in {run_dir}; "
+                         "`checkpoint` chooses one)")
             return Plan(build_config(layers), "model", notes=notes)
     elif checkpoint is None and search:
         newest = find_newest_anywhere(root)
         if newest is not None:
             checkpoint = newest
-            notes.append(f"model: {newest} (the newest checkpoint under {root}/; --checkpoint chooses another)")
+            notes.append(f"model: {newest} (the newest checkpoint under {root}/; `checkpoint` chooses another)")
         else:
-            notes.append(f"model: untrained (no checkpoint under {root}/; --checkpoint chooses one)")
+            notes.append(f"model: untrained (no checkpoint under {root}/; `checkpoint` chooses one)")
             return Plan(build_config(layers), "model", notes=notes)
     elif checkpoint is None:
         return Plan(build_config(layers), "model", notes=notes)
@@ -338,6 +345,58 @@ def build_model(plan: Plan, seed: Optional[int]):
     seed = plan.cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)
     return GPTModel(plan.cfg.model).to(device).eval(), f"untrained (seed {seed})"
+
+
+def load_model(
+    checkpoint: Optional[Path],
+    config: Optional[Path],
+    sets: Optional[list[str]],
+    overrides: dict[str, Any],
+    seed: Optional[int] = None,
+    *,
+    root: Path = CHECKPOINTS_ROOT,
+):
+    """(model, plan, description): `resolve_model` and `build_model` in one step, for commands that read no data first.
+
+    The plan's notes say what was chosen without being asked; the caller shows them.
+    """
+    plan = resolve_model(checkpoint, config, sets, overrides, root=root)
+    model, where = build_model(plan, seed)
+    return model, plan, where
+
+
+def run_or_newest(run: Optional[Path], root: Path = CHECKPOINTS_ROOT) -> tuple[Path, list[str]]:
+    """(`run`, no notes) when given, else the newest run under `root` and the note that says so.
+
+    Raises:
+        RunError: none given and none under `root`.
+    """
+    if run is not None:
+        return run, []
+    newest, note = newest_run(root)
+    return newest, [note]
+
+
+def eval_validation(cfg: Config, files: list[str], val: Optional[bool], text: bool = False) -> tuple[bool, list[str]]:
+    """(whether `eval` evaluates the config's validation split, notes).
+
+    Args:
+        val: asked for (True), refused (False) or not said (None: yes, unless only `files`
+            were given and the corpus is not on disk: they never trigger a download).
+        text: a text is scored instead of datasets (no split is read).
+
+    Raises:
+        InputError: the split is wanted and its corpus is missing (the default corpus is downloaded).
+    """
+    notes = []
+    if val is None and files and not text and not corpus_available(cfg):
+        val = False
+        notes.append(f"validation split skipped: its corpus {cfg.data.path} (data.path from "
+                     f"{describe_origin(cfg, 'data.path')}) is not on disk; val=True evaluates it "
+                     "(downloading the default corpus)")
+    if val is not False and not text:
+        check_data_path(cfg)
+    return val is not False and not text, notes
 
 
 def newest_run(root: Path = CHECKPOINTS_ROOT) -> tuple[Path, str]:
@@ -391,13 +450,13 @@ def _from_checkpoint(cfg: Config, ckpt_dir: Path) -> Config:
     return cfg
 
 
-def _checkpoint_dir(path: Path, flag: str) -> tuple[Path, list[str]]:
+def _checkpoint_dir(path: Path, param: str) -> tuple[Path, list[str]]:
     from gptcli.checkpoint import resolve_checkpoint
 
     try:
         return resolve_checkpoint(path, check_hashes=False)
     except RunError as e:
-        raise InputError(f"{flag}: {e}") from None
+        raise InputError(f"{param}: {e}", param=param) from None
 
 
 def _saved_config(ckpt_dir: Path) -> Config:

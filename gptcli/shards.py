@@ -131,7 +131,7 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
     paths: list[Path] = []
     found: list[Source] = []
     if split is not None and not any(tables.is_hf(g) for g in inputs):
-        raise InputError(f"--split {split}: applies to hf: inputs only")
+        raise InputError(f"split {split!r}: applies to hf: inputs only", param="split")
     for given in inputs:
         if tables.is_hf(given):
             t = tables.open_hf(str(given), split, field, shard_bytes)
@@ -621,11 +621,12 @@ def prepare(
     t0 = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     if not 0.0 <= val_ratio < 1.0:
-        raise InputError(f"--val-ratio: must be in [0, 1), got {val_ratio}")
+        raise InputError(f"val_ratio: must be in [0, 1), got {val_ratio}", param="val_ratio")
     if shard_mb <= 0 or workers < 1:
-        raise InputError("--shard-mb and --workers: must be positive")
+        raise InputError(f"{'shard_mb' if shard_mb <= 0 else 'workers'}: must be positive",
+                         param="shard_mb" if shard_mb <= 0 else "workers")
     if split_docs not in SPLIT_DOCS:
-        raise InputError(f"--split-docs: one of {', '.join(SPLIT_DOCS)}, got {split_docs!r}")
+        raise InputError(f"split_docs: one of {', '.join(SPLIT_DOCS)}, got {split_docs!r}", param="split_docs")
     encoding = get_tokenizer()
     token_dtype(encoding.n_vocab, f"tokenizer {encoding.name}")
     shard_bytes = max(int(shard_mb * 1e6), 1)
@@ -682,9 +683,10 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
 def _check_out(out: Path) -> None:
     """Refuse an output path that is a file, or a non-empty directory `prepare` did not write."""
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
+        raise InputError(f"out {out}: exists and is not a directory", param="out")
     if out.is_dir() and any(out.iterdir()) and not ((out / INDEX).is_file() or (out / PARTIAL).is_dir()):
-        raise InputError(f"--out {out}: exists and was not written by gptcli prepare (no {INDEX}); choose another --out")
+        raise InputError(f"out {out}: exists and was not written by gptcli prepare (no {INDEX}); choose another output directory",
+                         param="out")
 
 
 def _earlier_records(out: Path) -> dict[int, dict[str, Any]]:
@@ -771,8 +773,8 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
 def empty_split_warnings(index: dict[str, Any]) -> list[str]:
     """A warning for each split of a prepared index that holds no token, with advice that can help.
 
-    With few documents and text files not cut into documents, the advice is --split-docs:
-    no --val-ratio can split one document.
+    With few documents and text files not cut into documents, the advice is `split_docs`:
+    no `val_ratio` can split one document.
     """
     splits, ratio = index["splits"], index["val_ratio"]
     documents = splits["train"]["documents"] + splits["val"]["documents"]
@@ -780,10 +782,10 @@ def empty_split_warnings(index: dict[str, Any]) -> list[str]:
         return ["no documents at all: the inputs hold no text"]
     if documents < 10 and index.get("split_docs", "none") == "none":
         advice = (f"there are only {documents} document(s) (a text file is one document); cut text files into "
-                  f"documents with --split-docs blank-lines (or endoftext), or add documents")
+                  f"documents with split_docs=blank-lines (or endoftext), or add documents")
     else:
-        advice = {"val": f"raise --val-ratio (now {ratio}) or add documents",
-                  "train": f"lower --val-ratio (now {ratio}) or add documents"}
+        advice = {"val": f"raise `val_ratio` (now {ratio}) or add documents",
+                  "train": f"lower `val_ratio` (now {ratio}) or add documents"}
     warnings = []
     for split, name in (("train", "training"), ("val", "validation")):
         if splits[split]["tokens"] == 0:

@@ -108,7 +108,7 @@ class ParquetTable:
             raise InputError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         names = [meta.schema.column(i).name for i in range(meta.num_columns)]
         if field not in names:
-            raise InputError(f'{path}: no column "{field}" (columns: {", ".join(names)}); choose one with --field')
+            raise InputError(f'{path}: no column "{field}" (columns: {", ".join(names)}); choose one with field=NAME')
         stat = path.stat()
         self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
         self.rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -142,7 +142,7 @@ class SavedDataset:
 
     def __init__(self, ds, label: str, field: str):
         if field not in ds.column_names:
-            raise InputError(f'{label}: no column "{field}" (columns: {", ".join(ds.column_names)}); choose one with --field')
+            raise InputError(f'{label}: no column "{field}" (columns: {", ".join(ds.column_names)}); choose one with field=NAME')
         files = [f["filename"] for f in ds.cache_files]
         self.ds, self.label, self.field = ds.select_columns([field]), label, field
         self.size = sum(os.path.getsize(f) for f in files) or len(ds)
@@ -184,7 +184,7 @@ class StreamedDataset:
             row = 0
             for batch in shard.iter(batch_size=BATCH_ROWS):
                 if self.field not in batch:
-                    raise InputError(f'{self.label}: no column "{self.field}" (columns: {", ".join(batch)}); choose one with --field')
+                    raise InputError(f'{self.label}: no column "{self.field}" (columns: {", ".join(batch)}); choose one with field=NAME')
                 for text in batch[self.field]:
                     if not isinstance(text, str):
                         raise InputError(f'{self.label}: shard {u} row {row}: "{self.field}" is not a string')
@@ -210,13 +210,13 @@ def open_hf(spec: str, split: Optional[str], field: str, shard_bytes: int):
         ds = datasets.load_from_disk(str(local))
         if isinstance(ds, datasets.DatasetDict):
             if split is None or split not in ds:
-                raise InputError(f"{spec}: name a split with --split ({', '.join(ds)})")
+                raise InputError(f"{spec}: name a split with split=NAME ({', '.join(ds)})")
             ds = ds[split]
         elif split is not None and ds.split is not None and str(ds.split) != split:
-            raise InputError(f"--split {split}: {spec} holds the split {ds.split} only")
+            raise InputError(f"split {split!r}: {spec} holds the split {ds.split} only", param="split")
         return SavedDataset(ds, f"{spec}[{split or ds.split or 'all'}]", field)
     if split is None:
-        raise InputError(f"{spec}: name the split to read with --split (e.g. --split train)")
+        raise InputError(f"{spec}: name the split to read with split=NAME (e.g. split=train)")
     if local.is_dir():
         path, config = str(local), None
     else:

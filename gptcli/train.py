@@ -294,7 +294,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
         with StopSignals() as stop:
             while state.step < run.total_steps:
                 lr = _set_lr(run.optimizer, _lr_at(state.step, run.total_steps, t))
-                log_now = state.step + 1 in (1, run.total_steps) or (state.step + 1) % t.log_every == 0
+                log_now = state.step + 1 in (1, run.total_steps) or (state.step + 1) % t.log_freq == 0
                 loss, micro_steps = accumulate(run, state, stream, metrics)
                 loss_value, grad_norm = optimizer_step(run, state, loss, log_now)
                 state.step += 1
@@ -310,7 +310,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
                         evaluate(run, state, metrics, lr, final)
                     sample(run, state)
                     interrupted = _stop_requested(run, stop, log_now)
-                    if state.step == run.total_steps or interrupted or (t.save_every and state.step % t.save_every == 0):
+                    if state.step == run.total_steps or interrupted or (t.save_freq and state.step % t.save_freq == 0):
                         path = save(run, state, metrics, "interrupt" if interrupted else
                                     "end" if state.step == run.total_steps else "cadence")
                         if interrupted:
@@ -446,16 +446,16 @@ def evaluate(run: _Run, state: TrainState, metrics: Metrics, lr: float, final: b
         state.last_eval = {"event": "eval", **fields, "elapsed_s": metrics.elapsed()}
     if math.isfinite(val_eval["loss"]) and val_eval["loss"] < state.best_val_loss:
         state.best_val_loss, state.best_step = val_eval["loss"], state.step
-        if not (state.step == run.total_steps or (t.save_every and state.step % t.save_every == 0)):
+        if not (state.step == run.total_steps or (t.save_freq and state.step % t.save_freq == 0)):
             save_best(run, state)  # no step checkpoint will hold these weights
 
 
 def sample(run: _Run, state: TrainState) -> None:
     """A greedy sample after each epoch that ended in this step, as the book prints."""
     for epoch in state.finished_epochs:
-        if run.cfg.train.sample_tokens > 0:
+        if run.cfg.train.max_new_tokens > 0:
             run.events.sample(epoch + 1, _sample(run.model, run.cfg, run.cfg.train.start_context,
-                                                 run.cfg.train.sample_tokens))
+                                                 run.cfg.train.max_new_tokens))
     state.finished_epochs.clear()
     run.model.train()
 

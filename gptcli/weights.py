@@ -90,7 +90,7 @@ def import_weights(path: Path, n_heads: int | None = None) -> Imported:
         raise InputError(f"{path}: not a format gptcli imports (looked for {FORMATS_HELP})")
     imported.name = path.resolve().stem if path.is_file() else path.resolve().name
     if n_heads is not None and n_heads != imported.config.model.n_heads:
-        raise InputError(f"--n-heads {n_heads}: {path} states {imported.config.model.n_heads} heads")
+        raise InputError(f"n_heads {n_heads}: {path} states {imported.config.model.n_heads} heads", param="n_heads")
     check_fits(imported.weights, imported.config.model, str(path))
     return imported
 
@@ -109,7 +109,7 @@ def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = Fa
     """
     existing = [p for p in out.iterdir() if p.name != DOWNLOADS] if out.is_dir() else []
     if existing and not overwrite:
-        raise InputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+        raise InputError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
     for p in existing:  # the new weights are converted: only now is the old content given up
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return save_checkpoint(out, ".", imported.weights, imported.config, None,
@@ -142,7 +142,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         RunError: the checkpoint is missing or damaged, or the disk fails.
     """
     if out.exists() and not overwrite:
-        raise InputError(f"{out}: exists; pass --overwrite to replace it")
+        raise InputError(f"{out}: exists; pass overwrite=True to replace it")
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config.model
     try:

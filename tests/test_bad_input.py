@@ -42,7 +42,7 @@ def assets(tmp_path_factory, request):
 
     verdict = Path(request.config.rootpath).parent / "shared" / "data" / "the-verdict.txt"
     a = tmp_path_factory.mktemp("assets")
-    base = {"data.path": str(verdict), "train.device": "cpu", "train.save_every": 1, "train.sample_tokens": 0,
+    base = {"data.path": str(verdict), "train.device": "cpu", "train.save_freq": 1, "train.max_new_tokens": 0,
             "train.max_steps": 2}
     train(load_config(TINY, base), a / "run")
     train(load_config(TINY, {**base, "model.n_layers": 1, "train.max_steps": 1}), a / "other")
@@ -182,12 +182,12 @@ CASES = [
     ("data-val-too-short", "loss --config {tiny} --data {val_short_txt}", 2, ["validation split", "needs 33"]),
     ("data-empty-folder", "train --config {tiny} --data {empty_dir}", 2, ["empty_dir", "no .txt"]),
     ("data-batch-too-big", "train --config {tiny} --data {verdict} --batch-size 1000", 2, ["window", "batch_size 1000"]),
-    ("eval-data-missing", "eval {good} --data {a}/missing.txt --no-val", 2, ["missing.txt", "not found"]),
-    ("eval-data-binary", "eval {good} --data {binary_txt} --no-val", 2, ["binary_txt.txt", "not UTF-8"]),
-    ("eval-data-empty", "eval {good} --data {empty_txt} --no-val", 2, ["empty_txt.txt", "empty"]),
-    ("eval-nothing-to-do", "eval {good} --no-val", 2, ["--no-val", "--data"]),
-    ("eval-show-tokens-alone", "eval {good} --show-tokens", 2, ["--show-tokens", "--text"]),
-    ("eval-text-empty", "eval {good} --text ''", 2, ["--text"]),
+    ("eval-data-missing", "eval --checkpoint {good} --data {a}/missing.txt --no-val", 2, ["missing.txt", "not found"]),
+    ("eval-data-binary", "eval --checkpoint {good} --data {binary_txt} --no-val", 2, ["binary_txt.txt", "not UTF-8"]),
+    ("eval-data-empty", "eval --checkpoint {good} --data {empty_txt} --no-val", 2, ["empty_txt.txt", "empty"]),
+    ("eval-nothing-to-do", "eval --checkpoint {good} --no-val", 2, ["--no-val", "--data"]),
+    ("eval-show-tokens-alone", "eval --checkpoint {good} --show-tokens", 2, ["--show-tokens", "--text"]),
+    ("eval-text-empty", "eval --checkpoint {good} --text ''", 2, ["--text"]),
     # ---- prepare inputs
     ("prepare-no-inputs", "prepare --out {a}/p1", 2, ["inputs"]),
     ("prepare-missing-input", "prepare {a}/missing.txt --out {a}/p2", 2, ["missing.txt"]),
@@ -196,7 +196,7 @@ CASES = [
     ("prepare-jsonl-invalid", "prepare {jsonl_invalid} --out {a}/p5", 2, ["invalid.jsonl:2"]),
     ("prepare-gzip-damaged", "prepare {gz_damaged} --out {a}/p6", 2, ["damaged.txt.gz"]),
     ("prepare-latin1", "prepare {latin1_txt} --out {a}/p7", 2, ["latin1_txt.txt", "UTF-8"]),
-    ("prepare-val-ratio", "prepare {verdict} --out {a}/p8 --val-ratio 0.9", 2, ["--val-ratio"]),
+    ("prepare-val-ratio", "prepare {verdict} --out {a}/p8 --val-ratio 1.0", 2, ["--val-ratio"]),
     ("prepare-workers", "prepare {verdict} --out {a}/p9 --workers 0", 2, ["--workers"]),
     ("prepare-out-is-file", "prepare {verdict} --out {prepare_out_file}", 2, ["prepare_out_file"]),
     # ---- numeric flags
@@ -212,8 +212,8 @@ CASES = [
     ("gen-top-p-zero", "generate hi --checkpoint {good} --top-p 0", 2, ["--top-p"]),
     ("gen-top-p-above-one", "generate hi --checkpoint {good} --top-p 1.5", 2, ["--top-p"]),
     ("gen-num-samples-zero", "generate hi --checkpoint {good} --num-samples 0", 2, ["--num-samples"]),
-    ("loss-num-batches-zero", "loss --checkpoint {good} --num-batches 0", 2, ["--num-batches"]),
-    ("eval-batch-size-zero", "eval {good} --batch-size 0", 2, ["--batch-size"]),
+    ("loss-eval-iter-zero", "loss --checkpoint {good} --eval-iter 0", 2, ["--eval-iter"]),
+    ("eval-batch-size-zero", "eval --checkpoint {good} --batch-size 0", 2, ["--batch-size"]),
     ("prepare-shard-mb-zero", "prepare {verdict} --out {a}/p10 --shard-mb 0", 2, ["--shard-mb"]),
     # ---- prompts
     ("prompt-empty", "generate '' --checkpoint {good}", 2, ["prompt", "empty"]),
@@ -224,12 +224,12 @@ CASES = [
     ("prompts-file-directory", "generate --checkpoint {good} --prompts-file {empty_dir}", 2, ["empty_dir"]),
     # ---- checkpoints
     ("ckpt-missing-generate", "generate hi --checkpoint {a}/nope", 1, ["nope", "no such"]),
-    ("ckpt-missing-eval", "eval {a}/nope", 1, ["nope"]),
+    ("ckpt-missing-eval", "eval --checkpoint {a}/nope", 1, ["nope"]),
     ("ckpt-missing-loss", "loss --checkpoint {a}/nope", 1, ["nope"]),
     ("ckpt-no-manifest", "generate hi --checkpoint {no_manifest}", 1, ["no_manifest", "manifest.json"]),
     ("ckpt-bad-manifest", "loss --checkpoint {bad_manifest}", 1, ["bad_manifest", "manifest"]),
     ("ckpt-truncated", "generate hi --checkpoint {truncated}", 1, ["model.safetensors", "truncated"]),
-    ("ckpt-flipped-byte", "eval {flipped}", 1, ["model.safetensors", "sha256"]),
+    ("ckpt-flipped-byte", "eval --checkpoint {flipped}", 1, ["model.safetensors", "sha256"]),
     ("ckpt-garbage-weights", "generate hi --checkpoint {garbage_weights}", 1, ["model.safetensors", "cannot read"]),
     ("ckpt-yaml-code", "generate hi --checkpoint {evil_config}", 1, ["config.yaml"]),
     ("ckpt-empty-run", "generate hi --checkpoint {empty_dir}", 1, ["empty_dir", "no complete checkpoint"]),
@@ -241,7 +241,7 @@ CASES = [
     ("resume-other-shape", "train --out {run} --resume --data {verdict} --set model.n_layers=3", 2, ["n_layers 2 vs 3"]),
     ("resume-nothing", "train --config {tiny} --data {verdict} --out {empty_dir} --resume", 2, ["--resume"]),
     ("run-exists", "train --config {tiny} --data {verdict} --out {run}", 2, ["--resume", "--overwrite"]),
-    ("eval-all-no-checkpoints", "eval {empty_dir} --all", 1, ["empty_dir"]),
+    ("eval-all-no-checkpoints", "eval --checkpoint {empty_dir} --all", 1, ["empty_dir"]),
     # ---- paths, names and choices
     ("name-escapes", "train --config {tiny} --data {verdict} --name ../escape", 2, ["--name", "../escape"]),
     ("name-hidden", "train --config {tiny} --data {verdict} --name .hidden", 2, ["--name"]),

@@ -78,7 +78,7 @@ def test_unavailable_device_is_a_clear_error(cli):
 
 
 def test_usage_errors_are_one_line_exit_2(cli):
-    for args in (["generate", "hi", "--max-new-tokens", "-1"], ["loss", "--num-batches", "zero"], ["nosuchcommand"]):
+    for args in (["generate", "hi", "--max-new-tokens", "-1"], ["loss", "--eval-iter", "zero"], ["nosuchcommand"]):
         result = cli(*args)
         assert result.exit_code == 2
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -57,7 +57,7 @@ def test_bad_generate_input_is_one_line_and_exit_2(cli, ckpt, tmp_path, args, me
 
 
 def test_missing_or_corrupt_checkpoint_is_exit_1_with_path_and_reason(cli, ckpt, tmp_path):
-    for command in (["generate", "x", "--checkpoint"], ["eval"]):
+    for command in (["generate", "x", "--checkpoint"], ["eval", "--checkpoint"]):
         r = cli(*command, tmp_path / "nowhere")
         assert r.exit_code == 1
         assert r.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such checkpoint or run directory"
@@ -65,7 +65,7 @@ def test_missing_or_corrupt_checkpoint_is_exit_1_with_path_and_reason(cli, ckpt,
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # same size, different bytes
     weights.write_bytes(bytes(data))
-    for command in (["generate", "x", "--checkpoint"], ["eval"]):
+    for command in (["generate", "x", "--checkpoint"], ["eval", "--checkpoint"]):
         r = cli(*command, ckpt)
         assert r.exit_code == 1 and r.stdout == ""
         assert len(r.stderr.splitlines()) == 1
@@ -132,7 +132,7 @@ def test_stream_flushes_each_token_to_a_pipe(ckpt, subprocess_env):
 
 def test_eval_perplexity_is_exp_of_the_loss_that_gptcli_loss_reports(cli, ckpt):
     loss = cli("loss", "--checkpoint", ckpt, "--json")
-    ev = cli("eval", ckpt, "--json")
+    ev = cli("eval", "--checkpoint", ckpt, "--json")
     assert loss.exit_code == ev.exit_code == 0, ev.stderr
     val = json.loads(loss.stdout)["val"]
     (row,) = json.loads(ev.stdout)["results"]
@@ -145,22 +145,22 @@ def test_eval_perplexity_is_exp_of_the_loss_that_gptcli_loss_reports(cli, ckpt):
 
 def test_eval_files_table_and_usage_errors(cli, ckpt, tmp_path, verdict):
     (tmp_path / "notes.txt").write_text("It had always been his fate to have women say such things. " * 20)
-    r = cli("eval", ckpt, "--data", "notes.txt", "--data", verdict)
+    r = cli("eval", "--checkpoint", ckpt, "--data", "notes.txt", "--data", verdict)
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["dataset", "loss", "perplexity", "bits/byte", "tokens"]
     assert [line.split()[0] for line in lines[1:]] == ["val", "notes.txt", str(verdict)]
-    r = cli("eval", ckpt, "--data", "notes.txt", "--no-val", "--json")
+    r = cli("eval", "--checkpoint", ckpt, "--data", "notes.txt", "--no-val", "--json")
     assert [row["dataset"] for row in json.loads(r.stdout)["results"]] == ["notes.txt"]
     for args, message in ((["--no-val"], "--no-val"), (["--show-tokens"], "--show-tokens: needs --text"),
                           (["--text", "a b c", "--all"], "--text: cannot be combined"),
                           (["--data", "missing.txt"], "missing.txt: data file not found")):
-        r = cli("eval", ckpt, *args)
+        r = cli("eval", "--checkpoint", ckpt, *args)
         assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
 
 
 def test_eval_show_tokens_table_and_json(cli, ckpt):
-    r = cli("eval", ckpt, "--text", "Every effort moves you", "--show-tokens")
+    r = cli("eval", "--checkpoint", ckpt, "--text", "Every effort moves you", "--show-tokens")
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["pos", "token", "p(token)"]
@@ -169,7 +169,7 @@ def test_eval_show_tokens_table_and_json(cli, ckpt):
     assert "'Every'" in lines[1] and "' effort'" in lines[2] and "' you'" in lines[4]
     assert lines[4].count(",") == 4  # five alternatives
     assert lines[-1].startswith("loss ") and "3 predicted tokens" in lines[-1]
-    data = json.loads(cli("eval", ckpt, "--text", "Every effort moves you", "--json").stdout)
+    data = json.loads(cli("eval", "--checkpoint", ckpt, "--text", "Every effort moves you", "--json").stdout)
     assert [t["token"] for t in data["tokens"]] == ["Every", " effort", " moves", " you"]
     assert all(len(t["top"]) == 5 and 1 <= t["rank"] <= 50257 for t in data["tokens"][1:])
     # pytest's default rel=1e-6: the same exp, computed before and after JSON
@@ -181,9 +181,9 @@ def test_eval_all_prints_loss_against_step_and_warns_about_damage(cli, tiny_conf
     for step in (10, 20, 30):
         save_model_checkpoint(run, tiny_config, step, seed=step)
     (run / "step-000020" / "manifest.json").unlink()
-    r = cli("eval", "--all", "--num-batches", "1")  # the newest run under ./checkpoints
+    r = cli("eval", "--all", "--eval-iter", "1")  # the newest run under ./checkpoints
     assert r.exit_code == 0, r.stderr
     assert [line.split()[:2] for line in r.stdout.splitlines()[1:]] == [["10", "step-000010"], ["30", "step-000030"]]
     assert "warning: skipped a damaged checkpoint" in r.stderr and "step-000020" in r.stderr
-    data = json.loads(cli("eval", run, "--all", "--num-batches", "1", "--json").stdout)
+    data = json.loads(cli("eval", "--checkpoint", run, "--all", "--eval-iter", "1", "--json").stdout)
     assert [row["step"] for row in data["results"]] == [10, 30] and len(data["skipped"]) == 1

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _config(verdict: Path, **sets):
-    values = {"data.path": str(verdict), "train.device": "cuda", "train.max_steps": 8, "train.save_every": 4,
-              "train.eval_freq": 4, "train.sample_tokens": 5, "train.peak_flops": 1e15}
+    values = {"data.path": str(verdict), "train.device": "cuda", "train.max_steps": 8, "train.save_freq": 4,
+              "train.eval_freq": 4, "train.max_new_tokens": 5, "train.peak_flops": 1e15}
     values.update(sets)
     return load_config(CONFIGS / "tiny.yaml", values)
 

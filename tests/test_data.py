@@ -164,7 +164,7 @@ def test_a_failed_corpus_download_exits_1_as_the_readme_table_says(monkeypatch, 
     from gptcli.cli import app
 
     monkeypatch.setattr(data, "VERDICT_URL", "http://127.0.0.1:9/the-verdict.txt")  # closed port
-    result = CliRunner().invoke(app, ["loss", "--num-batches", "1"])
+    result = CliRunner().invoke(app, ["loss", "--eval-iter", "1"])
     assert result.exit_code == 1, (result.output, result.stderr)
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "downloading it failed" in last

@@ -28,8 +28,8 @@ from conftest import CONFIGS, VERDICT, assert_equal_up_to_adamw_rounding, gptcli
 
 STEPS = 6
 # eval_iter 3 split over 2 ranks is uneven (2 + 1 batches): FSDP must keep the ranks in step.
-SETS = ["model.drop_rate=0", "train.eval_freq=2", "train.eval_iter=3", "train.save_every=3", "train.peak_flops=1e12",
-        "train.sample_tokens=0", "train.grad_clip=1.0"]
+SETS = ["model.drop_rate=0", "train.eval_freq=2", "train.eval_iter=3", "train.save_freq=3", "train.peak_flops=1e12",
+        "train.max_new_tokens=0", "train.grad_clip=1.0"]
 LR = load_config(CONFIGS / "tiny.yaml").train.learning_rate
 
 

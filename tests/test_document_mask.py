@@ -77,7 +77,7 @@ def test_document_mask_trains_on_a_prepared_corpus(tmp_path, verdict):
     step = len(text) // 80  # documents shorter than a window: most windows span several
     (tmp_path / "v.jsonl").write_text("".join(json.dumps({"text": text[i : i + step]}) + "\n" for i in range(0, len(text), step)))
     prepare([tmp_path / "v.jsonl"], tmp_path / "prep", val_ratio=0.15)
-    common = {"data.path": str(tmp_path / "prep"), "train.max_steps": 2, "train.sample_tokens": 0}
+    common = {"data.path": str(tmp_path / "prep"), "train.max_steps": 2, "train.max_new_tokens": 0}
     masked = train(load_config(CONFIGS / "tiny.yaml", {**common, "data.document_mask": True, "data.reset_positions": True}),
                    tmp_path / "masked")
     plain = train(load_config(CONFIGS / "tiny.yaml", common), tmp_path / "plain")

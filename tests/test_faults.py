@@ -40,7 +40,7 @@ def test_disk_full_on_a_real_tmpfs_keeps_the_previous_checkpoint(verdict, tmp_pa
     try:
         run = disk / "run"
         done = subprocess.run([*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run),
-                               "--set", "train.save_every=2", "--set", "train.keep_last=5"],
+                               "--set", "train.save_freq=2", "--set", "train.keep_last=5"],
                               env=subprocess_env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 1, done.stderr
         last = done.stderr.strip().splitlines()[-1]
@@ -70,7 +70,7 @@ def test_injected_enospc_during_a_checkpoint_write(cli, verdict, tmp_path, monke
 
     monkeypatch.setattr(checkpoint, "save_file", save_file)
     run = tmp_path / "run"
-    result = cli("train", *TINY, "--data", verdict, "--out", run, "--set", "train.save_every=2")
+    result = cli("train", *TINY, "--data", verdict, "--out", run, "--set", "train.save_freq=2")
     assert result.exit_code == 1
     assert "No space left on device" in result.stderr and "step-000004" in result.stderr
     assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
@@ -83,7 +83,7 @@ def test_injected_enospc_during_a_checkpoint_write(cli, verdict, tmp_path, monke
 def test_second_trainer_on_the_same_run_refuses_and_a_stale_lock_is_taken_over(verdict, tmp_path, subprocess_env):
     run = tmp_path / "run"
     args = [*gptcli_cmd(), "train", *map(str, TINY), "--data", str(verdict), "--out", str(run),
-            "--set", "train.save_every=1", "--num-epochs", "100"]
+            "--set", "train.save_freq=1", "--num-epochs", "100"]
     first = subprocess.Popen(args, env=subprocess_env, stderr=subprocess.PIPE, text=True)
     try:
         for line in first.stderr:
@@ -103,7 +103,7 @@ def test_second_trainer_on_the_same_run_refuses_and_a_stale_lock_is_taken_over(v
 
 def test_a_flipped_byte_is_caught_and_resume_uses_the_previous_checkpoint(cli, verdict, tmp_path):
     run = tmp_path / "run"
-    _tiny_run(cli, verdict, run, "--max-steps", "6", "--set", "train.save_every=3")
+    _tiny_run(cli, verdict, run, "--max-steps", "6", "--set", "train.save_freq=3")
     weights = run / "step-000006" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01

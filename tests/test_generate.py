@@ -207,13 +207,13 @@ def test_zero_new_tokens_and_bad_arguments():
         (dict(prompts=[[1], []]), "prompt: empty"),
         (dict(prompts=[[1, 50257]]), "outside the vocabulary"),
         (dict(prompts=[[-1]]), "outside the vocabulary"),
-        (dict(max_new_tokens=-1), "--max-new-tokens"),
-        (dict(temperature=-0.5), "--temperature"),
-        (dict(temperature=float("nan")), "--temperature"),
-        (dict(top_k=0), "--top-k"),
-        (dict(top_k=50258), "--top-k: must be at most the vocabulary size 50257"),
-        (dict(top_p=0.0), "--top-p"),
-        (dict(top_p=1.01), "--top-p"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),  # the parameter's name, not the CLI's flag
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=50258), "top_k: must be at most the vocabulary size 50257"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
     ]
     for change, message in bad:
         kwargs = dict(prompts=[[1, 2]], max_new_tokens=3, **{"temperature": 0.0}) | change

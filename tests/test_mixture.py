@@ -89,13 +89,13 @@ def _prepared_halves(tmp_path: Path, verdict: Path) -> list[Path]:
 def _mixture_config(roots: list[Path], **overrides):
     return load_config(CONFIGS / "tiny.yaml", {
         "data.path": [{"path": str(roots[0]), "weight": 0.7}, {"path": str(roots[1]), "weight": 0.3}],
-        "train.sample_tokens": 0, **overrides})
+        "train.max_new_tokens": 0, **overrides})
 
 
 def test_mixture_training_stopped_and_resumed_equals_an_uninterrupted_run(tmp_path, verdict):
     """issue 16 acceptance: stop + --resume gives the same windows (hence losses and weights)."""
     roots = _prepared_halves(tmp_path, verdict)
-    common = {"train.save_every": 3, "train.eval_freq": 4, "train.eval_iter": 1}  # evaluations at steps 1 and 5
+    common = {"train.save_freq": 3, "train.eval_freq": 4, "train.eval_iter": 1}  # evaluations at steps 1 and 5
     train(_mixture_config(roots, **common, **{"train.max_steps": 6}), tmp_path / "whole")
     train(_mixture_config(roots, **common, **{"train.max_steps": 3}), tmp_path / "cut")
     train(_mixture_config(roots, **common, **{"train.max_steps": 6}), tmp_path / "cut", resume=True)

@@ -96,7 +96,7 @@ def test_training_with_a_low_cached_peak_corrects_it_and_records_no_mfu_above_10
     (tmp_path / "cache").mkdir()
     key = perf.device_key(torch.device("cpu"), torch.float32)
     perf.cache_path().write_text(json.dumps({key: 1e3}))
-    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 3, "train.sample_tokens": 0})
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 3, "train.max_new_tokens": 0})
     train(cfg, tmp_path / "run", events=Events())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     mfus = [r["mfu"] for r in records if r["event"] == "train"]

@@ -81,7 +81,7 @@ def test_latest_and_best_work_where_symlinks_cannot_be_made(cli, verdict, tmp_pa
     """issue 12 build 7: `latest`/`best` were symlinks only; now a pointer file where symlinks fail,
     followed by training, resume, eval of RUN/latest and RUN/best, and pruning."""
     run = tmp_path / "run"
-    common = [*TINY, "--data", verdict, "--out", run, "--set", "train.save_every=2", "--set", "train.keep_last=2"]
+    common = [*TINY, "--data", verdict, "--out", run, "--set", "train.save_freq=2", "--set", "train.keep_last=2"]
     result = cli("train", *common, "--max-steps", "8")
     assert result.exit_code == 0, result.stderr
     for name in ("latest", "best"):
@@ -92,7 +92,7 @@ def test_latest_and_best_work_where_symlinks_cannot_be_made(cli, verdict, tmp_pa
     assert steps[-2:] == ["step-000006", "step-000008"] and best.name in steps  # pruned, best kept
     assert len(steps) <= 3  # keep_last 2, plus best when it is older
     for name in ("latest", "best"):
-        evaluated = cli("eval", run / name, "--json")
+        evaluated = cli("eval", "--checkpoint", run / name, "--json")
         assert evaluated.exit_code == 0, evaluated.stderr
         assert str(pointer_target(run / name)) in evaluated.stdout
     resumed = cli("train", *common, "--resume", "--max-steps", "10")
@@ -106,7 +106,7 @@ def test_a_pointer_to_a_missing_step_is_a_clear_error(cli, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "latest").write_text("step-000042\n")
-    result = cli("eval", run / "latest")
+    result = cli("eval", "--checkpoint", run / "latest")
     assert result.exit_code == 1
     assert "points to step-000042, which does not exist" in result.stderr
 

@@ -21,7 +21,7 @@ from gptcli.errors import InputError
 from gptcli.resolve import PRECEDENCE, RESUMABLE, clear_run, foreign_entries
 
 TINY = CONFIGS / "tiny.yaml"
-FAST = ["--set", "train.sample_tokens=0", "--set", "train.peak_flops=1e11"]  # no sample, no peak probe
+FAST = ["--set", "train.max_new_tokens=0", "--set", "train.peak_flops=1e11"]  # no sample, no peak probe
 
 
 def tree(folder: Path) -> dict[str, bytes | str | None]:
@@ -186,7 +186,7 @@ def test_a_command_that_picks_the_model_says_which_on_stderr(cli, verdict, tiny_
 
 def test_set_beside_a_checkpoint_applies_or_is_refused_by_name(cli, verdict, tiny_run):
     """Issue 12 finding 2: --set data.*, train.* changed nothing with a checkpoint; model shape must be refused."""
-    base = ["loss", "--checkpoint", tiny_run, "--json", "--num-batches", "1"]
+    base = ["loss", "--checkpoint", tiny_run, "--json", "--eval-iter", "1"]
     plain = json.loads(cli(*base).stdout)
     half = cli(*base, "--set", "data.train_ratio=0.5")
     assert half.exit_code == 0, half.stderr
@@ -342,7 +342,7 @@ def test_config_paths_are_relative_to_the_config_file(cli, verdict, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.chdir(elsewhere)
-    r = cli("loss", "--config", project / "my.yaml", "--num-batches", "1", "--json")
+    r = cli("loss", "--config", project / "my.yaml", "--eval-iter", "1", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["data"] == str(project / "corpus.txt")
     # The shipped configs keep pointing at the checkout's data/ folder, from anywhere.
@@ -366,7 +366,7 @@ def test_checkpoints_record_paths_that_work_from_any_folder(cli, verdict, tmp_pa
     assert saved["data"]["path"] == str(tmp_path / "corpus.txt")
     (tmp_path / "elsewhere").mkdir()
     os.chdir(tmp_path / "elsewhere")
-    r = cli("eval", tmp_path / "run", "--num-batches", "1")
+    r = cli("eval", "--checkpoint", tmp_path / "run", "--eval-iter", "1")
     assert r.exit_code == 0, r.stderr
 
 
@@ -393,7 +393,7 @@ def test_a_checkpoints_missing_corpus_is_named_as_the_checkpoints(cli, verdict, 
     shutil.copy(verdict, corpus)
     assert train_tiny(cli, corpus, "--out", "run").exit_code == 0
     corpus.unlink()
-    for command in (["eval", "run"], ["loss", "--checkpoint", "run"]):
+    for command in (["eval", "--checkpoint", "run"], ["loss", "--checkpoint", "run"]):
         r = cli(*command)
         assert r.exit_code == 2, r.stderr
         assert f"{corpus}: data file not found (data.path from the checkpoint's config" in r.stderr, r.stderr
@@ -415,7 +415,7 @@ def test_eval_of_data_files_never_downloads_the_models_corpus(cli, verdict, tiny
                                         "bytes": Path("imported/config.yaml").stat().st_size}
     Path("imported/manifest.json").write_text(json.dumps(manifest))
     shutil.copy(verdict, "notes.txt")
-    r = cli("eval", "--checkpoint", "imported", "--data", "notes.txt", "--num-batches", "1")
+    r = cli("eval", "--checkpoint", "imported", "--data", "notes.txt", "--eval-iter", "1")
     assert r.exit_code == 0, r.stderr
     assert "validation split skipped" in r.stderr and "notes.txt" in r.stdout
     assert not (tmp_path / "gone").exists()

@@ -268,8 +268,8 @@ def test_resume_on_shards_is_exact(prepared, tmp_path, sampling):
 
     # An evaluation (which draws from the RNG) before and after the checkpoint at step 3.
     cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(prepared), "train.device": "cpu", "train.max_steps": 6},
-                      [f"data.sampling={sampling}", "train.save_every=3", "train.eval_freq=4", "train.peak_flops=1e12",
-                       "train.sample_tokens=0"])
+                      [f"data.sampling={sampling}", "train.save_freq=3", "train.eval_freq=4", "train.peak_flops=1e12",
+                       "train.max_new_tokens=0"])
     train(cfg, tmp_path / "run")
     run = keep_checkpoints_up_to(tmp_path / "run", tmp_path / "resumed", 3)
     train(cfg, run, resume=True)

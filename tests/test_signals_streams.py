@@ -67,7 +67,7 @@ def test_closing_the_terminal_saves_a_checkpoint_and_exits_129(verdict, tmp_path
     pty = pytest.importorskip("pty")  # POSIX terminals
     run = tmp_path / "run"
     master, slave = pty.openpty()
-    proc = subprocess.Popen(_train_args(verdict, run, "--num-epochs", "100", "--set", "train.save_every=2"),
+    proc = subprocess.Popen(_train_args(verdict, run, "--num-epochs", "100", "--set", "train.save_freq=2"),
                             env=subprocess_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     seen = b""
@@ -135,7 +135,7 @@ COMMANDS = {
     "generate --stream": ["generate", "Every effort moves you", *TINY, "--stream", "--max-new-tokens", "40"],
     "generate --json": ["generate", "Every effort moves you", *TINY, "--json"],
     "eval --show-tokens": ["eval", *TINY, "--text", "Every effort moves you", "--show-tokens"],
-    "loss": ["loss", *TINY, "--num-batches", "1"],
+    "loss": ["loss", *TINY, "--eval-iter", "1"],
     "--help": ["--help"],  # click's own output goes through the same streams
 }
 

@@ -39,7 +39,7 @@ def test_device_names_torch_would_drop_or_misread_are_refused(cli, ckpt, name):
 @pytest.mark.parametrize("command", [
     ["generate", "hi", "--max-new-tokens", "1"],
     ["eval", "--no-val", "--data", "x.txt"],
-    ["loss", "--num-batches", "1"],
+    ["loss", "--eval-iter", "1"],
     ["train", "--config", TINY, "--max-steps", "1"],
 ])
 def test_a_seed_beyond_64_bits_is_a_one_line_usage_error_in_every_command(cli, ckpt, command):
@@ -103,7 +103,7 @@ def test_prompt_dash_reads_the_prompt_from_stdin(cli, ckpt):
 
 # tiny.yaml at a high learning rate: the validation loss falls, then rises again before step 10.
 END_RUN = ["--config", TINY, "--max-steps", "10", "--learning-rate", "0.3", "--set", "train.eval_freq=2",
-           "--set", "train.save_every=100", "--set", "train.sample_tokens=0", "--set", "train.peak_flops=1e11"]
+           "--set", "train.save_freq=100", "--set", "train.max_new_tokens=0", "--set", "train.peak_flops=1e11"]
 
 
 def test_the_final_weights_are_evaluated_and_best_holds_the_lowest_validation_loss_measured(cli, verdict, tmp_path):
@@ -127,7 +127,7 @@ def test_the_final_weights_are_evaluated_and_best_holds_the_lowest_validation_lo
     assert verify_checkpoint(run / "best")["step"] == best["step"]
     assert summary["best_val_loss"] == best["val_loss"]
     # eval, generate and export all load it; it holds the weights that were measured.
-    r = cli("eval", run / "best", "--num-batches", "2", "--batch-size", "4", "--json")
+    r = cli("eval", "--checkpoint", run / "best", "--eval-iter", "2", "--batch-size", "4", "--json")
     assert r.exit_code == 0, r.stderr
     val = json.loads(r.stdout)["results"][0]
     # the same weights on the same two batches; only the summation order of threads may differ
@@ -217,7 +217,7 @@ def test_eval_data_accepts_a_prepared_shard_folder(cli, ckpt, verdict, tmp_path)
     r = cli("prepare", verdict, "--out", tmp_path / "shards", "--split-docs", "blank-lines", "--val-ratio", "0.3")
     assert r.exit_code == 0, r.stderr
     val_tokens = json.loads((tmp_path / "shards" / "index.json").read_text())["splits"]["val"]["tokens"]
-    r = cli("eval", ckpt, "--no-val", "--data", tmp_path / "shards", "--json")
+    r = cli("eval", "--checkpoint", ckpt, "--no-val", "--data", tmp_path / "shards", "--json")
     assert r.exit_code == 0, r.stderr
     row = json.loads(r.stdout)["results"][0]
     assert "validation split" in row["dataset"]
@@ -241,11 +241,11 @@ def test_train_eval_and_loss_read_gz_and_json_lines_like_prepare(cli, ckpt, verd
     assert read_corpus(tmp_path / "v.jsonl") == read_corpus(tmp_path / "v.jsonl.gz") == END_OF_TEXT.join(paragraphs_of(verdict))
     rows = []
     for data in (verdict, tmp_path / "v.txt.gz"):
-        r = cli("loss", "--checkpoint", ckpt, "--data", data, "--num-batches", "1", "--json")
+        r = cli("loss", "--checkpoint", ckpt, "--data", data, "--eval-iter", "1", "--json")
         assert r.exit_code == 0, r.stderr
         rows.append({k: v for k, v in json.loads(r.stdout).items() if k != "data"})
     assert rows[0] == rows[1]
-    r = cli("eval", ckpt, "--no-val", "--data", tmp_path / "v.jsonl.gz", "--json")
+    r = cli("eval", "--checkpoint", ckpt, "--no-val", "--data", tmp_path / "v.jsonl.gz", "--json")
     assert r.exit_code == 0, r.stderr
     r = cli("train", "--config", TINY, "--data", tmp_path / "v.txt.gz", "--out", tmp_path / "run", "--max-steps", "1",
             "--set", "train.peak_flops=1e11")

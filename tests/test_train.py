@@ -26,7 +26,7 @@ from gptcli.train import Events, _lr_at, train
 
 SMALL = {  # small enough for seconds on 2 cores, big enough to have several batches per epoch
     "model.context_length": 64, "model.emb_dim": 64, "model.n_heads": 4, "model.n_layers": 2,
-    "train.device": "cpu", "train.save_every": None,
+    "train.device": "cpu", "train.save_freq": None,
 }
 
 
@@ -89,7 +89,7 @@ def _run(args, env, **kwargs):
 
 def _train_args(verdict, out, *extra):
     return ["train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", out, "--num-epochs", "2",
-            "--set", "train.save_every=3", "--set", "train.eval_freq=4", *extra]
+            "--set", "train.save_freq=3", "--set", "train.eval_freq=4", *extra]
 
 
 def _start(args, env):
@@ -144,7 +144,7 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(verdict, tmp_pa
     """SIGKILL 24 times at random moments (checkpoints are written every step, so many kills land
     mid-write); after each, every step directory verifies and the newest one loads and resumes."""
     cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.device": "cpu", "train.num_epochs": 50,
-                                              "train.save_every": 1, "train.keep_last": 2, "train.sample_tokens": 0,
+                                              "train.save_freq": 1, "train.keep_last": 2, "train.max_new_tokens": 0,
                                               "train.peak_flops": 1e12})
     run_dir = tmp_path / "run"
     ctx = multiprocessing.get_context("forkserver")
@@ -189,7 +189,7 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(verdict, tmp_pa
 def test_nonfinite_loss_exits_1_and_keeps_the_last_good_checkpoint(cli, verdict, tmp_path):
     run = tmp_path / "run"
     result = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", run,
-                 "--learning-rate", "1e30", "--set", "train.save_every=1")
+                 "--learning-rate", "1e30", "--set", "train.save_freq=1")
     assert result.exit_code == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "non-finite loss" in line and "at step 2" in line and "step-000001" in line
@@ -261,7 +261,7 @@ def test_bad_inputs_exit_2_and_write_nothing(cli, verdict, tmp_path):
 
 
 def test_gradient_accumulation_equals_the_big_batch(verdict, tmp_path):
-    common = {**SMALL, "model.drop_rate": 0.0, "data.path": str(verdict), "train.max_steps": 3, "train.sample_tokens": 0}
+    common = {**SMALL, "model.drop_rate": 0.0, "data.path": str(verdict), "train.max_steps": 3, "train.max_new_tokens": 0}
     big = train(load_config(None, {**common, "train.batch_size": 4}), tmp_path / "big")
     accum = train(load_config(None, {**common, "train.batch_size": 2, "train.grad_accum_steps": 2}), tmp_path / "acc")
     assert big["tokens_seen"] == accum["tokens_seen"] == 3 * 4 * 64
@@ -283,7 +283,7 @@ def test_stop_by_tokens_and_schedule():
 
 
 def test_max_tokens_stops_the_run(verdict, tmp_path):
-    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_tokens": 1000, "train.sample_tokens": 0})
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_tokens": 1000, "train.max_new_tokens": 0})
     summary = train(cfg, tmp_path / "run")
     assert summary["tokens_seen"] == 1024 and summary["steps"] == 8  # 128 tokens per step, rounded up
 
@@ -292,7 +292,7 @@ def test_deferred_nonfinite_check_skips_the_update_and_stops_at_the_next_check(v
     """On CUDA the check waits for log points (no host sync per step); asked for here on the CPU."""
     run = tmp_path / "run"
     cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.learning_rate": 1e30},
-                      ["train.optimizer_impl=fused", "train.save_every=1", "train.log_every=50"])
+                      ["train.optimizer_impl=fused", "train.save_freq=1", "train.log_freq=50"])
     with pytest.raises(RunError) as e:
         train(cfg, run, defer_nonfinite_check=True)
     message = str(e.value)
@@ -326,8 +326,8 @@ def test_deferring_the_nonfinite_check_needs_the_fused_optimizer(verdict, tmp_pa
 
 def test_compiled_training_matches_eager_and_saves_plain_keys(verdict, tmp_path):
     """train.compile compiles model + loss together; same losses as eager (no dropout), unprefixed weights."""
-    sets = {"data.path": str(verdict), "train.device": "cpu", "train.max_steps": 4, "train.save_every": 4,
-            "train.eval_freq": 2, "train.sample_tokens": 0, "model.drop_rate": 0.0, "model.impl": "fused"}
+    sets = {"data.path": str(verdict), "train.device": "cpu", "train.max_steps": 4, "train.save_freq": 4,
+            "train.eval_freq": 2, "train.max_new_tokens": 0, "model.drop_rate": 0.0, "model.impl": "fused"}
     runs = {}
     for compiled in (False, True):
         cfg = load_config(CONFIGS / "tiny.yaml", {**sets, "train.compile": compiled})
@@ -405,8 +405,8 @@ def _resume_overrides(config: Path) -> dict:
     data = CONFIGS.parent / "data" / "quickstart.txt" if config.name == "quickstart.yaml" else VERDICT
     return {"model.context_length": 32, "model.emb_dim": 32, "model.n_heads": 4, "model.n_layers": 2,
             "data.path": str(data), "train.device": "cpu", "train.batch_size": 2, "train.max_steps": 4,
-            "train.eval_freq": 3, "train.eval_iter": 2, "train.log_every": 1, "train.save_every": None,
-            "train.sample_tokens": 0, "train.peak_flops": 1e12}
+            "train.eval_freq": 3, "train.eval_iter": 2, "train.log_freq": 1, "train.save_freq": None,
+            "train.max_new_tokens": 0, "train.peak_flops": 1e12}
 
 
 def _resume_cases() -> list:

@@ -243,14 +243,14 @@ def test_imported_weights_serve_generate_eval_loss_and_train(cli, verdict, tmp_p
     want = book_generate(book, prompt, max_new_tokens=12, context_size=cfg.context_length, top_k=50, temperature=1.5)
     assert json.loads(r.stdout)["samples"][0]["ids"] == want[0, prompt.shape[1]:].tolist()
 
-    for args in (("eval", ckpt, "--data", verdict, "--no-val", "--num-batches", "1"),
-                 ("loss", "--checkpoint", ckpt, "--data", verdict, "--num-batches", "1")):
+    for args in (("eval", "--checkpoint", ckpt, "--data", verdict, "--no-val", "--eval-iter", "1"),
+                 ("loss", "--checkpoint", ckpt, "--data", verdict, "--eval-iter", "1")):
         r = cli(*args, "--device", "cpu", "--json")
         assert r.exit_code == 0, r.stderr
         assert str(ckpt) in r.stdout
 
     r = cli("train", "--init-from", ckpt, "--data", verdict, "--max-steps", "2", "--learning-rate", "1e-5",
-            "--out", tmp_path / "run", "--device", "cpu", "--set", "train.eval_freq=100", "--set", "train.sample_tokens=0")
+            "--out", tmp_path / "run", "--device", "cpu", "--set", "train.eval_freq=100", "--set", "train.max_new_tokens=0")
     assert r.exit_code == 0, r.stderr
     before, after = load_checkpoint(ckpt).weights, load_checkpoint(tmp_path / "run").weights
     assert set(before) == set(after)
