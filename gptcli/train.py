@@ -20,7 +20,6 @@ seed, so it continues the same stream bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import math
 import os
@@ -68,8 +67,10 @@ from gptcli.errors import GptcliError, InputError, RunError
 from gptcli.evaluate import evaluate_loss
 from gptcli.generate import generate
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
-from gptcli.loss import cross_entropy
+from gptcli.loss import training_loss
+from gptcli.optim import build_optimizer, full_optimizer_states, load_optimizer_states, optimizer_parts
 from gptcli.perf import MfuMeter, peak_flops, set_host_memory
+from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
 from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
@@ -161,6 +162,8 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     if not info.is_main:
         splits = load_splits(cfg.data, cfg.model.context_length)
     _check_batches(splits, t.batch_size, info.world_size)
+    resolve_precision(t.precision, device)  # train.precision this device cannot train in: refused here
+    _loss_chunk(cfg, info)
 
     # Everything that can be wrong with the inputs is checked before the run directory is touched.
     init_weights = None
@@ -198,7 +201,12 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         torch.backends.cudnn.allow_tf32 = True
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
-    autocast = _autocast(device, t.precision)
+    precision, why = resolve_precision(t.precision, device)
+    if why and info.is_main:
+        events.warn(why)  # auto chose: say which and why
+    autocast = _autocast(device, precision)
+    scaler = LossScaler(device, precision)  # fp16: gradient scaling; otherwise a pass-through
+    loss_chunk = _loss_chunk(cfg, info)  # train.loss_chunk: the (B, T, V) logits never exist at once
     # data.document_mask: attention stays within documents (documents.py); off, the book's model call.
     masked = (lambda m: DocumentMasked(m, END_OF_TEXT_ID, cfg.data.reset_positions)) if cfg.data.document_mask else (lambda m: m)
     train_module = masked(wrapped)
@@ -207,7 +215,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         # No name for the logits: held through backward they would cost B x T x V floats
         # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
         with autocast():
-            return cross_entropy(train_module(inputs), targets)
+            return training_loss(train_module, model.out_head.weight, inputs, targets, cfg.model.vocab_size, loss_chunk)
 
     if t.compile:
         # The loss is compiled with the model so that the float32 upcast, log-softmax and
@@ -238,7 +246,10 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     restore_rng: Callable[[], None] | None = None
     if ckpt is not None:
         state = ckpt.train_state
-        load_full_state(wrapped, optimizer, pad_vocab(ckpt.weights, cfg.model), state["optimizer"], info)
+        load_full_state(wrapped, optimizer_parts(optimizer)[0], pad_vocab(ckpt.weights, cfg.model), state["optimizer"], info)
+        load_optimizer_states(wrapped, optimizer, state, f"--resume {ckpt.path}")  # Muon's, beside AdamW's
+        if scaler.enabled and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         elapsed_before = state.get("elapsed_s", 0.0)
         pos = _Position(state["epoch"], state["windows_done"], state["epoch_seed"])
@@ -263,7 +274,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
         "run_dir": str(run_dir), "total_steps": total_steps, "step": step, "epochs": t.num_epochs,
         "steps_per_epoch": math.ceil(per_epoch / t.grad_accum_steps), "device": str(device),
         "world_size": info.world_size, "params": model.num_params(), "train_tokens": splits.train_tokens,
-        "val_tokens": splits.val_tokens, "resumed": ckpt is not None,
+        "val_tokens": splits.val_tokens, "resumed": ckpt is not None, "precision": precision,
     })
 
     def check_deferred() -> None:
@@ -273,7 +284,8 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
 
     def save(reason: str) -> Path:
         check_deferred()  # never save after a non-finite step
-        model_sd, optim_sd = full_state(wrapped, optimizer)
+        model_sd, optim_sd = full_state(wrapped, optimizer_parts(optimizer)[0])
+        more_optim = full_optimizer_states(wrapped, optimizer)  # {"muon": ...} with train.optimizer muon
         rng_state = _get_rng(device, info)
         path = None
         if info.is_main:
@@ -283,6 +295,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 "rng": rng_state, "best_val_loss": best_val, "last_eval": last_eval,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 **({"mixture": sampler.state()} if splits.sources else {}),
+                **more_optim, **({"grad_scaler": scaler.state_dict()} if scaler.enabled else {}),
             }
             meta = {"step": step, "epoch": pos.epoch, "tokens_seen": tokens_seen, "reason": reason,
                     "val_loss": last_eval.get("val_loss"), "train_loss": last_eval.get("train_loss")}
@@ -298,7 +311,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     def save_best() -> None:
         """RUN/best: the weights of this step, which set a new lowest validation loss (weights only)."""
         check_deferred()
-        model_sd, _ = full_state(wrapped, optimizer)
+        model_sd, _ = full_state(wrapped, optimizer_parts(optimizer)[0])
         if info.is_main:
             meta = {"step": step, "epoch": epoch_number, "tokens_seen": tokens_seen, "reason": "best",
                     "val_loss": last_eval["val_loss"], "train_loss": last_eval["train_loss"]}
@@ -315,7 +328,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     # Defer the non-finite check to log points where a host sync costs (CUDA) and the optimizer
     # can skip an update on the device (fused AdamW's found_inf, as AMP's GradScaler uses it).
     defer = (DEFER_NONFINITE_CHECK if DEFER_NONFINITE_CHECK is not None else device.type == "cuda") and (
-        t.optimizer_impl == "fused")
+        t.optimizer_impl == "fused" and t.optimizer == "adamw" and not scaler.enabled)
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
     micro_index = step * t.grad_accum_steps
     model.train()
@@ -335,7 +348,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 loss = forward_loss(inputs, targets)
-                (loss / group_size if group_size > 1 else loss).backward()
+                scaler.backward(loss / group_size if group_size > 1 else loss)
                 loss_sum += loss.detach()
                 micro_index += 1
                 pos = _Position(epoch + 1, 0, None) if epoch_done else _Position(epoch, windows_after, seed)
@@ -350,7 +363,8 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 loss_value = loss_dev.item()
                 if reduce is not None:
                     loss_value = reduce([loss_value])[0] / info.world_size
-                if not math.isfinite(loss_value):
+                # fp16 with the scaler: a non-finite loss is an overflow, skipped below (precision.py)
+                if not math.isfinite(loss_value) and not scaler.absorbs_nonfinite():
                     raise _nonfinite(loss_value, step + 1, run_dir, last_saved_step, "stopped before the optimizer step")
             else:
                 # ---- no host sync between log points: a non-finite loss makes the fused AdamW
@@ -361,9 +375,11 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 optimizer.found_inf = bad
                 first_bad = torch.where((bad > 0) & (first_bad == 0), step + 1, first_bad)
             grad_norm = None
+            scaler.unscale(optimizer)  # fp16: true gradients before clipping
             if t.grad_clip is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip)
-            optimizer.step()
+            if not scaler.step(optimizer, loss_finite=not scaler.enabled or math.isfinite(loss_value)):
+                events.warn(f"step {step + 1}: fp16 overflow; update skipped, loss scale lowered to {scaler.scale:g}")
             optimizer.found_inf = None
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -381,6 +397,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                     "tokens_seen": tokens_seen, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": rate, "mfu": mfu(flops_token * rate / info.world_size),
                     "elapsed_s": elapsed_before + now - t_start,
+                    **({"loss_scale": scaler.scale} if scaler.enabled else {}),
                 }
                 metrics.write(record)
                 events.log(record)
@@ -493,32 +510,31 @@ def _lr_at(step: int, total_steps: int, t) -> float:
     return t.min_lr + 0.5 * (t.learning_rate - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def _build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """AdamW as the book builds it; optionally no decay on biases and norms (GPT-2 practice)."""
-    kwargs: dict[str, Any] = {"lr": t.learning_rate, "betas": (t.beta1, t.beta2), "weight_decay": t.weight_decay}
-    if t.optimizer_impl == "foreach":
-        kwargs["foreach"] = True
-    elif t.optimizer_impl == "fused":
-        kwargs["fused"] = True
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.decay_matrices_only:
-        params = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-    return torch.optim.AdamW(params, **kwargs)
+_build_optimizer = build_optimizer  # gptcli.optim; the name other modules call
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def _loss_chunk(cfg: Config, info: DistInfo):
+    """train.loss_chunk as it applies: auto is the plain loss (0) for book-exact runs and under FSDP.
+
+    Raises:
+        InputError: a number of rows under FSDP (the head's weight is sharded outside the forward pass).
+    """
+    t = cfg.train
+    fsdp = info.enabled and t.distributed == "fsdp"
+    if t.loss_chunk == "auto":
+        return 0 if cfg.model.impl == "book" or fsdp else "auto"
+    if t.loss_chunk and fsdp:
+        raise InputError(f"train.loss_chunk {t.loss_chunk}: not with train.distributed fsdp (the output head is "
+                         "sharded outside the forward pass); use 0 or auto")
+    return t.loss_chunk
 
 
 def _mfu_meter(t, device: torch.device, events: Events) -> MfuMeter:
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    dtype = DTYPES[resolve_precision(t.precision, device)[0]]
     if t.peak_flops is not None:
         return MfuMeter(device, dtype, t.peak_flops, measured=False, warn=events.warn)
+    if device.type == "cpu" and dtype == torch.float16:
+        return MfuMeter(device, dtype, None)  # emulated fp16 matmuls: measuring their peak takes minutes
     try:
         peak = peak_flops(device, dtype)
     except RuntimeError:
