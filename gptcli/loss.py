@@ -2,6 +2,8 @@
 
 Sharing it is what makes the numbers of `gptcli train`, `gptcli eval` and
 `gptcli loss` agree. It is the book's ``calc_loss_batch`` without the device move.
+Training computes the same function with the output head in slices
+(`chunked_cross_entropy`, ``train.loss_chunk``), equal up to float rounding.
 """
 
 import torch
