@@ -150,3 +150,13 @@ def test_fp16_resume_restores_the_scaler_bit_for_bit(verdict, tmp_path, monkeypa
     assert run_losses(tmp_path / "stopped") == run_losses(tmp_path / "full")
     ours, theirs = final_weights(tmp_path / "stopped"), final_weights(tmp_path / "full")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_auto_precision_says_its_choice_in_one_line_on_stderr(cli, verdict, tmp_path):
+    r = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", tmp_path / "run", "--max-steps", "1",
+            "--set", "train.precision=auto", "--set", "train.sample_tokens=0", "--set", "train.peak_flops=1e12")
+    assert r.exit_code == 0, r.stderr
+    chosen = resolve_precision("auto", torch.device("cpu"))[0]
+    assert [line for line in r.stderr.splitlines() if "train.precision auto" in line] == [
+        f"warning: {resolve_precision('auto', torch.device('cpu'))[1]}"]
+    assert chosen not in r.stdout  # stdout holds only the result
