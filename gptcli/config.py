@@ -158,7 +158,17 @@ class TrainConfig:
     log_freq: int = 1  # write a metrics line every this many steps; was log_every
     save_freq: Optional[int] = 50  # checkpoint every this many steps (and always at the end); was save_every
     keep_last: int = 3  # step checkpoints kept (the best one is kept as well)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CUDA (weights stay fp32)
+    # Autocast dtype (weights and optimizer stay fp32): auto = bf16 where the device computes it
+    # natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp16 + gradient scaler on older CUDA GPUs,
+    # fp32 elsewhere. fp16 = autocast with torch.amp.GradScaler (overflowing steps are skipped).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    # Training loss in slices of this many (B*T) rows, so the B x T x V logits never exist at once:
+    # 0 = the plain loss over full logits; auto = chunked, except the book-exact model.impl book.
+    loss_chunk: Any = "auto"
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: torch.optim.Muon for the blocks' matrices, AdamW for the rest
+    # Muon's settings (only with optimizer: muon): {lr, momentum, nesterov, ns_steps, weight_decay,
+    # adjust_lr_fn}; a key left out takes gptcli.optim.MUON_DEFAULTS (lr, weight_decay: the AdamW values).
+    muon: Optional[dict] = None
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute blocks in backward to save memory
     num_threads: Optional[int] = None  # CPU threads for torch; None = PyTorch's choice
@@ -197,6 +207,38 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip: must be positive or null, got {self.grad_clip}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"train.peak_flops: must be positive or null, got {self.peak_flops}")
+        if not (self.loss_chunk == "auto" or (isinstance(self.loss_chunk, int) and not isinstance(self.loss_chunk, bool)
+                                              and self.loss_chunk >= 0)):
+            raise ConfigError(f"train.loss_chunk: must be auto, 0 (the plain loss) or a positive number of rows, "
+                              f"got {self.loss_chunk!r}")
+        if self.muon is not None:
+            _check_muon(self.muon, self.optimizer)
+
+
+# train.muon's keys and the type each must have (defaults: gptcli.optim.MUON_DEFAULTS).
+MUON_KEYS = {"lr": float, "momentum": float, "nesterov": bool, "ns_steps": int, "weight_decay": float,
+             "adjust_lr_fn": str}
+
+
+def _check_muon(muon: dict, optimizer: str) -> None:
+    """Validate train.muon in place (ints taken as floats where floats are expected)."""
+    if optimizer != "muon":
+        raise ConfigError(f"train.muon: applies only with train.optimizer muon (it is {optimizer}); remove it "
+                          "or set train.optimizer: muon")
+    for key, value in muon.items():
+        if key not in MUON_KEYS:
+            raise ConfigError(f"train.muon.{key}: unknown key (valid: {', '.join(MUON_KEYS)})")
+        if value is None and key in ("lr", "weight_decay"):
+            continue
+        muon[key] = _coerce(value, MUON_KEYS[key], f"train.muon.{key}")
+    for key in ("lr", "ns_steps"):
+        if muon.get(key) is not None and muon[key] <= 0:
+            raise ConfigError(f"train.muon.{key}: must be positive, got {muon[key]}")
+    for key in ("momentum", "weight_decay"):
+        if muon.get(key) is not None and muon[key] < 0:
+            raise ConfigError(f"train.muon.{key}: must not be negative, got {muon[key]}")
+    if muon.get("adjust_lr_fn", "original") not in ("original", "match_rms_adamw"):
+        raise ConfigError(f"train.muon.adjust_lr_fn: must be original or match_rms_adamw, got {muon['adjust_lr_fn']!r}")
 
 
 @dataclass
@@ -518,6 +560,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
                 raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if hint is dict:
+        if isinstance(value, dict):
+            return dict(value)  # its keys are checked by the dataclass's __post_init__
+        raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value

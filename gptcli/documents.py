@@ -54,6 +54,7 @@ class DocumentMasked(nn.Module):
         self.eot_id = eot_id
         self.reset_positions = reset_positions
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The module's output for `idx`; `kwargs` (e.g. return_hidden) pass through."""
         positions, attn_mask = document_inputs(idx, self.eot_id, self.reset_positions)
-        return self.module(idx, positions, attn_mask)
+        return self.module(idx, positions, attn_mask, **kwargs)

@@ -89,7 +89,7 @@ class Metrics:
             setattr(self, counter, getattr(self, counter) + time.perf_counter() - t0)
 
     def train_record(self, step: int, epoch: int, tokens_seen: int, loss: float, lr: float,
-                     grad_norm: float | None) -> dict[str, Any]:
+                     grad_norm: float | None, loss_scale: float | None = None) -> dict[str, Any]:
         """The record of a log point: its figures cover the steps since the previous one."""
         now = time.perf_counter()
         rate = (tokens_seen - self._tokens_at_log) / max(now - self._t_log - self._paused_since_log, 1e-9)
@@ -97,7 +97,7 @@ class Metrics:
         record = {
             "event": "train", "step": step, "epoch": epoch, "tokens_seen": tokens_seen, "loss": loss, "lr": lr,
             "grad_norm": grad_norm, "tokens_per_s": rate, "mfu": mfu, "elapsed_s": self.elapsed_before + now - self.t_start,
-            **self._resources(step, now),
+            **self._resources(step, now), **({"loss_scale": loss_scale} if loss_scale is not None else {}),
         }
         self._t_log, self._tokens_at_log, self._paused_since_log, self._data_wait = now, tokens_seen, 0.0, 0.0
         self.emit(record)

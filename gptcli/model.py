@@ -264,6 +264,7 @@ class GPTModel(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); (B, 1, vocab_size) with `last_only`.
 
@@ -276,6 +277,9 @@ class GPTModel(nn.Module):
             kv_cache: keys/values of earlier positions; advanced by T on return.
             last_only: compute the logits of the last position only (generation). The
                 output head is a C x V matmul per position, the largest in the model.
+            return_hidden: return the final norm's output (B, T, C) instead, the input of
+                ``out_head``: training computes the head with its loss in slices
+                (``loss.chunked_cross_entropy``), never holding the (B, T, V) logits.
         """
         b, t = idx.shape
         if positions is None:
@@ -294,6 +298,8 @@ class GPTModel(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         x = self.final_norm(x)
+        if return_hidden:
+            return x
         logits = self.out_head(x)  # (B, T, padded V)
         if logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]

@@ -68,9 +68,11 @@ from gptcli.evaluate import evaluate_loss
 from gptcli.generate import generate
 from gptcli.metrics import Metrics
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
-from gptcli.loss import cross_entropy
+from gptcli.loss import training_loss
 from gptcli.hostmem import set_host_memory
+from gptcli.optim import build_optimizer, full_optimizer_states, load_optimizer_states, optimizer_parts
 from gptcli.perf import MfuMeter, peak_flops
+from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
 from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, write_run_manifest
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
@@ -171,6 +173,8 @@ class _Run:
     total_micro: int  # micro-batches of all epochs
     reduce: Callable[[list[float]], list[float]] | None  # sum over processes, None with one
     guard: "_NonFiniteGuard"
+    scaler: LossScaler  # fp16: gradient scaling; otherwise a pass-through
+    precision: str  # train.precision as resolved for this device (auto chosen)
 
 
 def train(
@@ -253,6 +257,8 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     if not info.is_main:
         splits = load_splits(cfg.data, cfg.model.context_length)
     _check_batches(splits, t.batch_size, info.world_size)
+    precision = resolve_precision(t.precision, device)[0]  # a precision this device cannot train in: refused here
+    _loss_chunk(cfg, info)
 
     # Everything that can be wrong with the inputs is checked before the run directory is touched.
     init_weights = None
@@ -262,7 +268,7 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     ckpt = _find_resume(run_dir, cfg) if resume and run_dir.is_dir() else None  # every rank reads it
     if ckpt is not None:
         _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
-    defer = _defer_check(defer_nonfinite_check, t, device)
+    defer = _defer_check(defer_nonfinite_check, t, device, precision)
     lock = _on_main(info, lambda: prepare_run_dir(run_dir, resume, overwrite))
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
@@ -288,6 +294,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
         "steps_per_epoch": math.ceil(run.train_loader.batch_sampler.num_batches() / t.grad_accum_steps),
         "device": str(run.device), "world_size": info.world_size, "params": run.model.num_params(),
         "train_tokens": run.splits.train_tokens, "val_tokens": run.splits.val_tokens, "resumed": ckpt is not None,
+        "precision": run.precision,
     })
     run.model.train()
     try:
@@ -303,7 +310,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
                     run.guard.check(run, state)
                 if info.is_main and log_now:
                     run.events.log(metrics.train_record(state.step, state.epoch_number, state.tokens_seen,
-                                                        loss_value, lr, grad_norm))
+                                                        loss_value, lr, grad_norm, run.scaler.scale))
                 with metrics.paused():  # throughput counts training time only
                     final = state.step == run.total_steps and (state.step - 1) % t.eval_freq != 0
                     if (state.step - 1) % t.eval_freq == 0 or final:
@@ -341,8 +348,13 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
     model.activation_checkpointing = t.activation_checkpointing
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
-    autocast = _autocast(device, t.precision)
-    forward_loss = functools.partial(_forward_loss, _masked(wrapped, cfg), autocast)
+    precision, why = resolve_precision(t.precision, device)
+    if why and info.is_main:
+        events.warn(why)  # auto chose: say which and why
+    autocast = _autocast(device, precision)
+    # train.loss_chunk: the (B, T, V) logits never exist at once
+    forward_loss = functools.partial(_forward_loss, _masked(wrapped, cfg), model.out_head.weight, autocast,
+                                     cfg.model.vocab_size, _loss_chunk(cfg, info))
     scorer = wrapped
     if t.compile:
         # The loss is compiled with the model so that the float32 upcast, log-softmax and
@@ -364,7 +376,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
                 total_steps=_total_steps(t, per_epoch, global_batch * cfg.model.context_length),
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
-                guard=_NonFiniteGuard(defer, device))
+                guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision)
 
 
 def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:
@@ -372,7 +384,11 @@ def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:
     if ckpt is None:
         return TrainState()
     saved = ckpt.train_state
-    load_full_state(run.wrapped, run.optimizer, pad_vocab(ckpt.weights, run.cfg.model), saved["optimizer"])
+    load_full_state(run.wrapped, optimizer_parts(run.optimizer)[0], pad_vocab(ckpt.weights, run.cfg.model),
+                    saved["optimizer"])
+    load_optimizer_states(run.wrapped, run.optimizer, saved, f"resume=True, {ckpt.path}")  # Muon's, beside AdamW's
+    if run.scaler.enabled and saved.get("grad_scaler"):
+        run.scaler.load_state_dict(saved["grad_scaler"])
     state = TrainState.from_checkpoint(saved, run.epoch_windows)
     if run.splits.sources:  # a mixture: the position in every source
         if state.mixture is None:
@@ -396,7 +412,7 @@ def accumulate(run: _Run, state: TrainState, stream, metrics: Metrics) -> tuple[
         targets = targets.to(run.device, non_blocking=True)
         with gradient_sync(run.wrapped, enabled=i == micro_steps - 1):
             loss = run.forward_loss(inputs, targets)
-            (loss / micro_steps if micro_steps > 1 else loss).backward()
+            run.scaler.backward(loss / micro_steps if micro_steps > 1 else loss)
         loss_sum += loss.detach()
         state.position = _Position(epoch + 1, 0, None) if epoch_done else _Position(epoch, windows_after, seed)
         state.epoch_progress = epoch + windows_after / run.epoch_windows
@@ -409,9 +425,14 @@ def optimizer_step(run: _Run, state: TrainState, loss: torch.Tensor, log_now: bo
     """Non-finite check, clip, step; returns the loss (averaged over processes) at checks and the grad norm."""
     loss_value = run.guard.before_step(run, state, loss, log_now)
     grad_norm = None
+    run.scaler.unscale(run.optimizer)  # fp16: the true gradients before clipping
     if run.cfg.train.grad_clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), run.cfg.train.grad_clip)
-    run.guard.step(run.optimizer)
+    if not run.scaler.enabled:
+        run.guard.step(run.optimizer)
+    elif not run.scaler.step(run.optimizer, loss_finite=math.isfinite(loss_value)):
+        run.events.warn(f"step {state.step + 1}: fp16 overflow; update skipped, loss scale lowered to "
+                        f"{run.scaler.scale:g}")
     run.optimizer.zero_grad(set_to_none=True)
     return loss_value, (float(grad_norm) if grad_norm is not None and log_now else None)
 
@@ -463,13 +484,15 @@ def sample(run: _Run, state: TrainState) -> None:
 def save(run: _Run, state: TrainState, metrics: Metrics, reason: str) -> Path | None:
     """A step checkpoint (weights, optimizer, TrainState), the latest/best links, pruning."""
     run.guard.check(run, state)  # never save after a non-finite step
-    model_sd, optim_sd = full_state(run.wrapped, run.optimizer)
+    model_sd, optim_sd = full_state(run.wrapped, optimizer_parts(run.optimizer)[0])
+    more_optim = full_optimizer_states(run.wrapped, run.optimizer)  # {"muon": ...} with train.optimizer muon
     rng_state = _get_rng(run.device, run.info)
     if run.splits.sources:
         state.mixture = run.train_loader.batch_sampler.state()
     path = None
     if run.info.is_main:
-        train_state = state.to_checkpoint(optim_sd, rng_state, metrics.elapsed())
+        train_state = {**state.to_checkpoint(optim_sd, rng_state, metrics.elapsed()), **more_optim,
+                       **({"grad_scaler": run.scaler.state_dict()} if run.scaler.enabled else {})}
         meta = {"step": state.step, "epoch": state.position.epoch, "tokens_seen": state.tokens_seen, "reason": reason,
                 "val_loss": state.last_eval.get("val_loss"), "train_loss": state.last_eval.get("train_loss")}
         path = save_checkpoint(run.run_dir, step_dir_name(state.step), trim_vocab(model_sd, run.cfg.model), run.cfg,
@@ -487,7 +510,7 @@ def save(run: _Run, state: TrainState, metrics: Metrics, reason: str) -> Path | 
 def save_best(run: _Run, state: TrainState) -> None:
     """RUN/best: the weights of this step, which set a new lowest validation loss (weights only)."""
     run.guard.check(run, state)
-    model_sd, _ = full_state(run.wrapped, run.optimizer)
+    model_sd, _ = full_state(run.wrapped, optimizer_parts(run.optimizer)[0])
     if run.info.is_main:
         meta = {"step": state.step, "epoch": state.epoch_number, "tokens_seen": state.tokens_seen, "reason": "best",
                 "val_loss": state.last_eval["val_loss"], "train_loss": state.last_eval["train_loss"]}
@@ -519,7 +542,8 @@ class _NonFiniteGuard:
             value = loss.item()
             if run.reduce is not None:
                 value = run.reduce([value])[0] / run.info.world_size
-            if not math.isfinite(value):
+            # fp16 with the scaler: a non-finite loss is an overflow, skipped by the step (precision.py)
+            if not math.isfinite(value) and not run.scaler.absorbs_nonfinite():
                 raise _nonfinite(value, step, run.run_dir, state.last_saved_step, "stopped before the optimizer step")
             self._found_inf = None
             return value
@@ -553,20 +577,23 @@ class _NonFiniteGuard:
                              f"its update was skipped; stopped at step {state.step}")
 
 
-def _defer_check(requested: bool | None, t, device: torch.device) -> bool:
-    """Whether the non-finite check is deferred: asked for, or by default on CUDA with the fused AdamW."""
-    if requested and t.optimizer_impl != "fused":
-        raise InputError(f"defer_nonfinite_check=True: needs train.optimizer_impl fused (it is {t.optimizer_impl}); "
-                         "only the fused AdamW can skip an update on the device")
-    return requested if requested is not None else (device.type == "cuda" and t.optimizer_impl == "fused")
+def _defer_check(requested: bool | None, t, device: torch.device, precision: str) -> bool:
+    """Whether the non-finite check is deferred: asked for, or by default on CUDA with the fused AdamW
+    (alone: Muon has no device-side skip, and fp16's scaler decides about non-finite steps itself)."""
+    able = t.optimizer_impl == "fused" and t.optimizer == "adamw" and precision != "fp16"
+    if requested and not able:
+        raise InputError(f"defer_nonfinite_check=True: needs train.optimizer_impl fused (it is {t.optimizer_impl}) "
+                         f"with train.optimizer adamw (it is {t.optimizer}) and not fp16; only the fused AdamW can "
+                         "skip an update on the device")
+    return requested if requested is not None else (device.type == "cuda" and able)
 
 
-def _forward_loss(module: torch.nn.Module, autocast: Callable[[], Any], inputs: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
+def _forward_loss(module: torch.nn.Module, head_weight: torch.Tensor, autocast: Callable[[], Any], vocab_size: int,
+                  loss_chunk, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # No name for the logits: held through backward they would cost B x T x V floats
     # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
     with autocast():
-        return cross_entropy(module(inputs), targets)
+        return training_loss(module, head_weight, inputs, targets, vocab_size, loss_chunk)
 
 
 def _masked(module: torch.nn.Module, cfg: Config) -> torch.nn.Module:
@@ -692,32 +719,31 @@ def _lr_at(step: int, total_steps: int, t) -> float:
     return t.min_lr + 0.5 * (t.learning_rate - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def _build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """AdamW as the book builds it; optionally no decay on biases and norms (GPT-2 practice)."""
-    kwargs: dict[str, Any] = {"lr": t.learning_rate, "betas": (t.beta1, t.beta2), "weight_decay": t.weight_decay}
-    if t.optimizer_impl == "foreach":
-        kwargs["foreach"] = True
-    elif t.optimizer_impl == "fused":
-        kwargs["fused"] = True
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.decay_matrices_only:
-        params = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-    return torch.optim.AdamW(params, **kwargs)
+_build_optimizer = build_optimizer  # gptcli.optim; the name other modules call
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def _loss_chunk(cfg: Config, info: DistInfo):
+    """train.loss_chunk as it applies: auto is the plain loss (0) for book-exact runs and under FSDP.
+
+    Raises:
+        InputError: a number of rows under FSDP (the head's weight is sharded outside the forward pass).
+    """
+    t = cfg.train
+    fsdp = info.enabled and t.distributed == "fsdp"
+    if t.loss_chunk == "auto":
+        return 0 if cfg.model.impl == "book" or fsdp else "auto"
+    if t.loss_chunk and fsdp:
+        raise InputError(f"train.loss_chunk {t.loss_chunk}: not with train.distributed fsdp (the output head is "
+                         "sharded outside the forward pass); use 0 or auto")
+    return t.loss_chunk
 
 
 def _mfu_meter(t, device: torch.device, events: Events) -> MfuMeter:
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    dtype = DTYPES[resolve_precision(t.precision, device)[0]]
     if t.peak_flops is not None:
         return MfuMeter(device, dtype, t.peak_flops, measured=False, warn=events.warn)
+    if device.type == "cpu" and dtype == torch.float16:
+        return MfuMeter(device, dtype, None)  # emulated fp16 matmuls: measuring their peak takes minutes
     try:
         peak = peak_flops(device, dtype)
     except RuntimeError:
