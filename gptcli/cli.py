@@ -672,6 +672,12 @@ def eval_(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     sets: SetOpt = None,
+    task: Annotated[Optional[str], typer.Option(help="Multiple-choice task instead of loss: hellaswag, or choices (your JSON Lines: context, choices, answer).")] = None,
+    task_data: Annotated[Optional[Path], typer.Option(help="The task's JSON Lines file (default for hellaswag: data/hellaswag/hellaswag_val.jsonl).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N items of the task.")] = None,
+    per_item: Annotated[bool, typer.Option("--per-item", help="With --task --json: each choice's log-likelihood.")] = False,
+    harness_task: Annotated[Optional[list[str]], typer.Option(help="Run this lm-evaluation-harness task on the model (repeatable; needs pip install 'gptcli[eval]').")] = None,
+    harness_tasks_dir: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAML files for --harness-task.", exists=True, file_okay=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
@@ -681,6 +687,11 @@ def eval_(
     if checkpoint is not None and checkpoint_opt is not None and checkpoint != checkpoint_opt:
         raise InputError("--checkpoint: give the checkpoint once (as the argument or as --checkpoint)")
     checkpoint = checkpoint or checkpoint_opt
+    if task or harness_task or task_data or limit is not None or per_item or harness_tasks_dir:
+        refused = {"--data": files, "--val/--no-val": val is not None, "--all": all_checkpoints, "--text": text,
+                   "--num-batches": num_batches, "--batch-size": batch_size}
+        return _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, per_item, harness_task,
+                           harness_tasks_dir, json_out, [k for k, v in refused.items() if v])
     if show_tokens and text is None:
         raise InputError("--show-tokens: needs --text TEXT")
     if text is not None and (all_checkpoints or files):
@@ -724,6 +735,44 @@ def eval_(
         return
     rows = ev.evaluate_datasets(model, datasets, batch_size or cfg.train.batch_size, num_batches)
     _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
+
+
+def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, per_item, harness_task,
+                harness_tasks_dir, json_out, refused) -> None:
+    """gptcli eval --task / --harness-task: accuracy of multiple-choice tasks, GPT-2's figures beside."""
+    from gptcli import tasks as tk
+
+    if refused:
+        raise InputError(f"{refused[0]}: does not apply to --task/--harness-task (they score tasks, not loss)")
+    if not task and not harness_task:
+        raise InputError("--task-data/--limit/--per-item/--harness-tasks-dir: need --task NAME or --harness-task NAME")
+    if (task_data or per_item) and not task:
+        raise InputError(f"{'--task-data' if task_data else '--per-item'}: needs --task NAME")
+    if harness_tasks_dir and not harness_task:
+        raise InputError("--harness-tasks-dir: needs --harness-task NAME")
+    loaded = tk.load_task(task, task_data, limit) if task else None  # bad input fails before the model loads
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be at least 1")
+    if harness_task:
+        from gptcli import harness  # InputError naming pip install 'gptcli[eval]' without the extra
+    model, cfg, where = _model_for(checkpoint, config, sets, seed, device)
+    results = {}
+    if loaded is not None:
+        results[task] = tk.evaluate_task(model, loaded, per_item=per_item)
+    if harness_task:
+        results.update(harness.run_harness(model, harness_task, harness_tasks_dir, limit))
+    if json_out:
+        _print_json(_json_safe({"model": where, "tasks": results}))
+        return
+    for name, r in results.items():
+        print(f"{name}: acc {_with_stderr(r, 'acc')} · acc_norm {_with_stderr(r, 'acc_norm')} · {r.get('items')} items")
+        for b in (r.get("baseline") or {}).values():
+            print(f"  {b['model']} ({b['method']}, {b['items']} items): acc {b['acc']:.4f} · acc_norm {b['acc_norm']:.4f}")
+
+
+def _with_stderr(r: dict[str, Any], metric: str) -> str:
+    se = r.get(f"{metric}_stderr")
+    return _fmt(r.get(metric)) + (f" ± {se:.4f}" if isinstance(se, float) else "")
 
 
 _HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}

@@ -1,0 +1,220 @@
+"""Multiple-choice tasks (issue 14): parsing, scoring by hand, parity with lm-evaluation-harness, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from gptcli.checkpoint import save_checkpoint, step_dir_name
+from gptcli.config import Config
+from gptcli.model import GPTModel, export_state_dict
+from gptcli.tasks import Item, accuracy, load_task, parse_hellaswag, score_items
+from gptcli.tokenizer import encode
+
+# Two items of HellaSwag's validation file, as rowanz/hellaswag publishes it (official field names);
+# the second is a WikiHow item with the [title]/[step] artifacts the harness's preprocess removes.
+HELLASWAG_LINES = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Clean and Jerk", "ctx_a": "[header] How to lift weights [title] Warm up.",
+     "ctx_b": "", "ctx": "[header] How to lift weights [title] Warm up. ", "split": "val", "split_type": "zeroshot",
+     "label": "0", "endings": ["[step] Stretch first.", "Sleep.", "Eat a cake [substeps] now.", "Run away."],
+     "source_id": "wikihow~1"},
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def toy_items(n: int = 60) -> list[dict]:
+    """A generated multiple-choice task: choices of different lengths, so acc and acc_norm can differ."""
+    words = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "gray", "brown"]
+    rows = []
+    for i in range(n):
+        choices = [words[(i + k) % len(words)] + (" car" if k == (i % 3) else "") for k in range(4)]
+        rows.append({"context": f"Item {i}: the colour of the {['sky', 'sea', 'leaf', 'sun'][i % 4]} is",
+                     "choices": choices, "answer": (i * 7) % 4})
+    return rows
+
+
+def sharp_model(seed: int = 5) -> GPTModel:
+    """A tiny random model whose logits are far from uniform (a scaled output head), so choices differ clearly."""
+    torch.manual_seed(seed)
+    model = GPTModel(tiny_model_config(context_length=64, drop_rate=0.0))
+    with torch.no_grad():
+        model.out_head.weight.mul_(40.0)
+    return model.eval()
+
+
+@pytest.fixture
+def toy_ckpt(tmp_path) -> Path:
+    model = sharp_model()
+    return save_checkpoint(tmp_path / "run", step_dir_name(1), export_state_dict(model), Config(model=model.cfg),
+                           meta={"step": 1})
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_hellaswag_official_fields_parse_with_the_harness_preprocess(tmp_path):
+    items = parse_hellaswag(write_jsonl(tmp_path / "h.jsonl", HELLASWAG_LINES))
+    assert items[0] == Item("Roof shingle removal: A man is sitting on a roof. He",
+                            ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                             "is holding a rubik's cube.", "starts pulling up roofing on a roof."), 3)
+    # [header] goes, " [title]" becomes ". ", a string label is an index, ctx_b "" leaves no capital
+    assert items[1].context == "Clean and Jerk: How to lift weights. Warm up."
+    assert items[1].choices == (" Stretch first.", "Sleep.", "Eat a cake now.", "Run away.")  # as the harness leaves it
+    assert items[1].answer == 0
+    # the harness's own hellaswag preprocess, applied to the raw lines, is the oracle
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    for raw, item in zip(HELLASWAG_LINES, items):
+        ctx = raw["ctx_a"] + " " + raw["ctx_b"].capitalize()
+        assert item.context == preprocess(raw["activity_label"] + ": " + ctx)
+        assert item.choices == tuple(preprocess(e) for e in raw["endings"])
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2: not JSON"),
+    ("[1, 2]", "line 2: expected a JSON object"),
+    (json.dumps({k: v for k, v in HELLASWAG_LINES[0].items() if k != "endings"}), "line 2: missing field 'endings'"),
+    (json.dumps({**HELLASWAG_LINES[0], "label": 4}), "line 2: 'label' 4 is out of range (0..3 for 4 choices)"),
+    (json.dumps({**HELLASWAG_LINES[0], "endings": "abc"}), "line 2: field 'endings' has the wrong type"),
+])
+def test_malformed_hellaswag_lines_are_one_line_errors_naming_the_line(tmp_path, line, message):
+    from gptcli.errors import InputError
+
+    path = write_jsonl(tmp_path / "h.jsonl", [HELLASWAG_LINES[0], line])
+    with pytest.raises(InputError) as e:
+        parse_hellaswag(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_two_item_task_matches_log_softmax_computed_by_hand():
+    model = sharp_model()
+    items = [Item("The cat sat on the", ("mat", "moon rocket"), 0), Item("One, two,", ("three", "banana split"), 1)]
+    got = score_items(model, items)
+    for item, lls in zip(items, got):
+        for choice, ll in zip(item.choices, lls):
+            ctx, whole = encode(item.context), encode(item.context + " " + choice)
+            assert whole[:len(ctx)] == ctx  # the split the harness makes: the whole's tokens after the context's
+            x = torch.tensor([whole[:-1]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(x)[0].double(), dim=-1)
+            expected = sum(logp[pos - 1, whole[pos]].item() for pos in range(len(ctx), len(whole)))
+            # float32 logits vs float64 log-softmax of the same logits: rounding only
+            assert ll == pytest.approx(expected, abs=1e-4)
+    result = accuracy(items, got)
+    acc = [float(max(range(2), key=lambda k: ll[k]) == it.answer) for it, ll in zip(items, got)]
+    norm = [float(max(range(2), key=lambda k: ll[k] / len(it.choices[k])) == it.answer) for it, ll in zip(items, got)]
+    assert result["acc"] == sum(acc) / 2 and result["acc_norm"] == sum(norm) / 2
+    assert result["items"] == 2
+
+
+def test_stderr_is_the_sample_stderr_of_the_mean():
+    from gptcli.tasks import mean_stderr
+
+    scores = [1.0, 0.0, 0.0, 1.0, 1.0]
+    p = 0.6
+    assert mean_stderr(scores) == pytest.approx(math.sqrt(p * (1 - p) * 5 / 4) / math.sqrt(5), rel=1e-12)
+
+
+# ---------------------------------------------------------------- parity with lm-evaluation-harness
+
+
+def harness_task(tmp_path: Path, rows: list[dict]) -> Path:
+    """A local lm-eval YAML task over a JSON Lines file (no network)."""
+    data = write_jsonl(tmp_path / "toy.jsonl", rows)
+    folder = tmp_path / "harness_tasks"
+    folder.mkdir()
+    (folder / "gptcli_toy.yaml").write_text(
+        "task: gptcli_toy\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: \"{{context}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n", encoding="utf-8")
+    return folder
+
+
+def run_lm_eval(model: str, model_args: str, folder: Path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import gptcli.harness  # noqa: F401 (registers the gptcli model type)
+
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["gptcli_toy"], batch_size=8,
+                                  device="cpu", task_manager=TaskManager(include_path=str(folder)), log_samples=True)
+    samples = sorted(out["samples"]["gptcli_toy"], key=lambda s: s["doc_id"])
+    lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+    metrics = out["results"]["gptcli_toy"]
+    return lls, metrics
+
+
+def test_accuracy_and_loglikelihoods_equal_lm_eval_hf_and_our_adapter(cli, toy_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = toy_items(60)
+    folder = harness_task(tmp_path, rows)
+    assert cli("export", toy_ckpt, tmp_path / "hf").exit_code == 0
+    r = cli("eval", toy_ckpt, "--task", "choices", "--task-data", tmp_path / "toy.jsonl", "--json", "--per-item")
+    assert r.exit_code == 0, r.stderr
+    ours = json.loads(r.stdout)["tasks"]["choices"]
+    hf_lls, hf = run_lm_eval("hf", f"pretrained={tmp_path / 'hf'},dtype=float32", folder)
+    ad_lls, ad = run_lm_eval("gptcli", f"checkpoint={toy_ckpt}", folder)
+    assert ours["items"] == 60
+    for reference in (hf, ad):
+        assert ours["acc"] == reference["acc,none"] and ours["acc_norm"] == reference["acc_norm,none"]
+        assert ours["acc_stderr"] == pytest.approx(reference["acc_stderr,none"], rel=1e-9)  # same formula, float sums
+    assert 0 < ours["acc"] < 1 and ours["acc"] != ours["acc_norm"]  # the task separates the two metrics
+    # float32 forward passes of differently padded batches in two implementations: rounding only
+    torch.testing.assert_close(torch.tensor(ours["loglikelihoods"]), torch.tensor(hf_lls), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(ad_lls), torch.tensor(hf_lls), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "winogrande"], "--task winogrande: unknown task; known: hellaswag, choices"),
+    (["--task", "choices", "--task-data", "{bad}"], "'answer' 5 is out of range (0..1 for 2 choices)"),
+    (["--task", "choices", "--task-data", "{empty}"], "no items (an empty task file)"),
+    (["--task", "choices", "--task-data", "{good}", "--limit", "0"], "--limit"),
+    (["--task", "choices"], "--task choices: needs --task-data FILE"),
+    (["--task", "choices", "--task-data", "{good}", "--text", "hi"], "--text"),
+])
+def test_bad_task_input_is_one_line_and_exit_2(cli, toy_ckpt, tmp_path, args, message):
+    files = {"{bad}": write_jsonl(tmp_path / "bad.jsonl", [{"context": "a", "choices": ["b", "c"], "answer": 5}]),
+             "{empty}": write_jsonl(tmp_path / "empty.jsonl", []),
+             "{good}": write_jsonl(tmp_path / "good.jsonl", toy_items(3))}
+    r = cli("eval", toy_ckpt, *[str(files.get(a, a)) for a in args])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert message in lines[-1] and len([ln for ln in lines if "error" in ln]) == 1, r.stderr
+
+
+def test_hellaswag_eval_prints_gpt2_baselines_beside_the_result(cli, toy_ckpt, tmp_path):
+    data = write_jsonl(tmp_path / "h.jsonl", HELLASWAG_LINES)
+    r = cli("eval", toy_ckpt, "--task", "hellaswag", "--task-data", data, "--json")
+    assert r.exit_code == 0, r.stderr
+    result = json.loads(r.stdout)["tasks"]["hellaswag"]
+    assert result["items"] == 2 and set(result) >= {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "baseline"}
+    assert result["baseline"]["gpt2-124m"]["acc_norm"] == 0.3114
+    assert result["baseline"]["gpt2-1558m"]["acc_norm"] == 0.5089
+    r = cli("eval", toy_ckpt, "--task", "hellaswag", "--task-data", data)
+    assert r.exit_code == 0 and "GPT-2 124M" in r.stdout and "0.3114" in r.stdout, r.stdout
