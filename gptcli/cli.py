@@ -874,17 +874,19 @@ class _DownloadProgress:
 @app.command("download")
 @_handle_errors
 def download_(
-    name: Annotated[str, typer.Argument(help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl (124M to 1558M).")],
+    name: Annotated[str, typer.Argument(help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl (124M to 1558M); hellaswag: the task's validation file.")],
     source: Annotated[WeightSource, typer.Option(help="hf: the Hugging Face hub; openai: OpenAI's TensorFlow files.")] = WeightSource.hf,
-    out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/NAME).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/NAME; hellaswag: data/hellaswag).")] = None,
     revision: Annotated[str, typer.Option(help="Hub branch, tag or commit (--source hf).")] = "main",
     endpoint: Annotated[Optional[str], typer.Option(help="Base URL of a mirror (default: $HF_ENDPOINT or the hub; OpenAI's storage).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Download and convert again into an existing directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Download OpenAI's GPT-2 weights, verify them and convert them into a gptcli checkpoint."""
+    """Download OpenAI's GPT-2 weights, verify them and convert them into a gptcli checkpoint (or: hellaswag, the task's validation file)."""
     from gptcli.weights import download_pretrained
 
+    if name == "hellaswag":
+        return _download_hellaswag(source, out, revision, endpoint, overwrite, json_out)
     progress = _DownloadProgress()
     try:
         result = download_pretrained(name, out or PRETRAINED_ROOT / name, source=source.value, revision=revision,
@@ -897,6 +899,22 @@ def download_(
         _print_json(result)
     else:
         print(result["checkpoint"])
+
+
+def _download_hellaswag(source, out, revision, endpoint, overwrite, json_out) -> None:
+    from gptcli.tasks import download_hellaswag
+
+    if source != WeightSource.hf or revision != "main" or overwrite:
+        flag = "--source" if source != WeightSource.hf else "--revision" if revision != "main" else "--overwrite"
+        raise InputError(f"{flag}: does not apply to hellaswag (one pinned, verified file; a bad copy is fetched again)")
+    progress = _DownloadProgress()
+    try:
+        result = download_hellaswag(out, endpoint=endpoint, progress=progress)
+    finally:
+        progress.close()
+    if not result["downloaded"]:
+        _err(f"{result['path']}: already downloaded and verified")
+    _print_json(result) if json_out else print(result["path"])
 
 
 @app.command("import")

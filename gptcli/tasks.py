@@ -348,6 +348,30 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def download_hellaswag(folder: Optional[Path] = None, *, endpoint: Optional[str] = None, progress=None
+                       ) -> dict[str, Any]:
+    """Fetch HellaSwag's official validation file into `folder` (default data/hellaswag/), verified, resumable.
+
+    Args:
+        folder: where hellaswag_val.jsonl goes.
+        endpoint: base URL replacing https://raw.githubusercontent.com (a mirror; tests' local server).
+        progress: called with (label, bytes done, total).
+
+    Raises:
+        RunError: the network fails, or the file does not match the repository's git blob id (it is removed).
+    """
+    from gptcli import download as dl
+
+    dest = Path(folder if folder is not None else HELLASWAG_DIR) / HELLASWAG_VAL["filename"]
+    url = HELLASWAG_VAL["url"]
+    if endpoint:
+        url = endpoint.rstrip("/") + url[len("https://raw.githubusercontent.com"):]
+    had = dest.is_file() and dl.git_blob_sha1_file(dest) == HELLASWAG_VAL["git_blob_sha1"]
+    dl.download(url, dest, git_blob_sha1=HELLASWAG_VAL["git_blob_sha1"],
+                progress=(lambda d, t: progress(dest.name, d, t)) if progress else None)
+    return {"path": str(dest), "url": url, "git_blob_sha1": HELLASWAG_VAL["git_blob_sha1"], "downloaded": not had}
+
+
 # ---------------------------------------------------------------- baselines
 
 BASELINES = Path(__file__).with_name("baselines.json")

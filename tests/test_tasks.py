@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
+from test_download import server  # noqa: F401 (the local HTTP server fixture)
 from gptcli.checkpoint import save_checkpoint, step_dir_name
 from gptcli.config import Config
 from gptcli.model import GPTModel, export_state_dict
@@ -218,3 +219,47 @@ def test_hellaswag_eval_prints_gpt2_baselines_beside_the_result(cli, toy_ckpt, t
     assert result["baseline"]["gpt2-1558m"]["acc_norm"] == 0.5089
     r = cli("eval", toy_ckpt, "--task", "hellaswag", "--task-data", data)
     assert r.exit_code == 0 and "GPT-2 124M" in r.stdout and "0.3114" in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------- gptcli download hellaswag
+
+
+def test_git_blob_id_is_what_git_computes(tmp_path):
+    import subprocess
+
+    from gptcli.download import git_blob_sha1_file
+
+    path = write_jsonl(tmp_path / "h.jsonl", HELLASWAG_LINES)
+    expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_blob_sha1_file(path) == expected
+
+
+def test_download_hellaswag_verifies_resumes_and_removes_a_bad_copy(cli, server, tmp_path, monkeypatch):
+    import hashlib
+
+    from gptcli import tasks
+
+    body = "".join(json.dumps(r) + "\n" for r in HELLASWAG_LINES * 400).encode()
+    blob = hashlib.sha1(f"blob {len(body)}\0".encode() + body).hexdigest()
+    monkeypatch.setitem(tasks.HELLASWAG_VAL, "git_blob_sha1", blob)  # the real file is not served offline
+    path = tasks.HELLASWAG_VAL["url"].removeprefix("https://raw.githubusercontent.com")
+    server.files[path] = body
+    server.cut[path] = 1000  # the first transfer stops early
+    r = cli("download", "hellaswag", "--endpoint", server.url)
+    assert r.exit_code == 1 and "run again to resume" in r.stderr
+    r = cli("download", "hellaswag", "--endpoint", server.url, "--json")
+    assert r.exit_code == 0, r.stderr
+    dest = Path("data/hellaswag/hellaswag_val.jsonl")
+    assert dest.read_bytes() == body and json.loads(r.stdout)["path"] == str(dest)
+    assert server.gets()[-1] == (path, "bytes=1000-")  # resumed where the cut left it
+    assert len(parse_hellaswag(dest)) == 800
+    # already there and verified: nothing fetched
+    n = len(server.gets())
+    r = cli("download", "hellaswag", "--endpoint", server.url)
+    assert r.exit_code == 0 and len(server.gets()) == n and "already downloaded" in r.stderr
+    # a server handing out other bytes: the download is refused and removed
+    dest.unlink()
+    server.files[path] = body.replace(b"roof", b"ROOF")
+    r = cli("download", "hellaswag", "--endpoint", server.url)
+    assert r.exit_code == 1 and "git blob id" in r.stderr and not dest.exists()
+    assert not list(Path("data/hellaswag").glob("*.part"))
