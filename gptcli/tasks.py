@@ -225,7 +225,8 @@ def score_tokens(model, pairs: Sequence[tuple[list[int], list[int]]], device=Non
 
     from gptcli.model import unwrap
 
-    base = unwrap(getattr(model, "_orig_mod", model))
+    model = getattr(model, "_orig_mod", model)  # torch.compile'd: the eager module (no recompiles per row length)
+    base = unwrap(model)
     window = base.cfg.context_length
     device = device if device is not None else next(base.parameters()).device
     rows = []
@@ -325,6 +326,14 @@ def evaluate_task(model, task: Task, device=None, *, per_item: bool = False, bat
     if per_item:
         result["loglikelihoods"] = lls
     return result
+
+
+def tasks_due(t, step: int, last: bool) -> bool:
+    """Whether the evaluation at `step` scores train.eval_tasks: each one, or every train.eval_tasks_every
+    steps (evaluations fall at steps 1, 1 + eval_freq, ...; the last step's always scores)."""
+    if not t.eval_tasks:
+        return False
+    return t.eval_tasks_every is None or last or (step - 1) % t.eval_tasks_every == 0
 
 
 def tasks_from_config(specs: Sequence[dict[str, Any]]) -> list[Task]:

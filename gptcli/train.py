@@ -71,6 +71,7 @@ from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, 
 from gptcli.loss import cross_entropy
 from gptcli.perf import MfuMeter, peak_flops, set_host_memory
 from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
+from gptcli.tasks import evaluate_tasks, tasks_due, tasks_from_config
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
 RUN_MANIFEST = "run.json"
@@ -255,6 +256,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             restore_rng = None
 
     flops_token = flops_per_token(cfg.model)
+    eval_tasks = tasks_from_config(t.eval_tasks)  # read and checked before the first step
     mfu = _mfu_meter(t, device, events) if info.is_main else None
     metrics = report.MetricsLog(run_dir, resume_step=step) if info.is_main else None
     if info.is_main:
@@ -401,12 +403,14 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                     val_eval = evaluate_loss(scorer, val_loader, device, t.eval_iter, autocast, reduce)
                 if rng_before is not None:
                     _set_rng(rng_before, device, info, t.seed + step)
+                task_scores = evaluate_tasks(wrapped, eval_tasks, device, autocast=autocast) if tasks_due(t, step, step == total_steps) else {}
                 last_eval = {
                     "event": "eval", "step": step, "epoch": epoch_number, "epoch_progress": epoch_progress,
                     "tokens_seen": tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"],
                     "lr": lr, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                     **({"final": True} if final else {}),
                     **({"val_loss_by_source": by_source} if by_source else {}),
+                    **({"tasks": task_scores} if task_scores else {}),
                 }
                 if info.is_main:
                     metrics.write(last_eval)
@@ -442,6 +446,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     return {
         "run_dir": str(run_dir), "steps": step, "tokens_seen": tokens_seen, "epochs_completed": pos.epoch,
         "train_loss": last_eval.get("train_loss"), "val_loss": last_eval.get("val_loss"),
+        **({"tasks": last_eval["tasks"]} if "tasks" in last_eval else {}),
         "best_val_loss": best_val if math.isfinite(best_val) else None,
         "checkpoint": str(run_dir / step_dir_name(step)), "elapsed_s": elapsed,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,

@@ -263,3 +263,68 @@ def test_download_hellaswag_verifies_resumes_and_removes_a_bad_copy(cli, server,
     r = cli("download", "hellaswag", "--endpoint", server.url)
     assert r.exit_code == 1 and "git blob id" in r.stderr and not dest.exists()
     assert not list(Path("data/hellaswag").glob("*.part"))
+
+
+# ---------------------------------------------------------------- in training
+
+
+def tiny_run_config(verdict, tmp_path, with_tasks: bool, **extra):
+    from conftest import CONFIGS
+    from gptcli.config import load_config
+
+    data = write_jsonl(tmp_path / "train_task.jsonl", toy_items(8))
+    values = {"data.path": str(verdict), "train.device": "cpu", "train.max_steps": 7, "train.eval_freq": 2,
+              "train.save_every": 3, "train.sample_tokens": 0, "train.peak_flops": 1e12, **extra}
+    if with_tasks:
+        values["train.eval_tasks"] = [{"name": "choices", "data": str(data), "limit": 6}]
+    return load_config(CONFIGS / "tiny.yaml", values)
+
+
+def test_task_evaluation_does_not_change_book_exact_training(verdict, tmp_path):
+    """Dropout is on (tiny.yaml drop_rate 0.1): any random draw by the task evaluation would change the losses."""
+    from conftest import final_weights, run_losses
+    from gptcli.train import train
+
+    plain = train(tiny_run_config(verdict, tmp_path, False), tmp_path / "plain")
+    scored = train(tiny_run_config(verdict, tmp_path, True), tmp_path / "scored")
+    assert run_losses(tmp_path / "plain") == run_losses(tmp_path / "scored")
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "scored")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    evals = [json.loads(line) for line in (tmp_path / "scored" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert [e["step"] for e in evals] == [1, 3, 5, 7] and all(e["tasks"]["choices"]["items"] == 6 for e in evals)
+    assert "tasks" in scored and "tasks" not in plain  # --json of train carries the last scores
+
+
+def test_resumed_run_continues_the_same_task_series(verdict, tmp_path):
+    from conftest import keep_checkpoints_up_to
+    from gptcli.train import train
+
+    cfg = tiny_run_config(verdict, tmp_path, True)
+    train(cfg, tmp_path / "full")
+    resumed = keep_checkpoints_up_to(tmp_path / "full", tmp_path / "resumed", 3)
+    train(cfg, resumed, resume=True)
+
+    def series(run):
+        return [(e["step"], e["tasks"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if e["event"] == "eval"]
+
+    assert series(resumed) == series(tmp_path / "full") and len(series(resumed)) == 4
+
+
+def test_eval_tasks_cadence_and_bad_entries(verdict, tmp_path):
+    from gptcli.config import ConfigError
+    from gptcli.errors import InputError
+    from gptcli.train import train
+
+    cfg = tiny_run_config(verdict, tmp_path, True, **{"train.eval_tasks_every": 4})
+    train(cfg, tmp_path / "run")
+    evals = [e for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if e["event"] == "eval"]
+    assert [e["step"] for e in evals if "tasks" in e] == [1, 5, 7]  # every 4 steps, and the final weights
+    with pytest.raises(ConfigError, match="train.eval_tasks_every: must be a positive multiple of train.eval_freq"):
+        tiny_run_config(verdict, tmp_path, True, **{"train.eval_tasks_every": 3})
+    with pytest.raises(ConfigError, match=r"train.eval_tasks\[0\].limit"):
+        tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": [{"name": "choices", "limit": 0}]})
+    with pytest.raises(InputError, match=r"train.eval_tasks\[0\].name winogrande: unknown task; known: hellaswag"):
+        train(tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": ["winogrande"]}), tmp_path / "bad")
