@@ -483,13 +483,18 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 
 @app.command()
 @_handle_errors
-def plot(run: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")]) -> None:
+def plot(
+    run: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")],
+    baseline: Annotated[Optional[str], typer.Option(help="Draw this GPT-2 size's published figures (gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m) as horizontal lines.")] = None,
+) -> None:
     """Redraw losses.png and metrics.csv of a run from its metrics.jsonl."""
     from gptcli import report
+    from gptcli.tasks import baseline as load_baseline
 
+    figures = load_baseline(baseline) if baseline is not None else None
     if not (run / report.METRICS).is_file():
         raise InputError(f"{run}: no {report.METRICS} (not a run directory?)")
-    paths = report.render(run)
+    paths = report.render(run, figures)
     print(paths["plot"])
 
 

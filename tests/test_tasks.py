@@ -328,3 +328,36 @@ def test_eval_tasks_cadence_and_bad_entries(verdict, tmp_path):
         tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": [{"name": "choices", "limit": 0}]})
     with pytest.raises(InputError, match=r"train.eval_tasks\[0\].name winogrande: unknown task; known: hellaswag"):
         train(tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": ["winogrande"]}), tmp_path / "bad")
+
+
+def test_plot_draws_the_task_panel_and_baseline_lines(tmp_path, monkeypatch):
+    from gptcli import report
+    from gptcli.tasks import baseline
+
+    drawn = []
+
+    def record(self, y=0, *args, **kwargs):
+        drawn.append((round(y, 6), kwargs.get("label")))
+
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", record)
+    events = [{"event": "eval", "step": s, "epoch": 1, "tokens_seen": 100 * s, "train_loss": 5.0, "val_loss": 5.5,
+               "tasks": {"hellaswag": {"acc": 0.25, "acc_norm": 0.26 + s / 100, "items": 10}}} for s in (1, 3)]
+    b = baseline("gpt2-124m")
+    report.plot_losses(events, tmp_path / "p.png", b, corpus_sha256="not llm.c's data")
+    assert drawn == [(0.3114, "OpenAI GPT-2 124M (lm-eval hellaswag 0-shot)")]  # no loss line: other data
+    drawn.clear()
+    measured_on = {**b, "val_loss": {**b["val_loss"], "data_sha256": "abc"}}
+    report.plot_losses(events, tmp_path / "p.png", measured_on, corpus_sha256="abc")
+    assert (3.424958, "OpenAI GPT-2 124M val loss") in drawn
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_plot_baseline_flag_names_unknown_sizes(cli, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    r = cli("plot", tmp_path / "run", "--baseline", "gpt2-9m")
+    assert r.exit_code == 2 and "--baseline gpt2-9m: unknown; known: gpt2-124m" in r.stderr
+    r = cli("plot", tmp_path / "run", "--baseline", "gpt2-124m")
+    assert r.exit_code == 0, r.stderr
