@@ -361,3 +361,28 @@ def test_plot_baseline_flag_names_unknown_sizes(cli, tmp_path):
     assert r.exit_code == 2 and "--baseline gpt2-9m: unknown; known: gpt2-124m" in r.stderr
     r = cli("plot", tmp_path / "run", "--baseline", "gpt2-124m")
     assert r.exit_code == 0, r.stderr
+
+
+def test_harness_task_from_our_cli_gives_the_task_numbers(cli, toy_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = harness_task(tmp_path, toy_items(12))
+    r = cli("eval", toy_ckpt, "--harness-task", "gptcli_toy", "--harness-tasks-dir", folder,
+            "--task", "choices", "--task-data", tmp_path / "toy.jsonl", "--json")
+    assert r.exit_code == 0, r.stderr
+    got = json.loads(r.stdout)["tasks"]
+    assert got["gptcli_toy"]["acc"] == got["choices"]["acc"] and got["gptcli_toy"]["acc_norm"] == got["choices"]["acc_norm"]
+    assert got["gptcli_toy"]["items"] == 12
+    r = cli("eval", toy_ckpt, "--harness-task", "no_such_task", "--harness-tasks-dir", folder)
+    assert r.exit_code == 2 and "--harness-task no_such_task: not an lm-eval task" in r.stderr
+
+
+def test_harness_without_the_extra_names_the_pip_command(cli, toy_ckpt, monkeypatch):
+    import sys
+
+    import gptcli
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now fails as if not installed
+    monkeypatch.delitem(sys.modules, "gptcli.harness", raising=False)
+    monkeypatch.delattr(gptcli, "harness", raising=False)  # `from gptcli import harness` looks here first
+    r = cli("eval", toy_ckpt, "--harness-task", "hellaswag")
+    assert r.exit_code == 2 and "pip install 'gptcli[eval]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
