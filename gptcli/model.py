@@ -235,6 +235,7 @@ class GPTModel(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); (B, 1, vocab_size) with `last_only`.
 
@@ -247,6 +248,8 @@ class GPTModel(nn.Module):
             kv_cache: keys/values of earlier positions; advanced by T on return.
             last_only: compute the logits of the last position only (generation). The
                 output head is a C x V matmul per position, the largest in the model.
+            select: (B, K) positions whose logits to compute, (B, K, vocab_size) out
+                (task scoring needs only the continuation's).
         """
         b, t = idx.shape
         if positions is None:
@@ -264,6 +267,8 @@ class GPTModel(nn.Module):
             kv_cache.pos += t
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        if select is not None:
+            x = x.gather(1, select[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         x = self.final_norm(x)
         logits = self.out_head(x)  # (B, T, padded V)
         if logits.shape[-1] != self.cfg.vocab_size:

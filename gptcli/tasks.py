@@ -246,18 +246,25 @@ def score_tokens(model, pairs: Sequence[tuple[list[int], list[int]]], device=Non
                 width = len(rows[start][1])
                 n = max(1, min(len(rows) - start, batch_tokens // max(width, 1)))
                 batch = rows[start:start + n]
+                k = max(len(cont) for _, _, cont in batch)
                 x = torch.zeros((n, width), dtype=torch.long)
-                for j, (_, inp, _) in enumerate(batch):
+                at = torch.zeros((n, k), dtype=torch.long)  # the positions that predict each continuation token
+                target = torch.zeros((n, k), dtype=torch.long)
+                mask = torch.zeros((n, k), dtype=torch.bool)
+                for j, (_, inp, cont) in enumerate(batch):
                     x[j, :len(inp)] = torch.tensor(inp)
+                    at[j, :len(cont)] = torch.arange(len(inp) - len(cont), len(inp))
+                    target[j, :len(cont)] = torch.tensor(cont)
+                    mask[j, :len(cont)] = True
                 with (autocast() if autocast is not None else contextlib.nullcontext()):
-                    logits = model(x.to(device))  # (n, width, V)
-                for j, (i, inp, cont) in enumerate(batch):
-                    end = len(inp)
-                    logp = logits[j, end - len(cont):end].float().log_softmax(-1)  # (len(cont), V)
-                    target = torch.tensor(cont, device=logp.device)
-                    ll = logp.gather(-1, target[:, None]).sum().item()
-                    greedy = bool((logp.argmax(-1) == target).all())
-                    out[i] = (ll, greedy)
+                    # logits at the continuation's positions only: the C x V head is most of a small model's cost
+                    logits = model(x.to(device), select=at.to(device))  # (n, k, V)
+                logp = logits.float().log_softmax(-1)
+                target, mask = target.to(logp.device), mask.to(logp.device)
+                picked = logp.gather(-1, target[..., None])[..., 0].masked_fill(~mask, 0.0)  # (n, k)
+                greedy = ((logp.argmax(-1) == target) | ~mask).all(-1)
+                for j, (i, _, _) in enumerate(batch):
+                    out[i] = (picked[j].sum().item(), bool(greedy[j]))
                 start += n
     finally:
         model.train(was_training)
