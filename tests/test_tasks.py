@@ -386,3 +386,36 @@ def test_harness_without_the_extra_names_the_pip_command(cli, toy_ckpt, monkeypa
     monkeypatch.delattr(gptcli, "harness", raising=False)  # `from gptcli import harness` looks here first
     r = cli("eval", toy_ckpt, "--harness-task", "hellaswag")
     assert r.exit_code == 2 and "pip install 'gptcli[eval]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_adapter_rolling_loglikelihood_and_greedy_generation(toy_ckpt):
+    from lm_eval.api.instance import Instance
+
+    from gptcli.generate import generate
+    from gptcli.harness import GptcliLM
+    from gptcli.tokenizer import END_OF_TEXT_ID, decode
+
+    lm = GptcliLM(checkpoint=str(toy_ckpt), device="cpu")
+    text = "The quick brown fox jumps over the lazy dog. " * 3  # 30 tokens: one window of the 64-token model
+    long_text = text * 4  # past the window: lm-eval's disjoint rolling windows
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    for t in (text, long_text):
+        (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0)])
+        windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=encode(t), prefix_token=END_OF_TEXT_ID, max_seq_len=64, context_len=1)]
+        assert len(windows) == (1 if t is text else 2)
+        expected = 0.0
+        with torch.no_grad():  # by hand: each window's predicted tokens given what precedes them in it
+            for ctx, pred in windows:
+                ids = ctx + pred
+                logp = torch.log_softmax(lm.model(torch.tensor([ids[:-1]]))[0].double(), -1)
+                expected += sum(logp[p - 1, ids[p]].item() for p in range(len(ctx), len(ids)))
+        # float32 forward passes summed over up to 120 tokens vs a float64 log-softmax: rounding only
+        assert got == pytest.approx(expected, abs=1e-3)
+    (out,) = lm.generate_until([Instance("generate_until", {}, ("Once upon a time", {"until": ["zzz"], "max_gen_toks": 12}), 0)])
+    (ids,) = generate(lm.model, [encode("Once upon a time")], 12, temperature=0.0, eos_id=END_OF_TEXT_ID)
+    assert out == decode(ids)
+    stop = decode(ids)[3:6]
+    (cut,) = lm.generate_until([Instance("generate_until", {}, ("Once upon a time", {"until": [stop], "max_gen_toks": 12}), 0)])
+    assert cut == decode(ids)[:decode(ids).index(stop)]
