@@ -379,6 +379,9 @@ def _anchor_paths(values: dict[str, dict[str, Any]], folder: Path | None) -> Non
         section, _, key = dotted.partition(".")
         if key in (values.get(section) or {}):
             values[section][key] = map_paths(values[section][key], anchor)
+    for entry in (values.get("train") or {}).get("eval_tasks") or []:  # train.eval_tasks[i].data, like data.path
+        if isinstance(entry, dict) and isinstance(entry.get("data"), str):
+            entry["data"] = anchor(entry["data"])
 
 
 def _checked(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:

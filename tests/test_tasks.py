@@ -419,3 +419,14 @@ def test_adapter_rolling_loglikelihood_and_greedy_generation(toy_ckpt):
     stop = decode(ids)[3:6]
     (cut,) = lm.generate_until([Instance("generate_until", {}, ("Once upon a time", {"until": [stop], "max_gen_toks": 12}), 0)])
     assert cut == decode(ids)[:decode(ids).index(stop)]
+
+
+def test_eval_task_data_in_a_config_file_is_relative_to_that_file(tmp_path):
+    from gptcli.config import load_config
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "c.yaml").write_text("train:\n  eval_tasks:\n    - hellaswag\n"
+                                             "    - {name: choices, data: mine.jsonl, limit: 5}\n")
+    cfg = load_config(tmp_path / "cfg" / "c.yaml")
+    assert cfg.train.eval_tasks == [{"name": "hellaswag", "data": None, "limit": None},
+                                    {"name": "choices", "data": str(tmp_path / "cfg" / "mine.jsonl"), "limit": 5}]
