@@ -429,13 +429,18 @@ def _without_option(args: list[str], option: str) -> list[str]:
 
 @app.command()
 @_handle_errors
-def plot(run: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")]) -> None:
+def plot(
+    run: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")],
+    baseline: Annotated[Optional[str], typer.Option(help="Draw this GPT-2 size's published figures (gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m) as horizontal lines.")] = None,
+) -> None:
     """Redraw losses.png and metrics.csv of a run from its metrics.jsonl."""
     from gptcli import report
+    from gptcli.tasks import baseline as load_baseline
 
+    figures = load_baseline(baseline) if baseline is not None else None
     if not (run / report.METRICS).is_file():
         raise InputError(f"{run}: no {report.METRICS} (not a run directory?)")
-    paths = report.render(run)
+    paths = report.render(run, figures)
     print(paths["plot"])
 
 
@@ -598,6 +603,12 @@ def eval_(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     sets: SetOpt = None,
+    task: Annotated[Optional[str], typer.Option(help="Multiple-choice task instead of loss: hellaswag, or choices (your JSON Lines: context, choices, answer).")] = None,
+    task_data: Annotated[Optional[Path], typer.Option(help="The task's JSON Lines file (default for hellaswag: data/hellaswag/hellaswag_val.jsonl).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N items of the task.")] = None,
+    per_item: Annotated[bool, typer.Option("--per-item", help="With --task --json: each choice's log-likelihood.")] = False,
+    harness_task: Annotated[Optional[list[str]], typer.Option(help="Run this lm-evaluation-harness task on the model (repeatable; needs pip install 'gptcli[eval]').")] = None,
+    harness_tasks_dir: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAML files for --harness-task.", exists=True, file_okay=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
@@ -606,6 +617,11 @@ def eval_(
 
     checkpoint = _eval_checkpoint(checkpoint_arg, checkpoint)
     files = [str(p) for p in data or []]
+    if task or harness_task or task_data or limit is not None or per_item or harness_tasks_dir:
+        refused = {"--data": files, "--val/--no-val": val is not None, "--all": all_checkpoints, "--text": text,
+                   "--eval-iter": eval_iter, "--batch-size": batch_size}
+        return _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, per_item, harness_task,
+                           harness_tasks_dir, json_out, [k for k, v in refused.items() if v])
     _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets)
     if all_checkpoints:
         run, notes = run_or_newest(checkpoint, CHECKPOINTS_ROOT)
@@ -649,6 +665,48 @@ def _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, se
     if all_checkpoints and (config is not None or sets):
         raise InputError(f"--all and {'--config' if config is not None else '--set'}: --all evaluates each "
                          "checkpoint with its own saved config")
+
+
+def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, per_item, harness_task,
+                harness_tasks_dir, json_out, refused) -> None:
+    """gptcli eval --task / --harness-task: accuracy of multiple-choice tasks, GPT-2's figures beside."""
+    from gptcli import tasks as tk
+
+    if refused:
+        raise InputError(f"{refused[0]}: does not apply to --task/--harness-task (they score tasks, not loss)")
+    if not task and not harness_task:
+        raise InputError("--task-data/--limit/--per-item/--harness-tasks-dir: need --task NAME or --harness-task NAME")
+    if (task_data or per_item) and not task:
+        raise InputError(f"{'--task-data' if task_data else '--per-item'}: needs --task NAME")
+    if harness_tasks_dir and not harness_task:
+        raise InputError("--harness-tasks-dir: needs --harness-task NAME")
+    loaded = tk.load_task(task, task_data, limit) if task else None  # bad input fails before the model loads
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be at least 1")
+    if harness_task:
+        from gptcli import harness  # InputError naming pip install 'gptcli[eval]' without the extra
+    from gptcli.resolve import build_model, resolve_model
+
+    plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    model, where = build_model(plan, seed)
+    _notes(plan.notes)
+    results = {}
+    if loaded is not None:
+        results[task] = tk.evaluate_task(model, loaded, per_item=per_item)
+    if harness_task:
+        results.update(harness.run_harness(model, harness_task, harness_tasks_dir, limit))
+    if json_out:
+        _print_json({"model": where, "tasks": results})
+        return
+    for name, r in results.items():
+        print(f"{name}: acc {_with_stderr(r, 'acc')} · acc_norm {_with_stderr(r, 'acc_norm')} · {r.get('items')} items")
+        for b in (r.get("baseline") or {}).values():
+            print(f"  {b['model']} ({b['method']}, {b['items']} items): acc {b['acc']:.4f} · acc_norm {b['acc_norm']:.4f}")
+
+
+def _with_stderr(r: dict[str, Any], metric: str) -> str:
+    se = r.get(f"{metric}_stderr")
+    return _fmt(r.get(metric)) + (f" ± {se:.4f}" if isinstance(se, float) else "")
 
 
 _HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}
@@ -721,17 +779,19 @@ class ExportFormat(str, Enum):
 @app.command("download")
 @_handle_errors
 def download_(
-    name: Annotated[str, typer.Argument(help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl (124M to 1558M).")],
+    name: Annotated[str, typer.Argument(help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl (124M to 1558M); hellaswag: the task's validation file.")],
     source: Annotated[WeightSource, typer.Option(help="hf: the Hugging Face hub; openai: OpenAI's TensorFlow files.")] = WeightSource.hf,
-    out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/NAME).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/NAME; hellaswag: data/hellaswag).")] = None,
     revision: Annotated[str, typer.Option(help="Hub branch, tag or commit (--source hf).")] = "main",
     endpoint: Annotated[Optional[str], typer.Option(help="Base URL of a mirror (default: $HF_ENDPOINT or the hub; OpenAI's storage).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Download and convert again into an existing directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Download OpenAI's GPT-2 weights, verify them and convert them into a gptcli checkpoint."""
+    """Download OpenAI's GPT-2 weights, verify them and convert them into a gptcli checkpoint (or: hellaswag, the task's validation file)."""
     from gptcli.hub import download_pretrained
 
+    if name == "hellaswag":
+        return _download_hellaswag(source, out, revision, endpoint, overwrite, json_out)
     with Renderer() as renderer:
         result = download_pretrained(name, out or PRETRAINED_ROOT / name, source=source.value, revision=revision,
                                      endpoint=endpoint, overwrite=overwrite, progress=download_progress(renderer))
@@ -741,6 +801,19 @@ def download_(
         _print_json(result)
     else:
         print(result["checkpoint"])
+
+
+def _download_hellaswag(source, out, revision, endpoint, overwrite, json_out) -> None:
+    from gptcli.tasks import download_hellaswag
+
+    if source != WeightSource.hf or revision != "main" or overwrite:
+        flag = "--source" if source != WeightSource.hf else "--revision" if revision != "main" else "--overwrite"
+        raise InputError(f"{flag}: does not apply to hellaswag (one pinned, verified file; a bad copy is fetched again)")
+    with Renderer() as renderer:
+        result = download_hellaswag(out, endpoint=endpoint, progress=download_progress(renderer))
+    if not result["downloaded"]:
+        _err(f"{result['path']}: already downloaded and verified")
+    _print_json(result) if json_out else print(result["path"])
 
 
 @app.command("import")

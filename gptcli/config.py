@@ -181,9 +181,17 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; None = measured and cached
     tf32: Optional[bool] = None  # TF32 matmuls on CUDA, for this run only; None = on with model.impl fused
     distributed: Literal["ddp", "fsdp"] = "ddp"  # wrapper when launched with torchrun
+    # Multiple-choice tasks scored at evaluations (accuracy in metrics.jsonl): task names (hellaswag,
+    # choices) or mappings {name, data: JSON Lines file, limit: first N items}; [] = none.
+    eval_tasks: Any = field(default_factory=list)
+    eval_tasks_every: Optional[int] = None  # score eval_tasks every this many steps (a multiple of eval_freq); None = at each evaluation
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "train.seed")
+        self.eval_tasks = _eval_task_specs(self.eval_tasks)
+        if self.eval_tasks_every is not None and (self.eval_tasks_every <= 0 or self.eval_tasks_every % self.eval_freq):
+            raise ConfigError(f"train.eval_tasks_every: must be a positive multiple of train.eval_freq ({self.eval_freq}) "
+                              f"or null, got {self.eval_tasks_every}")
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "eval_freq", "log_freq", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
@@ -239,6 +247,28 @@ def _check_muon(muon: dict, optimizer: str) -> None:
             raise ConfigError(f"train.muon.{key}: must not be negative, got {muon[key]}")
     if muon.get("adjust_lr_fn", "original") not in ("original", "match_rms_adamw"):
         raise ConfigError(f"train.muon.adjust_lr_fn: must be original or match_rms_adamw, got {muon['adjust_lr_fn']!r}")
+
+
+def _eval_task_specs(value: Any) -> list[dict[str, Any]]:
+    """train.eval_tasks as [{name, data, limit}]; the names and files are checked when a run starts (tasks.py)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"train.eval_tasks: expected a list of task names or {{name, data, limit}}, got {value!r}")
+    specs = []
+    for i, entry in enumerate(value):
+        key = f"train.eval_tasks[{i}]"
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{key}: expected a task name or a mapping with name, got {entry!r}")
+        unknown = set(entry) - {"name", "data", "limit"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (valid: data, limit, name)")
+        data, limit = entry.get("data"), entry.get("limit")
+        if data is not None and not isinstance(data, str):
+            raise ConfigError(f"{key}.data: expected a path, got {data!r}")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ConfigError(f"{key}.limit: must be a positive integer or null, got {limit!r}")
+        specs.append({"name": entry["name"], "data": data, "limit": limit})
+    return specs
 
 
 @dataclass
@@ -434,6 +464,9 @@ def _anchor_paths(values: dict[str, dict[str, Any]], folder: Path | None) -> Non
         section, _, key = dotted.partition(".")
         if key in (values.get(section) or {}):
             values[section][key] = map_paths(values[section][key], anchor)
+    for entry in (values.get("train") or {}).get("eval_tasks") or []:  # train.eval_tasks[i].data, like data.path
+        if isinstance(entry, dict) and isinstance(entry.get("data"), str):
+            entry["data"] = anchor(entry["data"])
 
 
 def _checked(data: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:

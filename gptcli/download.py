@@ -8,6 +8,7 @@ is deleted, so nothing unverified is ever used.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import urllib.error
@@ -22,6 +23,15 @@ Progress = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or N
 CHUNK = 1 << 20
 
 
+def git_blob_sha1_file(path: Path) -> str:
+    """The id git gives the file's bytes: sha1 of "blob <size>\\0" + content (how a repository records a file)."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def download(
     url: str,
     dest: Path,
@@ -30,6 +40,7 @@ def download(
     size: int | None = None,
     progress: Progress | None = None,
     timeout: float = 30.0,
+    git_blob_sha1: str | None = None,
 ) -> Path:
     """Download `url` to `dest`, resuming `dest`.part, verifying, then renaming into place.
 
@@ -43,6 +54,7 @@ def download(
         size: expected size in bytes, or None.
         progress: called with (bytes done, total) as data arrives.
         timeout: seconds to wait for the server at connect and between reads.
+        git_blob_sha1: expected git blob id (for files a git repository serves), or None.
 
     Raises:
         RunError: the server cannot be reached or answers with an error, the
@@ -52,7 +64,7 @@ def download(
     created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _download(url, dest, sha256, size, progress, timeout)
+        return _download(url, dest, sha256, size, progress, timeout, git_blob_sha1)
     except BaseException:
         for folder in created:  # a failed download leaves no empty folder it made
             try:
@@ -63,8 +75,9 @@ def download(
 
 
 def _download(url: str, dest: Path, sha256: str | None, size: int | None, progress: Progress | None,
-              timeout: float) -> Path:
-    if (sha256 is not None or size is not None) and dest.is_file() and _matches(dest, sha256, size):
+              timeout: float, git_blob_sha1: str | None = None) -> Path:
+    if ((sha256 is not None or size is not None or git_blob_sha1 is not None) and dest.is_file()
+            and _matches(dest, sha256, size, git_blob_sha1)):
         if progress is not None:
             progress(dest.stat().st_size, dest.stat().st_size)
         return dest
@@ -90,6 +103,10 @@ def _download(url: str, dest: Path, sha256: str | None, size: int | None, progre
             raise RunError(
                 f"download {url}: sha256 {digest} does not match the expected {sha256.lower()}; the file was removed"
             )
+    if git_blob_sha1 is not None and (digest := git_blob_sha1_file(part)) != git_blob_sha1.lower():
+        part.unlink()
+        raise RunError(f"download {url}: git blob id {digest} does not match the expected "
+                       f"{git_blob_sha1.lower()}; the file was removed")
     if progress is not None:
         progress(part.stat().st_size, total)
     os.replace(part, dest)
@@ -139,8 +156,10 @@ def _open(request: urllib.request.Request, timeout: float, handler: urllib.reque
         raise RunError(f"download {request.full_url}: cannot connect ({reason}); offline?") from None
 
 
-def _matches(path: Path, sha256: str | None, size: int | None) -> bool:
+def _matches(path: Path, sha256: str | None, size: int | None, git_blob_sha1: str | None = None) -> bool:
     if size is not None and path.stat().st_size != size:
+        return False
+    if git_blob_sha1 is not None and git_blob_sha1_file(path) != git_blob_sha1.lower():
         return False
     return sha256 is None or sha256_file(path) == sha256.lower()
 

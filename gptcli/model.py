@@ -265,6 +265,7 @@ class GPTModel(nn.Module):
         kv_cache: KVCache | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); (B, 1, vocab_size) with `last_only`.
 
@@ -280,6 +281,8 @@ class GPTModel(nn.Module):
             return_hidden: return the final norm's output (B, T, C) instead, the input of
                 ``out_head``: training computes the head with its loss in slices
                 (``loss.chunked_cross_entropy``), never holding the (B, T, V) logits.
+            select: (B, K) positions whose logits to compute, (B, K, vocab_size) out
+                (task scoring needs only the continuation's).
         """
         b, t = idx.shape
         if positions is None:
@@ -297,6 +300,8 @@ class GPTModel(nn.Module):
             kv_cache.pos += t
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        if select is not None:
+            x = x.gather(1, select[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         x = self.final_norm(x)
         if return_hidden:
             return x

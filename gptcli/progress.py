@@ -181,8 +181,9 @@ class TrainProgress(_Closing):
         # The book's line; its step counter starts at 0 for the first optimizer step. The book
         # has no evaluation of the final weights: that line says "End" instead of "Ep N".
         where = f"End (Ep {r['epoch']}, " if r.get("final") else f"Ep {r['epoch']} ("
+        tasks = "".join(f", {name} acc {t['acc']:.3f} acc_norm {t['acc_norm']:.3f}" for name, t in r.get("tasks", {}).items())
         self.r.line(f"{where}Step {r['step'] - 1:06d}): "
-                    f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}")
+                    f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}{tasks}")
 
     def sample(self, epoch: int, text: str) -> None:
         self.r.line(text)

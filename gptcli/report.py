@@ -134,11 +134,15 @@ class LiveReport:
         self._stale = False
 
 
-def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
+def plot_losses(events: list[dict[str, Any]], path: Path, baseline: dict[str, Any] | None = None,
+                corpus_sha256: str | None = None) -> None:
     """The book's plot: training and validation loss against epochs, with a tokens-seen axis.
 
     Epochs are fractional (epoch index + fraction of the epoch done) so evaluations
-    inside an epoch land where they happened.
+    inside an epoch land where they happened. Evaluations that scored tasks add a
+    second panel: accuracy against tokens seen. A `baseline` (one size of
+    gptcli/baselines.json) draws its figures as labelled horizontal lines; its loss
+    only where `corpus_sha256` is the data it was measured on.
     """
     import matplotlib
 
@@ -151,9 +155,16 @@ def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
     tokens = [e.get("tokens_seen", 0) for e in evals]
     train = [_finite(e.get("train_loss")) for e in evals]
     val = [_finite(e.get("val_loss")) for e in evals]
-    fig, ax1 = plt.subplots(figsize=(5, 3))
+    scored = [e for e in evals if e.get("tasks")]
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(10 if scored else 5, 3), squeeze=False)
+    ax1 = axes[0][0]
     ax1.plot(epochs, train, label="Training loss")
     ax1.plot(epochs, val, linestyle="-.", label="Validation loss")
+    loss_line = (baseline or {}).get("val_loss") or {}
+    if loss_line.get("data_sha256") and loss_line["data_sha256"] == corpus_sha256:
+        ax1.axhline(loss_line["value"], color="r", linestyle="--", label=f"{baseline['model']} val loss")
+    if scored:
+        _plot_tasks(axes[0][1], scored, baseline)
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")
@@ -168,11 +179,30 @@ def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def render(run_dir: Path) -> dict[str, Path]:
-    """Redraw metrics.csv and losses.png of a run from its metrics.jsonl."""
+def _plot_tasks(ax, scored: list[dict[str, Any]], baseline: dict[str, Any] | None) -> None:
+    """Second panel: each task's acc_norm against tokens seen, and the baseline's figure for it."""
+    for name in sorted({n for e in scored for n in e["tasks"]}):
+        points = [(e.get("tokens_seen", 0), e["tasks"][name]["acc_norm"]) for e in scored if name in e["tasks"]]
+        ax.plot(*zip(*points), marker=".", label=f"{name} acc_norm")
+        line = ((baseline or {}).get("tasks") or {}).get(name)
+        if line:
+            ax.axhline(line["acc_norm"], color="r", linestyle="--", label=f"{baseline['model']} ({line['method']})")
+    ax.set_xlabel("Tokens seen")
+    ax.set_ylabel("Accuracy")
+    ax.legend(loc="lower right", fontsize="small")
+
+
+def render(run_dir: Path, baseline: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Redraw metrics.csv and losses.png of a run from its metrics.jsonl (with `baseline`'s lines, if given)."""
     events = read_metrics(run_dir / METRICS)
     write_csv(events, run_dir / CSV)
-    plot_losses(events, run_dir / PLOT)
+    corpus = None
+    if baseline is not None and (run_dir / "run.json").is_file():
+        try:
+            corpus = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("corpus", {}).get("sha256")
+        except (OSError, ValueError):
+            corpus = None
+    plot_losses(events, run_dir / PLOT, baseline, corpus)
     return {"metrics": run_dir / METRICS, "csv": run_dir / CSV, "plot": run_dir / PLOT}
 
 

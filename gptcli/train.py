@@ -74,6 +74,7 @@ from gptcli.optim import build_optimizer, full_optimizer_states, load_optimizer_
 from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
 from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, write_run_manifest
+from gptcli.tasks import evaluate_tasks, tasks_due, tasks_from_config
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
 
@@ -174,6 +175,7 @@ class _Run:
     reduce: Callable[[list[float]], list[float]] | None  # sum over processes, None with one
     guard: "_NonFiniteGuard"
     scaler: LossScaler  # fp16: gradient scaling; otherwise a pass-through
+    eval_tasks: list  # train.eval_tasks, read and checked before the first step (tasks.py)
     precision: str  # train.precision as resolved for this device (auto chosen)
 
 
@@ -376,7 +378,8 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
                 total_steps=_total_steps(t, per_epoch, global_batch * cfg.model.context_length),
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
-                guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision)
+                guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision,
+                eval_tasks=tasks_from_config(t.eval_tasks))
 
 
 def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:
@@ -455,10 +458,14 @@ def evaluate(run: _Run, state: TrainState, metrics: Metrics, lr: float, final: b
         val_eval = evaluate_loss(run.scorer, run.val_loader, run.device, t.eval_iter, run.autocast, run.reduce)
     if rng_before is not None:
         _set_rng(rng_before, run.device, run.info, t.seed + state.step)
+    # Multiple-choice accuracy (train.eval_tasks): eval mode, no RNG draws, so training is unchanged.
+    task_scores = (evaluate_tasks(run.wrapped, run.eval_tasks, run.device, autocast=run.autocast)
+                   if tasks_due(t, state.step, state.step == run.total_steps) else {})
     fields = {
         "step": state.step, "epoch": state.epoch_number, "epoch_progress": state.epoch_progress,
         "tokens_seen": state.tokens_seen, "train_loss": train_eval["loss"], "val_loss": val_eval["loss"], "lr": lr,
         **({"final": True} if final else {}), **({"val_loss_by_source": by_source} if by_source else {}),
+        **({"tasks": task_scores} if task_scores else {}),
     }
     if run.info.is_main:
         state.last_eval = metrics.eval_record(**fields)
@@ -666,6 +673,7 @@ def _summary(run: _Run, state: TrainState, elapsed: float) -> dict[str, Any]:
         "run_dir": str(run.run_dir), "steps": state.step, "tokens_seen": state.tokens_seen,
         "epochs_completed": state.position.epoch, "train_loss": state.last_eval.get("train_loss"),
         "val_loss": state.last_eval.get("val_loss"),
+        **({"tasks": state.last_eval["tasks"]} if "tasks" in state.last_eval else {}),
         "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
         "checkpoint": str(run.run_dir / step_dir_name(state.step)), "elapsed_s": elapsed,
         "tokens_per_s": state.tokens_seen / elapsed if elapsed > 0 else None,
