@@ -123,6 +123,9 @@ def _mixture_entry(entry: Any, i: int) -> dict[str, Any]:
     return {"path": path, "weight": weight}
 
 
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # train.loggers: the trackers gptcli/loggers.py feeds
+
+
 @dataclass
 class TrainConfig:
     # Defaults are the book's chapter-5 run (train_model_simple with AdamW).
@@ -163,6 +166,9 @@ class TrainConfig:
     host_memory: Literal["default", "return", "retain"] = "default"
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; None = measured and cached
     distributed: Literal["ddp", "fsdp"] = "ddp"  # wrapper when launched with torchrun
+    # Experiment trackers fed beside metrics.jsonl (rank 0): any of tensorboard, wandb, mlflow (loggers.py).
+    loggers: Any = field(default_factory=list)
+    logger_timeout: float = 60.0  # seconds one tracker call may take before that tracker is dropped
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "train.seed")
@@ -189,6 +195,13 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip: must be positive or null, got {self.grad_clip}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"train.peak_flops: must be positive or null, got {self.peak_flops}")
+        if self.logger_timeout <= 0:
+            raise ConfigError(f"train.logger_timeout: must be positive, got {self.logger_timeout}")
+        if not isinstance(self.loggers, list) or not all(isinstance(n, str) and n in LOGGERS for n in self.loggers):
+            raise ConfigError(f"train.loggers: expected a list of {', '.join(LOGGERS)} (e.g. [tensorboard, wandb]), "
+                              f"got {self.loggers!r}")
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers: {self.loggers!r} names a logger twice")
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from gptcli import report
+from gptcli import loggers, report
 from gptcli.checkpoint import (
     Checkpoint,
     clean_temporaries,
@@ -171,16 +171,20 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     if ckpt is not None:
         _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
     lock = _on_main(info, lambda: _prepare_run_dir(run_dir, resume, overwrite))
+    # Experiment trackers (rank 0): closed however the loop ends, so a resume continues their runs.
+    trackers = loggers.Trackers(t.loggers if info.is_main else [], run_dir, t.logger_timeout, events.warn, ckpt is not None)
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
-        return _loop(cfg, run_dir, splits, ckpt, init_weights, events, device, info)
+        return _loop(cfg, run_dir, splits, ckpt, init_weights, events, device, info, trackers)
     finally:
+        trackers.close()
         if lock is not None:
             lock.close()
 
 
-def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, init_weights, events, device, info):
+def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, init_weights, events, device, info,
+          trackers: loggers.Trackers):
     t = cfg.train
     # Book order: seed, build the model (init draws), move it, then the optimizer.
     torch.manual_seed(t.seed)
@@ -258,7 +262,8 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
     mfu = _mfu_meter(t, device, events) if info.is_main else None
     metrics = report.MetricsLog(run_dir, resume_step=step) if info.is_main else None
     if info.is_main:
-        _write_run_manifest(run_dir, cfg, splits, device, info, resumed_at=step if ckpt else None)
+        manifest = _write_run_manifest(run_dir, cfg, splits, device, info, resumed_at=step if ckpt else None)
+        trackers.start(cfg.to_dict(), manifest, step)
     events.start({
         "run_dir": str(run_dir), "total_steps": total_steps, "step": step, "epochs": t.num_epochs,
         "steps_per_epoch": math.ceil(per_epoch / t.grad_accum_steps), "device": str(device),
@@ -383,6 +388,7 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                     "elapsed_s": elapsed_before + now - t_start,
                 }
                 metrics.write(record)
+                trackers.write(record)
                 events.log(record)
                 t_log, tokens_at_log = now, tokens_seen
             # ---- evaluate (the book: after the first step and every eval_freq steps; we also
@@ -410,8 +416,10 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
                 }
                 if info.is_main:
                     metrics.write(last_eval)
+                    trackers.write(last_eval)
                     events.eval(last_eval)
                     report.render(run_dir)
+                    trackers.image("losses", run_dir / report.PLOT)
                 if math.isfinite(val_eval["loss"]) and val_eval["loss"] < best_val:
                     best_val, best_at[0] = val_eval["loss"], step
                     if not (step == total_steps or (t.save_every and step % t.save_every == 0)):
@@ -419,7 +427,8 @@ def _loop(cfg: Config, run_dir: Path, splits: Splits, ckpt: Checkpoint | None, i
             # ---- a greedy sample after each epoch, as the book prints
             for epoch in finished_epochs:
                 if t.sample_tokens > 0:
-                    events.sample(epoch + 1, _sample(model, cfg, t.start_context, t.sample_tokens))
+                    events.sample(epoch + 1, text := _sample(model, cfg, t.start_context, t.sample_tokens))
+                    trackers.text("samples", text)
             finished_epochs.clear()
             model.train()
             # ---- checkpoint and stop checks
@@ -740,6 +749,7 @@ def _write_run_manifest(run_dir: Path, cfg: Config, splits: Splits, device, info
     tmp = path.with_name(f".tmp-run-{os.getpid()}.json")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+    return manifest
 
 
 def _git_commit() -> str | None:
