@@ -37,6 +37,7 @@ from gptcli.errors import first_line
 STATE_FILE = "loggers.json"  # tracker ids of this run (see resolve.RUN_FILES)
 DIRS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # RUN/<dir> each tracker writes
 QUEUE_SIZE = 1000  # calls a tracker may lag behind before the loop waits (at most train.logger_timeout)
+BATCH = 50  # metrics records at most in one tracker call (MLflow takes 1000 values per batch)
 PROJECT = "gptcli"  # W&B project / MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
 
 
@@ -225,9 +226,22 @@ class _Worker:
             self._thread.join(0.05)
 
     def _run(self) -> None:
-        tracker = None
+        tracker, pending = None, None
         while True:
-            method, args = self._queue.get()
+            method, args = pending or self._queue.get()
+            pending = None
+            if method == "metrics":  # records that queued up while the tracker was busy go in one call
+                points = [args]
+                while len(points) < BATCH and pending is None:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item[0] == "metrics":
+                        points.append(item[1])
+                    else:
+                        pending = item
+                args = (points,)
             self._busy = (method, time.monotonic())
             try:
                 if method == "open":
@@ -251,7 +265,7 @@ def _describe(name: str, e: BaseException) -> str:
 
 # ---------------------------------------------------------------- the trackers
 # Each opens in __init__(run_dir, saved, remember, note, resume_step) on its thread, then gets
-# params(dict), metrics(step, dict), text(step, tag, str), image(step, tag, png bytes), close().
+# params(dict), metrics([(step, dict), ...]), text(step, tag, str), image(step, tag, png bytes), close().
 
 
 class TensorBoard:
@@ -272,9 +286,10 @@ class TensorBoard:
         table = "\n".join(f"| {k} | {v} |" for k, v in values.items())
         self.writer.add_text("config", "| key | value |\n|---|---|\n" + table, self.step)
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+    def metrics(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in points:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, step)
@@ -315,8 +330,9 @@ class WandB:
     def params(self, values: dict[str, Any]) -> None:
         self.run.config.update(values, allow_val_change=True)  # a resume may change train.max_steps etc.
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
+    def metrics(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in points:
+            self.run.log(values, step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         import html
@@ -396,10 +412,11 @@ class MLflow:
         for key, value in changed.items():
             self.client.set_tag(self.run_id, key, value)
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, points: list[tuple[int, dict[str, float]]]) -> None:
         now = int(time.time() * 1000)
-        batch = [self.Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [self.Metric(k, v, now, step) for step, values in points for k, v in values.items() if math.isfinite(v)]
+        for i in range(0, len(batch), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
     def text(self, step: int, tag: str, text: str) -> None:
         self.client.log_text(self.run_id, text, f"{tag}/step-{step:06d}.txt")
