@@ -130,10 +130,11 @@ class Trackers:
                 return  # no plot drawn (yet): nothing to show
             self._call("image", self._step, tag, data)
 
-    def close(self) -> None:
-        """Flush and close every tracker; one that does not finish within its timeout is abandoned."""
+    def close(self, ok: bool = True) -> None:
+        """Flush and close every tracker (`ok`: the run ended well, else it is marked failed or stopped);
+        one that does not finish within its timeout is abandoned."""
         for w in self._workers:
-            w.submit("close")
+            w.submit("close", ok)
         for w in self._workers:
             w.join()
         self._check()
@@ -301,7 +302,7 @@ class TensorBoard:
         image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)  # 4: RGBA
         self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
-    def close(self) -> None:
+    def close(self, ok: bool) -> None:
         self.writer.close()
 
 
@@ -346,8 +347,8 @@ class WandB:
 
         self.run.log({tag: self.wandb.Image(Image.open(io.BytesIO(png)))}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, ok: bool) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
 
 
 def _wandb_credentials() -> bool:
@@ -429,8 +430,8 @@ class MLflow:
             path.write_bytes(png)
             self.client.log_artifact(self.run_id, str(path))  # the latest plot, replaced at each evaluation
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, ok: bool) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "KILLED")  # a resume sets RUNNING again
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

@@ -178,7 +178,7 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
             events.warn(f"skipped a damaged checkpoint: {reason}")
         return _loop(cfg, run_dir, splits, ckpt, init_weights, events, device, info, trackers)
     finally:
-        trackers.close()
+        trackers.close(ok=sys.exc_info()[0] is None)  # the exception in flight, if any: a stopped or failed run
         if lock is not None:
             lock.close()
 

@@ -96,6 +96,16 @@ def test_metric_names_flatten_records_by_event_and_nested_key():
                                "eval/val_loss_by_source/web": 2.0, "eval/val_loss_by_source/code": 3.0}
 
 
+def test_train_loggers_refuses_an_unknown_or_repeated_tracker_by_key(verdict):
+    from gptcli.config import ConfigError
+
+    for bad in (["comet"], "tensorboard", ["wandb", "wandb"]):
+        with pytest.raises(ConfigError, match="train.loggers"):
+            _config(verdict, **{"train.loggers": bad})
+    with pytest.raises(ConfigError, match="train.logger_timeout"):
+        _config(verdict, **{"train.logger_timeout": 0})
+
+
 def test_tensorboard_scalars_equal_metrics_jsonl_step_by_step_across_a_resume(resumed_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -122,6 +132,7 @@ def test_mlflow_params_and_metric_history_equal_the_run_across_a_resume(resumed_
     assert state["tracking_uri"].startswith("sqlite:///") and str(run / "mlflow") in state["tracking_uri"]
     assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name("gptcli").experiment_id])] == [
         state["run_id"]]  # the resume continued the run, it did not start another
+    assert client.get_run(state["run_id"]).info.status == "FINISHED"  # killed at the SIGINT, running again, done
     data = client.get_run(state["run_id"]).data
     cfg = _config(VERDICT, **{"train.loggers": ["tensorboard", "wandb", "mlflow"]})  # the run's config
     manifest_at_start = {**json.loads((run / "run.json").read_text()), "resumes": []}  # run.json of the first session
