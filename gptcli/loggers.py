@@ -317,8 +317,8 @@ class WandB:
         run_id = (saved or {}).get("run_id") or "".join(secrets.choice(string.ascii_lowercase + string.digits)
                                                          for _ in range(8))  # W&B's own id format
         remember({"run_id": run_id})
-        mode = os.environ.get("WANDB_MODE")  # the user's choice wins
-        if mode is None and not _wandb_credentials():
+        mode = os.environ.get("WANDB_MODE")  # the user's choice wins, except one that would prompt for a login
+        if mode not in ("offline", "dryrun", "disabled") and not _wandb_credentials():
             mode = "offline"  # for this init only, not the process's environment
             note(f"train.loggers: wandb: no credentials (WANDB_API_KEY or `wandb login`): logging offline to "
                  f"{run_dir / DIRS['wandb']}; upload later with: wandb sync {run_dir / DIRS['wandb']}/offline-run-*")

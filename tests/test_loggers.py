@@ -49,11 +49,13 @@ def _config(verdict, **extra):
 
 @pytest.fixture(scope="module")
 def tracker_env(tmp_path_factory):
-    """No W&B credentials anywhere (so it must go offline, not prompt), no MLflow server, tool caches in tmp."""
+    """No W&B credentials anywhere, though online is asked for (it must go offline, not prompt), no MLflow
+    server, tool caches in tmp."""
     home = tmp_path_factory.mktemp("tracker-home")
     (home / "netrc").write_text("")
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE",
+        mp.setenv("WANDB_MODE", "online")
+        for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE",
                      "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
             mp.delenv(name, raising=False)
         mp.setenv("NETRC", str(home / "netrc"))
