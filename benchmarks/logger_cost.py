@@ -51,6 +51,9 @@ def main() -> None:
     later: dict[str, list[float]] = {v: [] for v in variants}  # second half: the trackers are open by then
     walls: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
+        # untimed: the first run in a process pays one-off costs (imports, the peak-FLOPs probe's cache)
+        train(load_config(args.config, {**overrides, "train.max_steps": 2}, args.set), Path(tmp) / "warm-up",
+              events=_Quiet())
         for r in range(args.repeats):
             for name, loggers in variants.items():
                 cfg = load_config(args.config, overrides, [*args.set, f"train.loggers={json.dumps(loggers)}"])
