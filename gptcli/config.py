@@ -130,6 +130,9 @@ def _mixture_entry(entry: Any, i: int) -> dict[str, Any]:
     return {"path": path, "weight": weight}
 
 
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # train.loggers: the trackers gptcli/loggers.py feeds
+
+
 @dataclass
 class TrainConfig:
     # Defaults are the book's chapter-5 run (train_model_simple with AdamW).
@@ -185,6 +188,9 @@ class TrainConfig:
     # choices) or mappings {name, data: JSON Lines file, limit: first N items}; [] = none.
     eval_tasks: Any = field(default_factory=list)
     eval_tasks_every: Optional[int] = None  # score eval_tasks every this many steps (a multiple of eval_freq); None = at each evaluation
+    # Experiment trackers fed beside metrics.jsonl (rank 0): any of tensorboard, wandb, mlflow (loggers.py).
+    loggers: Any = field(default_factory=list)
+    logger_timeout: float = 60.0  # seconds one tracker call may take before that tracker is dropped
 
     def __post_init__(self) -> None:
         check_seed(self.seed, "train.seed")
@@ -221,6 +227,13 @@ class TrainConfig:
                               f"got {self.loss_chunk!r}")
         if self.muon is not None:
             _check_muon(self.muon, self.optimizer)
+        if self.logger_timeout <= 0:
+            raise ConfigError(f"train.logger_timeout: must be positive, got {self.logger_timeout}")
+        if not isinstance(self.loggers, list) or not all(isinstance(n, str) and n in LOGGERS for n in self.loggers):
+            raise ConfigError(f"train.loggers: expected a list of {', '.join(LOGGERS)} (e.g. [tensorboard, wandb]), "
+                              f"got {self.loggers!r}")
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers: {self.loggers!r} names a logger twice")
 
 
 # train.muon's keys and the type each must have (defaults: gptcli.optim.MUON_DEFAULTS).

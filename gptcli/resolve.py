@@ -22,6 +22,7 @@ from gptcli.checkpoint import (CONFIG, MANIFEST, STEP_DIR, Checkpoint, find_late
 from gptcli.config import Config, ConfigError, Layer, build_config, config_from_dict, config_layers, map_paths
 from gptcli.data import DEFAULT_CORPUS
 from gptcli.errors import InputError, RunError
+from gptcli.loggers import STATE_FILE as LOGGERS_FILE, read_state as read_loggers_state
 
 CHECKPOINTS_ROOT = Path("checkpoints")
 
@@ -42,6 +43,7 @@ RESUMABLE = (
     "train.save_freq", "train.keep_last", "train.log_freq", "train.max_new_tokens", "train.start_context",
     "train.device", "train.num_threads", "train.host_memory", "train.peak_flops", "train.out_dir", "data.path",
     "train.distributed",  # checkpoints hold full weights: a DDP run resumes sharded (FSDP) and back
+    "train.loggers", "train.logger_timeout",  # trackers only watch the run
 )
 
 # Model keys that may differ from a checkpoint's when evaluating it: the same weights, the same math.
@@ -49,7 +51,7 @@ EVAL_FREE_MODEL_KEYS = ("impl", "drop_rate", "init")
 
 # What a gptcli run directory holds (anything else is the user's, and never deleted).
 LOCK_FILES = (".lock", ".lock.pid")  # the run lock and its holder's pid (kept by --overwrite)
-RUN_FILES = ("run.json", "metrics.jsonl", "metrics.csv", "losses.png", *LOCK_FILES)
+RUN_FILES = ("run.json", "metrics.jsonl", "metrics.csv", "losses.png", LOGGERS_FILE, *LOCK_FILES)
 RUN_LINKS = ("latest", "best")
 OUR_TEMPORARIES = (".tmp-", ".old-")
 
@@ -88,6 +90,9 @@ def _is_ours(p: Path) -> bool:
         return p.is_symlink() or p.is_file() or (p.is_dir() and _is_our_checkpoint(p))
     if name in RUN_FILES:
         return p.is_file() and not p.is_symlink()
+    if p.is_dir() and not p.is_symlink() and any(  # a tracker's folder (tensorboard/, wandb/, mlflow/)
+            isinstance(v, dict) and v.get("dir") == name for v in read_loggers_state(p.parent).values()):
+        return True
     if STEP_DIR.match(name) and p.is_dir() and not p.is_symlink():
         return _is_our_checkpoint(p)
     return False

@@ -127,6 +127,7 @@ def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_s
         manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
                                                    "device": str(device), "world_size": world_size})
     atomic_write(run_dir / RUN_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def git_commit() -> str | None:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from gptcli import report
+from gptcli import loggers, report
 from gptcli.checkpoint import (
     Checkpoint,
     find_latest,
@@ -176,6 +176,7 @@ class _Run:
     guard: "_NonFiniteGuard"
     scaler: LossScaler  # fp16: gradient scaling; otherwise a pass-through
     eval_tasks: list  # train.eval_tasks, read and checked before the first step (tasks.py)
+    trackers: loggers.Trackers  # train.loggers (rank 0): a metrics sink, plus samples and the plot
     precision: str  # train.precision as resolved for this device (auto chosen)
 
 
@@ -272,12 +273,15 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
         _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
     defer = _defer_check(defer_nonfinite_check, t, device, precision)
     lock = _on_main(info, lambda: prepare_run_dir(run_dir, resume, overwrite))
+    # Experiment trackers (rank 0): closed however the run ends, so that a resume continues their runs.
+    trackers = loggers.Trackers(t.loggers if info.is_main else [], run_dir, t.logger_timeout, events.warn, ckpt is not None)
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
         with _tf32(_tf32_wanted(cfg, device, events, info)):
-            return _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer), ckpt)
+            return _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, trackers), ckpt)
     finally:
+        trackers.close()  # a stopped or failed run is marked so (the exception in flight); a no-op once closed
         if lock is not None:
             lock.close()
 
@@ -289,8 +293,9 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
     stream = _micro_batches(run.train_loader, state.position, t.num_epochs, _rng_restorer(run, state))
     metrics = _metrics(run, state)
     if info.is_main:
-        write_run_manifest(run.run_dir, run.cfg, run.splits, run.device, info.world_size,
-                           resumed_at=state.step if ckpt else None)
+        manifest = write_run_manifest(run.run_dir, run.cfg, run.splits, run.device, info.world_size,
+                                      resumed_at=state.step if ckpt else None)
+        run.trackers.start(run.cfg.to_dict(), manifest, state.step)
     run.events.start({
         "run_dir": str(run.run_dir), "total_steps": run.total_steps, "step": state.step, "epochs": t.num_epochs,
         "steps_per_epoch": math.ceil(run.train_loader.batch_sampler.num_batches() / t.grad_accum_steps),
@@ -335,7 +340,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
 
 
 def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint | None, events: Events,
-          device: torch.device, info: DistInfo, defer: bool) -> _Run:
+          device: torch.device, info: DistInfo, defer: bool, trackers: loggers.Trackers) -> _Run:
     """The model (book order: seed, build, move, then the optimizer), its wrappers, the loaders."""
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -379,7 +384,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
                 guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision,
-                eval_tasks=tasks_from_config(t.eval_tasks))
+                eval_tasks=tasks_from_config(t.eval_tasks), trackers=trackers)
 
 
 def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:
@@ -470,6 +475,7 @@ def evaluate(run: _Run, state: TrainState, metrics: Metrics, lr: float, final: b
     if run.info.is_main:
         state.last_eval = metrics.eval_record(**fields)
         run.events.eval(state.last_eval)
+        run.trackers.image("losses", run.run_dir / report.PLOT)
     else:
         state.last_eval = {"event": "eval", **fields, "elapsed_s": metrics.elapsed()}
     if math.isfinite(val_eval["loss"]) and val_eval["loss"] < state.best_val_loss:
@@ -482,8 +488,9 @@ def sample(run: _Run, state: TrainState) -> None:
     """A greedy sample after each epoch that ended in this step, as the book prints."""
     for epoch in state.finished_epochs:
         if run.cfg.train.max_new_tokens > 0:
-            run.events.sample(epoch + 1, _sample(run.model, run.cfg, run.cfg.train.start_context,
-                                                 run.cfg.train.max_new_tokens))
+            text = _sample(run.model, run.cfg, run.cfg.train.start_context, run.cfg.train.max_new_tokens)
+            run.events.sample(epoch + 1, text)
+            run.trackers.text("samples", text)
     state.finished_epochs.clear()
     run.model.train()
 
@@ -655,6 +662,7 @@ def _metrics(run: _Run, state: TrainState) -> Metrics:
         mfu = _mfu_meter(run.cfg.train, run.device, run.events)
         sinks.append(report.MetricsLog(run.run_dir, resume_step=state.step))  # truncates a resumed run's file first
         sinks.append(report.LiveReport(run.run_dir))
+        sinks.append(run.trackers)  # train.loggers: TensorBoard, W&B, MLflow
     return Metrics(sinks, run.device, flops_per_token(run.cfg.model), run.info.world_size, mfu, run.total_steps,
                    state.step, state.tokens_seen, state.elapsed_s)
 
