@@ -480,16 +480,96 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     raise typer.Exit(0)
 
 
+class XAxis(str, Enum):
+    step = "step"
+    tokens = "tokens"
+    time = "time"
+
+
+XOpt = Annotated[XAxis, typer.Option("--x", help="The curves' x-axis: step, tokens (seen) or time (training seconds).")]
+PlotOutOpt = Annotated[Optional[Path], typer.Option("--out", help="The PNG to write (default: beside the first run).",
+                                                    dir_okay=False)]
+
+
 @app.command()
 @_handle_errors
-def plot(run: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")]) -> None:
-    """Redraw losses.png and metrics.csv of a run from its metrics.jsonl."""
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories holding metrics.jsonl (several: one overlaid plot).")],
+    x: Annotated[Optional[XAxis], typer.Option("--x", help="Overlaid curves against step, tokens (default) or time; one run without --x or --out: its own losses.png.")] = None,
+    out: PlotOutOpt = None,
+) -> None:
+    """Redraw losses.png and metrics.csv of a run from its metrics.jsonl; several runs: their curves overlaid."""
     from gptcli import report
+    from gptcli.runs import plot_runs
 
-    if not (run / report.METRICS).is_file():
-        raise InputError(f"{run}: no {report.METRICS} (not a run directory?)")
-    paths = report.render(run)
-    print(paths["plot"])
+    if len(runs) == 1 and out is None and x is None:  # today's plot: the book's, into the run
+        if not (runs[0] / report.METRICS).is_file():
+            raise InputError(f"{runs[0]}: no {report.METRICS} (not a run directory?)")
+        print(report.render(runs[0])["plot"])
+        return
+    print(plot_runs(runs, _plot_out(runs, out), (x or XAxis.tokens).value))
+
+
+@app.command("runs")
+@_handle_errors
+def runs_(
+    root: Annotated[Path, typer.Argument(help="The folder holding the runs.")] = CHECKPOINTS_ROOT,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the runs under checkpoints/ (or ROOT): state, steps, tokens, losses, tokens/s, wall time, config differences."""
+    from gptcli.runs import list_runs
+
+    _render_runs(list_runs(root), json_out)
+
+
+@app.command()
+@_handle_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    x: XOpt = XAxis.tokens,
+    out: PlotOutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare runs: config differences, final and best metrics, and one PNG of their loss curves overlaid."""
+    from gptcli.runs import compare as compare_runs, plot_runs
+
+    result = compare_runs(runs)
+    result["plot"] = str(plot_runs(runs, _plot_out(runs, out), x.value))
+    _render_runs(result, json_out)
+
+
+def _plot_out(runs: list[Path], out: Optional[Path]) -> Path:
+    """--out, or the default beside the first run (said on stderr)."""
+    from gptcli.runs import default_plot_path
+
+    if out is None:
+        out = default_plot_path(runs)
+        _err(f"plot: {out} (beside the first run; --out chooses another file)")
+    return out
+
+
+_RUN_COLUMNS = ["name", "state", "steps", "tokens_seen", "train_loss", "val_loss", "best_val_loss", "tasks",
+                "tokens_per_s", "wall_s"]
+
+
+def _render_runs(result: dict[str, Any], json_out: bool) -> None:
+    """The runs table, then the config keys in which they differ (one row per key)."""
+    if json_out:
+        _print_json(_json_safe(result))
+        return
+    rows = [{**r, "tasks": ", ".join(f"{k} {v:.3f}" for k, v in r["tasks"].items()) if r.get("tasks") else None,
+             "state": r["state"] + (f" ({r['signal']})" if r.get("signal") else ""),
+             "tokens_per_s": round(r["tokens_per_s"]) if r.get("tokens_per_s") else None,
+             "wall_s": f"{r['wall_s']:.1f}" if r.get("wall_s") is not None else None} for r in result["runs"]]
+    _render_rows(rows, _RUN_COLUMNS, False, {})
+    names = [r["name"] for r in result["runs"]]
+    diffs = [{"key": k, **{n: json.dumps(v.get(n), default=str) if n in v else "" for n in names}}
+             for k, v in result["differences"].items()]
+    if diffs:
+        print()
+        _render_rows(diffs, ["key", *names], False, {})
+    if result.get("plot"):
+        print(result["plot"])
 
 
 # ---------------------------------------------------------------- loss
@@ -726,7 +806,8 @@ def eval_(
     _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
 
 
-_HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}
+_HEADERS = {"ppl": "perplexity", "bpb": "bits/byte", "tokens_seen": "tokens", "train_loss": "train loss", "val_loss": "val loss",
+            "best_val_loss": "best val loss", "tokens_per_s": "tokens/s", "wall_s": "wall s"}
 
 
 def _render_rows(rows: list[dict[str, Any]], columns: list[str], json_out: bool, extra: dict[str, Any]) -> None:

@@ -71,6 +71,7 @@ from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, 
 from gptcli.loss import cross_entropy
 from gptcli.perf import MfuMeter, peak_flops, set_host_memory
 from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
+from gptcli.runs import record_end
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
 RUN_MANIFEST = "run.json"
@@ -99,6 +100,7 @@ class Interrupted(GptcliError):
         super().__init__(f"{name}: stopped after saving {checkpoint}; continue with: gptcli train --out {run_dir} --resume")
         self.exit_code = 128 + signum
         self.checkpoint = checkpoint
+        self.signum = signum  # run.json records the signal that stopped the run
 
 
 @dataclass
@@ -171,12 +173,17 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     if ckpt is not None:
         _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
     lock = _on_main(info, lambda: _prepare_run_dir(run_dir, resume, overwrite))
+    ended: BaseException | None = None  # how the run ended, recorded in run.json for `gptcli runs`
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
         return _loop(cfg, run_dir, splits, ckpt, init_weights, events, device, info)
+    except BaseException as e:
+        ended = e
+        raise
     finally:
         if lock is not None:
+            record_end(run_dir, ended)
             lock.close()
 
 
@@ -737,6 +744,7 @@ def _write_run_manifest(run_dir: Path, cfg: Config, splits: Splits, device, info
     else:
         manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
                                                    "device": str(device), "world_size": info.world_size})
+    manifest.update(state="running", ended_at=None)  # until record_end says how it ended
     tmp = path.with_name(f".tmp-run-{os.getpid()}.json")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
