@@ -548,6 +548,56 @@ def _plot_out(runs: list[Path], out: Optional[Path]) -> Path:
     return out
 
 
+@app.command("plan")
+@_handle_errors
+def plan_(
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per micro-batch (per process).")] = None,
+    memory_limit: Annotated[Optional[str], typer.Option(help="Memory one process may use, e.g. 16GB (default: the device's).")] = None,
+    probe_steps: Annotated[int, typer.Option(min=0, help="Real steps timed for the time estimate (0: none).")] = 2,
+    verify: Annotated[bool, typer.Option("--verify", help="Run a real step at the largest batch that fits and at one more.")] = False,
+    sets: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Plan a run without training: parameters, FLOPs, steps, memory per device, the largest batch that fits, time."""
+    from gptcli.plan import parse_bytes, plan_run
+    from gptcli.resolve import resolve_config
+
+    cfg = resolve_config(config, sets, {"train.device": device, "train.batch_size": batch_size})
+    limit = parse_bytes(memory_limit) if memory_limit is not None else None
+    result = plan_run(cfg, limit, probe_steps, verify)
+    for note in result["notes"]:
+        _err(note)
+    if json_out:
+        _print_json(_json_safe(result))
+    else:
+        _render_plan(result)
+
+
+def _render_plan(r: dict[str, Any]) -> None:
+    gib = lambda n: f"{n / 2**30:.3f} GiB" if n is not None else ""  # noqa: E731
+    rows = [("parameters", f"{r['params']:,}"), ("FLOPs per token (training)", f"{r['flops_per_token']:.4g}")]
+    for key, label in (("tokens_per_epoch", "tokens per epoch"), ("steps_per_epoch", "steps per epoch"),
+                       ("steps", "steps"), ("tokens", "tokens")):
+        if r.get("data"):
+            rows.append((label, f"{r['data'][key]:,}"))
+    mem = r["memory"]
+    rows += [(f"memory: {k.replace('_', ' ')}", gib(v)) for k, v in mem.items()]
+    rows += [("device memory", f"{gib(r['device_memory']['bytes'])} ({r['device_memory']['source']})"),
+             ("fits", "yes" if r["fits"] else "NO"),
+             (f"largest batch (now {r['batch_size']})", str(r["largest_batch"]["plain"])),
+             ("largest batch, activation checkpointing", str(r["largest_batch"]["activation_checkpointing"]))]
+    if r.get("time"):
+        rows.append(("time per step", f"{r['time']['seconds_per_step']:.3f} s ({r['time']['source']})"))
+        if r["time"]["total_s"] is not None:
+            total = r["time"]["total_s"]
+            rows.append(("time of the run", f"{total / 3600:.2f} h" if total >= 3600 else f"{total:.0f} s"))
+    rows += [(f"verify: batch {v['batch']}", f"peak {gib(v['peak'])}, {'fits' if v['fits'] else 'does not fit'}")
+             for v in r.get("verify", [])]
+    _render_rows([{"what": a, "value": b} for a, b in rows], ["what", "value"], False, {})
+
+
 _RUN_COLUMNS = ["name", "state", "steps", "tokens_seen", "train_loss", "val_loss", "best_val_loss", "tasks",
                 "tokens_per_s", "wall_s"]
 
