@@ -359,8 +359,6 @@ def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int =
         limit, where = device_memory(t.device)
     else:
         limit, where = memory_limit, "--memory-limit"
-    if t.precision == "bf16":
-        notes.append("train.precision bf16: activations are estimated as float32 (an upper bound)")
     fits = mem.peak(t.activation_checkpointing) <= limit
     out["memory"] = mem.to_dict()
     out["device_memory"] = {"bytes": limit, "source": where}
