@@ -427,21 +427,151 @@ def _without_option(args: list[str], option: str) -> list[str]:
     return out
 
 
+class XAxis(str, Enum):
+    step = "step"
+    tokens = "tokens"
+    time = "time"
+
+
+XOpt = Annotated[XAxis, typer.Option("--x", help="The curves' x-axis: step, tokens (seen) or time (training seconds).")]
+PlotOutOpt = Annotated[Optional[Path], typer.Option("--out", help="The PNG to write (default: beside the first run).",
+                                                    dir_okay=False)]
+
+
 @app.command()
 @_handle_errors
 def plot(
-    run: Annotated[Path, typer.Argument(help="Run directory holding metrics.jsonl.")],
-    baseline: Annotated[Optional[str], typer.Option(help="Draw this GPT-2 size's published figures (gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m) as horizontal lines.")] = None,
+    runs: Annotated[list[Path], typer.Argument(help="Run directories holding metrics.jsonl (several: one overlaid plot).")],
+    x: Annotated[Optional[XAxis], typer.Option("--x", help="Overlaid curves against step, tokens (default) or time; one run without --x or --out: its own losses.png.")] = None,
+    out: PlotOutOpt = None,
+    baseline: Annotated[Optional[str], typer.Option(help="Draw this GPT-2 size's published figures (gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m) as horizontal lines (one run's own plot).")] = None,
 ) -> None:
-    """Redraw losses.png and metrics.csv of a run from its metrics.jsonl."""
+    """Redraw losses.png and metrics.csv of a run from its metrics.jsonl; several runs: their curves overlaid."""
     from gptcli import report
+    from gptcli.runs import plot_runs
     from gptcli.tasks import baseline as load_baseline
 
     figures = load_baseline(baseline) if baseline is not None else None
-    if not (run / report.METRICS).is_file():
-        raise InputError(f"{run}: no {report.METRICS} (not a run directory?)")
-    paths = report.render(run, figures)
-    print(paths["plot"])
+    if len(runs) == 1 and out is None and x is None:  # today's plot: the book's, into the run
+        if not (runs[0] / report.METRICS).is_file():
+            raise InputError(f"{runs[0]}: no {report.METRICS} (not a run directory?)")
+        print(report.render(runs[0], figures)["plot"])
+        return
+    if figures is not None:
+        raise InputError("--baseline: draws on one run's own plot (not with several runs, --x or --out)")
+    print(plot_runs(runs, _plot_out(runs, out), (x or XAxis.tokens).value))
+
+
+@app.command("runs")
+@_handle_errors
+def runs_(
+    root: Annotated[Path, typer.Argument(help="The folder holding the runs.")] = CHECKPOINTS_ROOT,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the runs under checkpoints/ (or ROOT): state, steps, tokens, losses, tokens/s, wall time, config differences."""
+    from gptcli.runs import list_runs
+
+    _render_runs(list_runs(root), json_out)
+
+
+@app.command()
+@_handle_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    x: XOpt = XAxis.tokens,
+    out: PlotOutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare runs: config differences, final and best metrics, and one PNG of their loss curves overlaid."""
+    from gptcli.runs import compare as compare_runs, plot_runs
+
+    result = compare_runs(runs)
+    result["plot"] = str(plot_runs(runs, _plot_out(runs, out), x.value))
+    _render_runs(result, json_out)
+
+
+def _plot_out(runs: list[Path], out: Optional[Path]) -> Path:
+    """--out, or the default beside the first run (said on stderr)."""
+    from gptcli.runs import default_plot_path
+
+    if out is None:
+        out = default_plot_path(runs)
+        _err(f"plot: {out} (beside the first run; --out chooses another file)")
+    return out
+
+
+@app.command("plan")
+@_handle_errors
+def plan_(
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per micro-batch (per process).")] = None,
+    memory_limit: Annotated[Optional[str], typer.Option(help="Memory one process may use, e.g. 16GB (default: the device's).")] = None,
+    probe_steps: Annotated[int, typer.Option(min=0, help="Real steps timed for the time estimate (0: none).")] = 2,
+    verify: Annotated[bool, typer.Option("--verify", help="Run a real step at the largest batch that fits and at one more.")] = False,
+    sets: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Plan a run without training: parameters, FLOPs, steps, memory per device, the largest batch that fits, time."""
+    from gptcli.plan import parse_bytes, plan_run
+    from gptcli.resolve import resolve_config
+
+    cfg = resolve_config(config, sets, {"train.device": device, "train.batch_size": batch_size})
+    limit = parse_bytes(memory_limit) if memory_limit is not None else None
+    result = plan_run(cfg, limit, probe_steps, verify)
+    for note in result["notes"]:
+        _err(note)
+    if json_out:
+        _print_json(_json_safe(result))
+    else:
+        _render_plan(result)
+
+
+def _render_plan(r: dict[str, Any]) -> None:
+    gib = lambda n: f"{n / 2**30:.3f} GiB" if n is not None else ""  # noqa: E731
+    rows = [("parameters", f"{r['params']:,}"), ("FLOPs per token (training)", f"{r['flops_per_token']:.4g}")]
+    for key, label in (("tokens_per_epoch", "tokens per epoch"), ("steps_per_epoch", "steps per epoch"),
+                       ("steps", "steps"), ("tokens", "tokens")):
+        if r.get("data"):
+            rows.append((label, f"{r['data'][key]:,}"))
+    mem = r["memory"]
+    rows += [(f"memory: {k.replace('_', ' ')}", gib(v)) for k, v in mem.items()]
+    rows += [("device memory", f"{gib(r['device_memory']['bytes'])} ({r['device_memory']['source']})"),
+             ("fits", "yes" if r["fits"] else "NO"),
+             (f"largest batch (now {r['batch_size']})", str(r["largest_batch"]["plain"])),
+             ("largest batch, activation checkpointing", str(r["largest_batch"]["activation_checkpointing"]))]
+    if r.get("time"):
+        rows.append(("time per step", f"{r['time']['seconds_per_step']:.3f} s ({r['time']['source']})"))
+        if r["time"]["total_s"] is not None:
+            total = r["time"]["total_s"]
+            rows.append(("time of the run", f"{total / 3600:.2f} h" if total >= 3600 else f"{total:.0f} s"))
+    rows += [(f"verify: batch {v['batch']}", f"peak {gib(v['peak'])}, {'fits' if v['fits'] else 'does not fit'}")
+             for v in r.get("verify", [])]
+    _render_rows([{"what": a, "value": b} for a, b in rows], ["what", "value"], False, {})
+
+
+_RUN_COLUMNS = ["name", "state", "steps", "tokens_seen", "train_loss", "val_loss", "best_val_loss", "tasks",
+                "tokens_per_s", "wall_s"]
+
+
+def _render_runs(result: dict[str, Any], json_out: bool) -> None:
+    """The runs table, then the config keys in which they differ (one row per key)."""
+    if json_out:
+        _print_json(_json_safe(result))
+        return
+    rows = [{**r, "tasks": ", ".join(f"{k} {v:.3f}" for k, v in r["tasks"].items()) if r.get("tasks") else None,
+             "state": r["state"] + (f" ({r['signal']})" if r.get("signal") else ""),
+             "tokens_per_s": round(r["tokens_per_s"]) if r.get("tokens_per_s") else None,
+             "wall_s": f"{r['wall_s']:.1f}" if r.get("wall_s") is not None else None} for r in result["runs"]]
+    _render_rows(rows, _RUN_COLUMNS, False, {})
+    names = [r["name"] for r in result["runs"]]
+    diffs = [{"key": k, **{n: json.dumps(v.get(n), default=str) if n in v else "" for n in names}}
+             for k, v in result["differences"].items()]
+    if diffs:
+        print()
+        _render_rows(diffs, ["key", *names], False, {})
+    if result.get("plot"):
+        print(result["plot"])
 
 
 # ---------------------------------------------------------------- loss
@@ -709,7 +839,8 @@ def _with_stderr(r: dict[str, Any], metric: str) -> str:
     return _fmt(r.get(metric)) + (f" ± {se:.4f}" if isinstance(se, float) else "")
 
 
-_HEADERS = {"ppl": "perplexity", "bpb": "bits/byte"}
+_HEADERS = {"ppl": "perplexity", "bpb": "bits/byte", "tokens_seen": "tokens", "train_loss": "train loss", "val_loss": "val loss",
+            "best_val_loss": "best val loss", "tokens_per_s": "tokens/s", "wall_s": "wall s"}
 
 
 def _render_rows(rows: list[dict[str, Any]], columns: list[str], json_out: bool, extra: dict[str, Any]) -> None:

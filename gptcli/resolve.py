@@ -229,6 +229,15 @@ def resolve_train(
     return Plan(cfg, "new", run_dir=run_dir, init_from=init_from, notes=notes)
 
 
+def resolve_config(config: Optional[Path], sets: Optional[list[str]], overrides: dict[str, Any]) -> Config:
+    """The config of a command that reads a config but no run (`plan`): train's layers and precedence.
+
+    Raises:
+        InputError: a bad config file, key or value (named).
+    """
+    return _absolute(build_config(config_layers(config, overrides, sets or ())))
+
+
 _WHY_NOT_BOTH = {
     ("out", "name"): "a name means the run directory checkpoints/NAME",
     ("resume", "overwrite"): "resuming continues the run, overwriting deletes it",

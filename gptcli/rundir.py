@@ -17,12 +17,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from gptcli.checkpoint import clean_temporaries
-from gptcli.errors import InputError, RunError
+from gptcli.errors import InputError, RunError, first_line
 from gptcli.fsio import atomic_write
 from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
 
@@ -126,6 +126,7 @@ def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_s
     else:
         manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
                                                    "device": str(device), "world_size": world_size})
+    manifest.update(state="running", ended_at=None)  # until record_end says how it ended
     atomic_write(run_dir / RUN_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -184,3 +185,30 @@ class StopSignals:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         return False
+
+
+def record_end(run_dir: Path, error: Optional[BaseException]) -> None:
+    """Record in RUN/run.json how the run ended: finished (`error` None), stopped by a signal, or failed.
+
+    Called by train with the run lock held. Never raises: a disk that cannot take this
+    record must not hide how the run really ended; `gptcli runs` then says interrupted.
+    """
+    path = run_dir / RUN_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the run stopped before it wrote run.json: nothing of it to describe
+    signum = getattr(error, "signum", None)
+    if error is None:
+        end: dict[str, Any] = {"state": "finished"}
+    elif signum is not None or isinstance(error, KeyboardInterrupt):
+        end = {"state": "stopped", "signal": signal.Signals(signum or signal.SIGINT).name}
+    else:
+        end = {"state": "failed", "error": first_line(error) or type(error).__name__}
+    manifest.pop("signal", None)
+    manifest.pop("error", None)
+    manifest.update(end, ended_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    try:
+        atomic_write(path, json.dumps(manifest, indent=2) + "\n")
+    except OSError:
+        pass

@@ -73,7 +73,7 @@ from gptcli.hostmem import set_host_memory
 from gptcli.optim import build_optimizer, full_optimizer_states, load_optimizer_states, optimizer_parts
 from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
-from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, write_run_manifest
+from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, record_end, write_run_manifest
 from gptcli.tasks import evaluate_tasks, tasks_due, tasks_from_config
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
@@ -98,6 +98,7 @@ class Interrupted(GptcliError):
         super().__init__(f"{name}: stopped after saving {checkpoint}; continue with: gptcli train --out {run_dir} --resume")
         self.exit_code = 128 + signum
         self.checkpoint = checkpoint
+        self.signum = signum  # run.json records the signal that stopped the run
 
 
 @dataclass
@@ -275,14 +276,19 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     lock = _on_main(info, lambda: prepare_run_dir(run_dir, resume, overwrite))
     # Experiment trackers (rank 0): closed however the run ends, so that a resume continues their runs.
     trackers = loggers.Trackers(t.loggers if info.is_main else [], run_dir, t.logger_timeout, events.warn, ckpt is not None)
+    ended: BaseException | None = None  # how the run ended, recorded in run.json for `gptcli runs`
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
         with _tf32(_tf32_wanted(cfg, device, events, info)):
             return _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, trackers), ckpt)
+    except BaseException as e:
+        ended = e
+        raise
     finally:
         trackers.close()  # a stopped or failed run is marked so (the exception in flight); a no-op once closed
         if lock is not None:
+            record_end(run_dir, ended)
             lock.close()
 
 

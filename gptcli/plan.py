@@ -1,0 +1,391 @@
+"""gptcli plan: what a config costs before it runs (parameters, FLOPs, steps, memory, time); trains nothing.
+
+Memory per device (per process) of one training step, in four parts:
+
+- weights, gradients: one float32 copy each of every parameter (bf16 autocast keeps float32 weights);
+- optimizer state: AdamW's two float32 moments per parameter;
+- activations: what autograd keeps for backward, counted exactly under ``saved_tensors_hooks``
+  (every tensor saved for backward seen, its storage counted once, parameters left out) over
+  forwards of the model cut to one and two blocks at one and two windows, on the device itself,
+  and extended to the full depth and batch (see ``_activations``). With activation checkpointing
+  the forward keeps only each block's input, and backward holds one block's activations again
+  while it recomputes it.
+- transients: the largest buffers that live only for a moment and sit on top of the above at the
+  step's peak: the logits and their log-softmax (B x T x V floats each) in forward, their gradients
+  in backward.
+
+The largest batch that fits solves that linear function of the batch size for the device's memory
+(CUDA: the device's total; CPU: MemAvailable; or ``--memory-limit``). ``measure_peak`` runs real
+steps in a fresh process and reports the peak (CUDA: max allocated; CPU: the growth of the
+process's peak RSS), under a limit when one is given (CUDA: ``set_per_process_memory_fraction``,
+a real out-of-memory; CPU: the measured peak compared with the limit, as the CPU cannot enforce
+a limit on resident memory); tests and ``--verify`` use it to check the estimate.
+
+Library code: nothing here prints or exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from gptcli.config import Config, config_from_dict
+from gptcli.errors import InputError, RunError
+from gptcli.hostmem import set_host_memory
+
+FLOAT32 = 4
+ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, float32 each
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+         "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(text: str, what: str = "--memory-limit") -> int:
+    """'512MB', '2GiB', '1.5g', '1000000' -> bytes (binary units: 1 GB = 2**30 bytes, as nvidia-smi counts).
+
+    Raises:
+        InputError: not a positive size, naming `what`.
+    """
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num) * UNITS[unit]
+    except (ValueError, KeyError):
+        raise InputError(f"{what} {text!r}: not a size (e.g. 512MB, 16GB)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{what} {text!r}: must be a positive size")
+    return int(value)
+
+
+@dataclass
+class Memory:
+    """Bytes of one training step: fixed parts, and activations + transients linear in the batch size.
+
+    The peak is not the sum of all parts: gradients (set to None after each step) appear in
+    backward as the activations they replace are freed, so the start of backward holds all
+    activations and the loss's transients and hardly any gradient; the optimizer step holds
+    every gradient with the weights and moments. peak = weights + optimizer +
+    max(activations + transients, gradients).
+    """
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int  # at the batch size asked
+    activations_checkpointed: int
+    transients: int
+    per_window: int  # activations + transients of one more window (no checkpointing)
+    per_window_checkpointed: int
+
+    def peak(self, checkpointed: bool = False) -> int:
+        act = self.activations_checkpointed if checkpointed else self.activations
+        return self.weights + self.optimizer + max(act + self.transients, self.gradients)
+
+    def largest_batch(self, limit: int, batch: int, checkpointed: bool = False) -> int:
+        """The largest batch size whose peak is within `limit` bytes (0: not even one window)."""
+        per = self.per_window_checkpointed if checkpointed else self.per_window
+        act = (self.activations_checkpointed if checkpointed else self.activations) + self.transients
+        intercept = self.weights + self.optimizer + act - per * batch  # exactly linear in the batch
+        if per <= 0 or self.weights + self.optimizer + self.gradients > limit:
+            return 0
+        return max(0, (limit - intercept) // per)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                "activations": self.activations, "activations_checkpointed": self.activations_checkpointed,
+                "transients": self.transients, "peak": self.peak(), "peak_checkpointed": self.peak(True)}
+
+
+def _saved_bytes(cfg: Config, device, layers: int, batch: int, checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward over one forward + loss of `cfg` cut to `layers` blocks, at `batch`."""
+    import torch
+
+    from gptcli.loss import cross_entropy
+    from gptcli.model import GPTModel
+    from gptcli.train import _autocast
+
+    model = GPTModel(dataclasses.replace(cfg.model, n_layers=layers)).to(device)
+    model.train()
+    model.activation_checkpointing = checkpointing
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()  # kept alive by the graph until backward: its address is its identity
+        if s.data_ptr() not in params:
+            seen.setdefault(s.data_ptr(), s.nbytes())
+        return t
+
+    idx = torch.zeros((batch, cfg.model.context_length), dtype=torch.long, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, cfg.train.precision)():
+        loss = cross_entropy(model(idx), idx)
+    del loss, model
+    return sum(seen.values())
+
+
+def _activations(cfg: Config, device, batch: int, checkpointing: bool) -> tuple[int, int, int, int]:
+    """(saved bytes at `batch`, bytes per extra window, one block's bytes at `batch`, one block's per window).
+
+    What a forward keeps is c0 + b*c1 + l*c2 + l*b*c3 for l blocks and b windows (the embeddings,
+    head and loss, and each block, each part fixed or per window): four forwards of one and two
+    blocks at one and two windows, on the device itself (its kernels decide what they keep: flash
+    attention a log-sum-exp, the CPU's explicit attention its weights), give the four terms exactly.
+    """
+    s11, s21 = _saved_bytes(cfg, device, 1, 1, checkpointing), _saved_bytes(cfg, device, 2, 1, checkpointing)
+    s12, s22 = _saved_bytes(cfg, device, 1, 2, checkpointing), _saved_bytes(cfg, device, 2, 2, checkpointing)
+    c3 = s22 - s21 - s12 + s11
+    c2, c1 = s21 - s11 - c3, s12 - s11 - c3
+    c0 = s11 - c1 - c2 - c3
+    n = cfg.model.n_layers
+    return c0 + batch * c1 + n * (c2 + batch * c3), c1 + n * c3, c2 + batch * c3, c3
+
+
+def estimate_memory(cfg: Config, batch: Optional[int] = None) -> Memory:
+    """The memory of one training step of `cfg` at `batch` windows per process (default train.batch_size)."""
+    import torch
+
+    from gptcli.device import resolve_device
+    from gptcli.model import GPTModel
+
+    batch = batch or cfg.train.batch_size
+    device = resolve_device(cfg.train.device)
+    with torch.device("meta"):
+        model = GPTModel(cfg.model)
+    param_bytes = sum(p.numel() for p in model.parameters()) * FLOAT32
+    plain, per, block, block_per = _activations(cfg, device, batch, False)
+    kept, per_kept, _, _ = _activations(cfg, device, batch, True)
+    # backward holds one block's activations again while it recomputes it
+    checkpointed, per_checkpointed = kept + block, per_kept + block_per
+    # the loss's backward: the log-softmax's gradient and the logits' gradient (B x T x V float32 each)
+    logits_per_window = cfg.model.context_length * model.out_head.out_features * FLOAT32
+    return Memory(param_bytes, param_bytes, ADAM_MOMENTS * param_bytes, plain, checkpointed,
+                  2 * batch * logits_per_window, per + 2 * logits_per_window, per_checkpointed + 2 * logits_per_window)
+
+
+def device_memory(device_name: str) -> tuple[int, str]:
+    """(bytes a training process may use on the device, where that figure comes from)."""
+    import torch
+
+    from gptcli.device import resolve_device
+
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name} total memory"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "the host's available memory (MemAvailable)"
+    except (OSError, KeyError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages, "the host's physical memory"
+
+
+def measure_peak(cfg: Config, batch: int, steps: int = 2, limit: Optional[int] = None, timeout: float = 1800,
+                 host_memory: str = "return") -> dict[str, Any]:
+    """Run `steps` real training steps of `cfg` at `batch` in a fresh process; its peak memory for them.
+
+    Returns {"peak": bytes of the training state at its peak, "fits": bool, "seconds_per_step": float}.
+    On CUDA `limit` is enforced (an out-of-memory is "fits": False); on the CPU the peak is compared with it.
+
+    Raises:
+        RunError: the process failed otherwise.
+    """
+    job = {"config": cfg.to_dict(), "batch": batch, "steps": steps, "limit": limit, "host_memory": host_memory}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", "from gptcli.plan import _measure_child; _measure_child()"],
+                          input=json.dumps(job), capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RunError(f"the memory probe failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if limit is not None and "fits" not in result:
+        result["fits"] = result["peak"] <= limit
+    return result
+
+
+def _warm_up(cfg: Config, device) -> None:
+    """One step of a very small model of the same kind: loads the code and kernels a step uses."""
+    import gc
+
+    import torch
+
+    from gptcli.loss import cross_entropy
+    from gptcli.model import GPTModel
+    from gptcli.train import _build_optimizer
+
+    small = dataclasses.replace(cfg.model, vocab_size=64, context_length=8, emb_dim=cfg.model.n_heads * 4, n_layers=1)
+    model = GPTModel(small).to(device)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    optimizer = _build_optimizer(model, cfg.train)
+    x = torch.zeros((1, 8), dtype=torch.long, device=device)
+    cross_entropy(model(x), x).backward()
+    optimizer.step()
+    del model, optimizer
+    gc.collect()
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_rss_peak() -> None:
+    """Start the process's peak RSS (VmHWM) afresh at its current RSS (Linux 4.0+; else it only rises)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _rss_peak() -> int:
+    """The peak RSS of this process's memory (VmHWM: unlike getrusage's ru_maxrss, not carried over
+    from the parent through fork and exec, which made a probe started by a large process read high)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RunError("/proc/self/status: no VmHWM; the CPU memory probe needs Linux")
+
+
+def _measure_child() -> None:
+    """The probe process of `measure_peak`: job on stdin, one JSON line on stdout."""
+    import torch
+
+    from gptcli.device import resolve_device
+    from gptcli.loss import cross_entropy
+    from gptcli.model import GPTModel
+    from gptcli.train import _autocast, _build_optimizer
+
+    job = json.loads(sys.stdin.read())
+    cfg = config_from_dict(job["config"], "plan probe")
+    t, batch, limit = cfg.train, job["batch"], job["limit"]
+    device = resolve_device(t.device)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(cfg.model.vocab_size, (batch, cfg.model.context_length), generator=gen).to(device)
+    y = torch.randint(cfg.model.vocab_size, (batch, cfg.model.context_length), generator=gen).to(device)
+    cuda = device.type == "cuda"
+    _warm_up(cfg, device)  # code pages and kernel caches the first step loads are not training state
+    if not cuda and job.get("host_memory", "return") != "default":
+        # "return": every buffer from 1 MiB on is its own mapping, so the peak RSS is what the step holds
+        set_host_memory(job.get("host_memory", "return"))
+    if cuda:
+        torch.cuda.synchronize(device)
+        if limit is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (limit + torch.cuda.memory_allocated(device)) / total), device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        _reset_rss_peak()
+        base = _rss_now()
+    try:
+        model = GPTModel(cfg.model).to(device)
+        model.activation_checkpointing = t.activation_checkpointing
+        model.train()
+        optimizer = _build_optimizer(model, t)
+        autocast = _autocast(device, t.precision)
+        times = []
+        for _ in range(job["steps"]):
+            start = time.perf_counter()
+            with autocast():
+                loss = cross_entropy(model(x), y)
+            loss.backward()
+            if t.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        print(json.dumps({"peak": None, "fits": False}))
+        return
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else _rss_peak()) - base
+    per_step = min(times[1:] or times)  # the first step allocates the optimizer state and warms up kernels
+    print(json.dumps({"peak": peak, "seconds_per_step": per_step, **({"fits": True} if cuda and limit else {})}))
+
+
+def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int = 2, verify: bool = False) -> dict[str, Any]:
+    """What training `cfg` will take, without training: the figures of `gptcli plan`.
+
+    Args:
+        cfg: the resolved config (as train gets it).
+        memory_limit: bytes one process may use (default: the device's memory).
+        probe_steps: real steps timed in a fresh process for the time estimate (0: none).
+        verify: also run a real step at the largest batch that fits and at one more, under the limit.
+
+    Returns:
+        {"params", "flops_per_token", "data" (tokens per epoch, steps), "memory", "device_memory",
+        "fits", "largest_batch", "time", "notes"}.
+    """
+    import torch
+
+    from gptcli.data import load_splits
+    from gptcli.model import GPTModel, flops_per_token
+    from gptcli.resolve import corpus_available
+    from gptcli.train import _total_steps
+
+    t, m = cfg.train, cfg.model
+    notes: list[str] = []
+    with torch.device("meta"):
+        params = GPTModel(m).num_params()
+    out: dict[str, Any] = {"params": params, "flops_per_token": flops_per_token(m), "batch_size": t.batch_size,
+                           "context_length": m.context_length}
+    steps = None
+    if corpus_available(cfg):
+        splits = load_splits(cfg.data, m.context_length)
+        per_epoch = len(splits.train) // t.batch_size  # micro-batches; the loader drops a partial batch
+        tokens_per_micro = t.batch_size * m.context_length
+        steps = _total_steps(t, per_epoch, tokens_per_micro)
+        out["data"] = {"train_tokens": splits.train_tokens, "tokens_per_epoch": per_epoch * tokens_per_micro,
+                       "steps_per_epoch": math.ceil(per_epoch / t.grad_accum_steps), "epochs": t.num_epochs,
+                       "steps": steps, "tokens": steps * tokens_per_micro * t.grad_accum_steps}
+    else:
+        notes.append(f"data.path {cfg.data.path}: not on disk; tokens per epoch and steps unknown (nothing downloaded)")
+    mem = estimate_memory(cfg)
+    if memory_limit is None:
+        limit, where = device_memory(t.device)
+    else:
+        limit, where = memory_limit, "--memory-limit"
+    fits = mem.peak(t.activation_checkpointing) <= limit
+    out["memory"] = mem.to_dict()
+    out["device_memory"] = {"bytes": limit, "source": where}
+    out["fits"] = fits
+    out["largest_batch"] = {"plain": mem.largest_batch(limit, t.batch_size),
+                            "activation_checkpointing": mem.largest_batch(limit, t.batch_size, True)}
+    if not fits:
+        best = out["largest_batch"]["activation_checkpointing" if t.activation_checkpointing else "plain"]
+        hint = f"--batch-size {best} (with train.grad_accum_steps for the same global batch)" if best else \
+            "a smaller model or context"
+        if not t.activation_checkpointing and mem.peak(True) <= limit:
+            hint = "train.activation_checkpointing=true, or " + hint
+        notes.append(f"will not fit: the step's peak {_gib(mem.peak(t.activation_checkpointing))} exceeds {where} "
+                     f"{_gib(limit)}; try {hint}")
+    out["time"] = None
+    if probe_steps > 0 and fits:
+        probe = measure_peak(cfg, t.batch_size, steps=probe_steps + 1)
+        per_step = probe["seconds_per_step"] * t.grad_accum_steps
+        out["time"] = {"seconds_per_step": per_step, "source": f"{probe_steps} measured step(s), excluding evaluation",
+                       "total_s": per_step * steps if steps is not None else None}
+        out["measured_peak"] = probe["peak"]
+    if verify:
+        b = out["largest_batch"]["activation_checkpointing" if t.activation_checkpointing else "plain"]
+        out["verify"] = [{"batch": n, **measure_peak(cfg, n, limit=limit)} for n in (b, b + 1) if n > 0]
+    out["notes"] = notes
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -1,0 +1,266 @@
+"""Runs side by side: how each run ended, its figures, the config keys in which runs differ.
+
+A run's state comes from its own files and its lock, never from guessing at processes:
+
+- ``running``: another process holds RUN/.lock (the OS drops it when the holder dies);
+- ``finished`` / ``stopped`` (by a signal) / ``failed``: the end-state that ``train`` records in
+  RUN/run.json (``state``, ``ended_at``, and the signal or the error) when it returns or raises;
+- ``interrupted``: run.json still says ``running`` but nobody holds the lock: the process was
+  killed (SIGKILL, out of memory, power loss) before it could say how it ended.
+
+Runs written before the end-state existed are judged by their newest checkpoint's reason.
+Library code: nothing here prints or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+from gptcli.checkpoint import CONFIG, MANIFEST, list_step_checkpoints
+from gptcli.errors import InputError
+from gptcli.report import METRICS, read_metrics
+from gptcli.resolve import LOCK_FILES, RUN_FILES
+
+RUN_JSON = RUN_FILES[0]  # run.json, written by train
+LOCK, LOCK_PID = LOCK_FILES
+STATES = ("running", "finished", "stopped", "failed", "interrupted")
+X_AXES = {"step": ("step", "Step"), "tokens": ("tokens_seen", "Tokens seen"), "time": ("elapsed_s", "Seconds")}
+PLOT_MARK = "gptcli compare"  # in the PNG's Software field: a plot we may redraw
+
+
+# ---------------------------------------------------------------- the end-state (train writes it)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is a gptcli run directory (it holds run.json or metrics.jsonl)."""
+    return path.is_dir() and ((path / RUN_JSON).is_file() or (path / METRICS).is_file())
+
+
+def lock_held(run_dir: Path) -> Optional[bool]:
+    """Whether a process holds RUN/.lock now (a non-blocking try); None when it cannot be tried."""
+    import filelock
+
+    path = run_dir / LOCK
+    if not path.is_file():
+        return False  # train creates it before anything else: no lock file, no training process
+    if not os.access(path, os.R_OK | os.W_OK):
+        return None
+    lock = filelock.FileLock(str(path), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    except OSError:
+        return None
+    lock.release()
+    return False
+
+
+def run_state(run_dir: Path) -> dict[str, Any]:
+    """{"state", and "pid" / "signal" / "error" / "ended_at" where known} of one run."""
+    manifest = _read_json(run_dir / RUN_JSON)
+    held = lock_held(run_dir)
+    if held:
+        pid = _read_text(run_dir / LOCK_PID)
+        return {"state": "running", **({"pid": int(pid)} if pid and pid.isdigit() else {})}
+    state = manifest.get("state")
+    if state in ("finished", "stopped", "failed"):
+        return {k: manifest[k] for k in ("state", "signal", "error", "ended_at") if manifest.get(k) is not None}
+    if state == "running":
+        return {"state": "interrupted"}  # no end-state and no lock holder: killed
+    # A run from before end-states: its newest checkpoint's reason says how far it got.
+    steps = list_step_checkpoints(run_dir)
+    reason = _read_json(steps[-1] / MANIFEST).get("reason") if steps else None
+    return {"state": {"end": "finished", "interrupt": "stopped"}.get(reason, "interrupted")}
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """One run's row: state, steps, tokens, last and best validation loss, task accuracy, tokens/s, wall time.
+
+    Raises:
+        InputError: `run_dir` is not a gptcli run directory.
+    """
+    if not is_run(run_dir):
+        raise InputError(f"{run_dir}: not a gptcli run (no {RUN_JSON} or {METRICS})")
+    events = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
+    trains = [e for e in events if e.get("event") == "train"]
+    evals = [e for e in events if e.get("event") == "eval" and _finite(e.get("val_loss"))]
+    last = events[-1] if events else {}
+    rates = [e["tokens_per_s"] for e in trains if _finite(e.get("tokens_per_s"))]
+    tasks = next((e["tasks"] for e in reversed(events) if isinstance(e.get("tasks"), dict)), None)
+    return {
+        "name": run_dir.name, "path": str(run_dir), **run_state(run_dir),
+        "steps": last.get("step"), "tokens_seen": last.get("tokens_seen"),
+        "train_loss": trains[-1].get("loss") if trains else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min(e["val_loss"] for e in evals) if evals else None,
+        "tasks": {name: v.get("acc") for name, v in tasks.items() if isinstance(v, dict)} if tasks else None,
+        # the median: the first step's compile and warm-up and a slow evaluation step do not move it
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "wall_s": last.get("elapsed_s"),
+    }
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config as flat dotted keys, from its newest checkpoint ({} before the first one)."""
+    import yaml
+
+    candidates = [*reversed(list_step_checkpoints(run_dir)), run_dir / "best"]
+    for ckpt in candidates:
+        try:
+            raw = yaml.safe_load((ckpt / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(raw, dict):
+            return {f"{section}.{k}": v for section, values in raw.items() if isinstance(values, dict)
+                    for k, v in values.items()}
+    return {}
+
+
+def config_differences(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{dotted key: {run: value}} for every key whose value is not the same in all runs that have a config."""
+    known = {name: c for name, c in configs.items() if c}
+    keys = sorted({k for c in known.values() for k in c})
+    return {k: {name: c.get(k) for name, c in known.items()} for k in keys
+            if len({json.dumps(c.get(k, "<absent>"), sort_keys=True, default=str) for c in known.values()}) > 1}
+
+
+# ---------------------------------------------------------------- several runs
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directories under `root` (its direct sub-folders that are runs, or `root` itself).
+
+    Raises:
+        InputError: `root` does not exist.
+    """
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder (give the folder that holds the runs)")
+    if is_run(root):
+        return [root]
+    return sorted(p for p in root.iterdir() if not p.is_symlink() and is_run(p))
+
+
+def list_runs(root: Path) -> dict[str, Any]:
+    """{"root", "runs": [summary...], "differences": {key: {run: value}}} of the runs under `root`."""
+    runs = find_runs(root)
+    names = _unique_names(runs)
+    rows = [{**summarize(p), "name": n} for p, n in zip(runs, names)]
+    return {"root": str(root), "runs": rows,
+            "differences": config_differences({n: run_config(p) for p, n in zip(runs, names)})}
+
+
+def compare(run_dirs: list[Path]) -> dict[str, Any]:
+    """{"runs": [summary...], "differences": {key: {run: value}}} of the given runs, in the order given.
+
+    Raises:
+        InputError: a path that is not a gptcli run, or fewer than one run.
+    """
+    if not run_dirs:
+        raise InputError("RUN: give at least one run directory")
+    names = _unique_names(run_dirs)
+    rows = [{**summarize(p), "name": n} for p, n in zip(run_dirs, names)]
+    return {"runs": rows, "differences": config_differences({n: run_config(p) for p, n in zip(run_dirs, names)})}
+
+
+def plot_runs(run_dirs: list[Path], out: Path, x: str = "tokens") -> Path:
+    """One PNG with every run's training loss (solid) and validation loss (dashed) against `x`.
+
+    Args:
+        x: "step", "tokens" (tokens seen) or "time" (training seconds).
+
+    Raises:
+        InputError: an unknown `x`, a path that is not a run, or an `out` file gptcli did not draw.
+    """
+    if x not in X_AXES:
+        raise InputError(f"--x {x}: choose one of {', '.join(X_AXES)}")
+    key, label = X_AXES[x]
+    refuse_foreign_plot(out)
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (run, name) in enumerate(zip(run_dirs, _unique_names(run_dirs))):
+        if not (run / METRICS).is_file():
+            raise InputError(f"{run}: no {METRICS} (not a run directory?)")
+        events = read_metrics(run / METRICS)
+        color = f"C{i % 10}"
+        trains = [e for e in events if e.get("event") == "train" and key in e]
+        evals = [e for e in events if e.get("event") == "eval" and key in e]
+        ax.plot([e[key] for e in trains], [_nan(e.get("loss")) for e in trains], color=color, alpha=0.6,
+                linewidth=1, label=f"{name} train")
+        ax.plot([e[key] for e in evals], [_nan(e.get("val_loss")) for e in evals], color=color, linestyle="--",
+                marker="o", markersize=3, label=f"{name} val")
+    ax.set_xlabel(label)
+    ax.set_ylabel("Loss")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": PLOT_MARK})
+    plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out)
+    return out
+
+
+def refuse_foreign_plot(out: Path) -> None:
+    """Refuse to overwrite `out` unless it is a plot that gptcli compare drew (its PNG says so)."""
+    if not out.exists():
+        return
+    try:
+        head = out.read_bytes()[:4096] if out.is_file() else b""
+    except OSError:
+        head = b""
+    if PLOT_MARK.encode() not in head:
+        raise InputError(f"--out {out}: exists and is not a plot gptcli drew; gptcli never overwrites it; "
+                         "choose another file")
+
+
+def default_plot_path(run_dirs: list[Path]) -> Path:
+    """Where the comparison plot goes without --out: beside the first run, named after the runs."""
+    names = "-vs-".join(_unique_names(run_dirs))[:120]
+    return run_dirs[0].parent / f"compare-{names}.png"
+
+
+def _unique_names(runs: list[Path]) -> list[str]:
+    names = [p.name or str(p) for p in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in runs]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_text(path: Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _nan(x: Any) -> float:
+    return x if _finite(x) else float("nan")
