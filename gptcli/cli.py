@@ -541,6 +541,12 @@ def loss(
 # ---------------------------------------------------------------- generate
 
 
+class DecodePrecision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
 @app.command()
 @_handle_errors
 def generate(
@@ -558,6 +564,7 @@ def generate(
                                                 callback=_checked(_check_seed))] = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal; one sample only).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context per token (the book's loop).")] = False,
+    decode_precision: Annotated[DecodePrecision, typer.Option(help="fp32: exact (the book's tokens); bf16 or int8 (weight-only): faster, logits within a few % (README).")] = DecodePrecision.fp32,
     device: DeviceOpt = None,
     sets: SetOpt = None,
     json_out: JsonOpt = False,
@@ -565,7 +572,7 @@ def generate(
     """Continue a prompt (greedy by default, like the book's generate_text_simple)."""
     import torch
 
-    from gptcli.generate import check_sampling, generate as run_generate, optimize_for_decoding
+    from gptcli.generate import check_sampling, generate as run_generate, lower_precision_for_decoding, optimize_for_decoding
     from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
@@ -582,7 +589,7 @@ def generate(
             which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
             _err(f"warning: {which} has {n} tokens, the context {context}: its first {n - context} tokens are "
                  f"dropped and it continues from its last {context}")
-    optimize_for_decoding(model, len(ids))
+    model = optimize_for_decoding(lower_precision_for_decoding(model, decode_precision.value), len(ids))
     seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)  # the book seeds right before it samples
     live = (sys.stdout.isatty() if stream is None else stream) and not json_out

@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import codecs
+import copy as copy_module
 import math
 from typing import Callable
 
@@ -126,8 +127,13 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def optimize_for_decoding(model: GPTModel, batch_size: int) -> GPTModel:
-    """Lay out the model's matrices for fast decoding of `batch_size` sequences on the CPU; returns `model`.
+def optimize_for_decoding(model: GPTModel, batch_size: int, *, copy: bool = False) -> GPTModel:
+    """Lay out the model's matrices for fast decoding of `batch_size` sequences on the CPU.
+
+    Takes ownership of `model` (the default): its Linear weights get new storage in place
+    and `model` itself is returned. With ``copy=True`` the caller's model is left as it was
+    and a decoding copy is returned (it shares the embeddings and norms, which stay as they
+    are, and costs one more copy of the Linear weights).
 
     Decoding multiplies `batch_size` rows by every weight matrix, so its speed is
     the memory bandwidth of those small products. On the CPU (torch 2.13, x86),
@@ -139,19 +145,100 @@ def optimize_for_decoding(model: GPTModel, batch_size: int) -> GPTModel:
     on other devices) the usual row-major storage is restored. Outputs are
     unchanged, and checkpoints store contiguous copies either way.
 
-    For inference only: call it on a model no optimizer or DDP/FSDP wrapper holds
-    (they keep views of the old storage).
+    In place, for inference only: call it on a model no optimizer or DDP/FSDP wrapper holds
+    (they keep views of the old storage), or pass ``copy=True``.
     """
     column_major = model.tok_emb.weight.device.type == "cpu" and batch_size <= 2
+    if copy:
+        model = _copy_sharing_tensors(model)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight.data
                 if column_major and w.is_contiguous():
-                    module.weight.data = w.T.contiguous().T
+                    w = w.T.contiguous().T
                 elif not column_major and not w.is_contiguous():
-                    module.weight.data = w.contiguous()
+                    w = w.contiguous()
+                if copy:  # a new Parameter: the caller's module keeps its own
+                    module.weight = torch.nn.Parameter(w, requires_grad=module.weight.requires_grad)
+                else:
+                    module.weight.data = w
     return model
+
+
+def _copy_sharing_tensors(model: GPTModel) -> GPTModel:
+    """A new module tree with the same parameter and buffer tensors (no tensor is copied)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy_module.deepcopy(model, memo)
+
+
+DECODE_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear layer for decoding with int8 weights: weight-only quantisation, one scale per output row.
+
+    Decoding a few sequences reads every weight once per token, so its speed is the bytes
+    of the weights: int8 reads a quarter of float32's. Each row w of W (out, in) is stored
+    as round(w / s) in [-127, 127] with s = max|w| / 127 (symmetric, per output channel, as
+    gpt-fast's int8 weight-only mode), so each weight is off by at most s / 2. Activations
+    stay in `dtype` (bf16: the fused int8 x bf16 kernel ``_weight_int8pack_mm`` exists for it).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(self.scale.dtype).contiguous()  # (B*T, in)
+        try:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
+        except (RuntimeError, NotImplementedError):  # no fused kernel for this device/dtype: dequantise
+            y = x2 @ (self.weight.to(x2.dtype) * self.scale[:, None]).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def lower_precision_for_decoding(model: GPTModel, precision: str) -> GPTModel:
+    """A copy of `model` that decodes in `precision`; "fp32" returns `model` itself (the exact mode).
+
+    The caller's model is never changed. The copy is for inference only.
+
+    Exactness cost (what tests/test_generate.py checks against float32 on the same
+    prompts): "bf16" rounds weights, activations and the KV cache to 8 significant bits,
+    "int8" also rounds each weight to 1/254 of its row's largest magnitude. Logits move by
+    a small fraction of their spread, so the greedy token changes only where float32's two
+    best logits are that close; once one token differs, the rest of the sequence may too.
+    Sampling draws from the float32 softmax of the low-precision logits.
+
+    Args:
+        model: a GPTModel (its weights stay as they are).
+        precision: "fp32" | "bf16" | "int8" (int8 weight-only, bf16 activations).
+
+    Raises:
+        InputError: naming --decode-precision for an unknown precision.
+    """
+    if precision not in DECODE_PRECISIONS:
+        raise InputError(f"--decode-precision: must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model
+    low = copy_module.deepcopy(model).to(torch.bfloat16).eval()
+    if precision == "int8":
+        with torch.no_grad():
+            for module in list(low.modules()):
+                for name, child in module.named_children():
+                    if isinstance(child, torch.nn.Linear):
+                        setattr(module, name, Int8Linear(child, torch.bfloat16))
+    return low
 
 
 @torch.inference_mode()
@@ -231,7 +318,8 @@ def generate(
             logits = _cached_logits(model, cache, seq, cur, pad, max_pad, prefill=step == 0)
         else:
             logits = _window_logits(model, seq, cur, pad, max_pad, context, last_only=use_cache)
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)[:, 0]  # (B,)
+        # .float(): a low-precision model's logits are sampled in float32 (a no-op for the exact mode)
+        next_ids = sample_next(logits.float(), temperature, top_k, top_p, generator)[:, 0]  # (B,)
         seq[:, cur] = next_ids
         steps = step + 1
         if eos_id is not None:

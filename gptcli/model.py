@@ -272,7 +272,7 @@ class GPTModel(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache for `batch_size` sequences of up to `max_len` (default context) tokens."""
-        p = self.out_head.weight
+        p = self.tok_emb.weight  # the activations' dtype (out_head may hold int8 weights when decoding)
         return KVCache(self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
