@@ -565,6 +565,7 @@ def generate(
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal; one sample only).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context per token (the book's loop).")] = False,
     decode_precision: Annotated[DecodePrecision, typer.Option(help="fp32: exact (the book's tokens); bf16 or int8 (weight-only): faster, logits within a few % (README).")] = DecodePrecision.fp32,
+    compile_decode: Annotated[bool, typer.Option("--compile-decode", help="torch.compile the one-token step over a static KV cache (GPU; compiling takes tens of seconds).")] = False,
     device: DeviceOpt = None,
     sets: SetOpt = None,
     json_out: JsonOpt = False,
@@ -600,7 +601,7 @@ def generate(
     printer = _StreamPrinter(prompts[0]) if live else None
     outs = run_generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_id=END_OF_TEXT_ID if eos else None, use_cache=not no_cache,
-                        on_tokens=printer.feed if printer else None)
+                        on_tokens=printer.feed if printer else None, compile_decode=compile_decode)
     texts = [p + decode(o) for p, o in zip((p for p in prompts for _ in range(num_samples)), outs)]
     if printer is not None:
         printer.finish()

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from gptcli.errors import InputError
-from gptcli.model import GPTModel, KVCache
+from gptcli.model import GPTModel, KVCache, StaticKVCache
 from gptcli.tokenizer import get_tokenizer
 
 # With `eos_id` set and no `on_tokens` callback, look every this many steps whether all
@@ -253,6 +253,8 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    static_cache: bool = False,
+    compile_decode: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -277,6 +279,12 @@ def generate(
         on_tokens: called after each step with the new ids (B,) and a (B,) bool mask
             of the sequences still running (False from the step that produced
             `eos_id` on); for streaming. It reads device values every step.
+        static_cache: decode over a StaticKVCache (fixed shapes, every step attends over
+            all slots, masked): the same tokens, other float rounding in attention.
+        compile_decode: ``torch.compile`` the one-token step over a static cache (implies
+            `static_cache`); for GPUs, where it removes the launch cost of ~100 small kernels
+            per token. The first call compiles (tens of seconds); the prefill and a sliding
+            window past the context stay eager.
 
     Returns:
         The new tokens of each sequence, in prompt order, without the prompt and without `eos_id`.
@@ -292,6 +300,8 @@ def generate(
     low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
     if low < 0 or high >= cfg.vocab_size:
         raise InputError(f"prompt: token id {low if low < 0 else high} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    if compile_decode and not use_cache:
+        raise InputError("--compile-decode: compiles the KV-cache step; it cannot apply with --no-cache")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
@@ -308,13 +318,16 @@ def generate(
     pad = torch.tensor(pads, device=device).unsqueeze(1)  # (B, 1)
     max_pad = max(pads)
     # The cache serves while the sequence fits the context: it holds at most the fed tokens.
-    cache = model.new_kv_cache(batch, min(context, width + max_new_tokens - 1)) if use_cache else None
+    static = static_cache or compile_decode
+    cache = model.new_kv_cache(batch, min(context, width + max_new_tokens - 1), static=static) if use_cache else None
     running = torch.ones(batch, dtype=torch.bool, device=device)
 
     steps = 0
     for step in range(max_new_tokens):
         cur = width + step  # columns of `seq` filled so far
-        if cache is not None and cur <= context:
+        if static and cur <= context:
+            logits = _static_logits(model, cache, seq, cur, pad, compile_decode)
+        elif cache is not None and cur <= context:
             logits = _cached_logits(model, cache, seq, cur, pad, max_pad, prefill=step == 0)
         else:
             logits = _window_logits(model, seq, cur, pad, max_pad, context, last_only=use_cache)
@@ -345,6 +358,40 @@ def _cached_logits(
     positions = (cur - 1) - pad  # (B, 1): each row's own position
     keys_real = torch.arange(cur, device=seq.device) >= pad  # (B, S): the pad keys stay hidden
     return model(x, positions=positions, attn_mask=keys_real[:, None, None, :], kv_cache=cache, last_only=True)[:, -1]
+
+
+def _static_logits(
+    model: GPTModel, cache: StaticKVCache, seq: torch.Tensor, cur: int, pad: torch.Tensor, compiled: bool
+) -> torch.Tensor:
+    """Last-position logits (B, V) over a StaticKVCache: the prompt (eager) first, then one token a step."""
+    slots = torch.arange(cache.max_len, device=seq.device)  # (S,)
+    if cache.input_pos is None:  # prefill: positions and mask of the prompt, widened to every slot
+        positions, mask = _padding_positions_and_mask(cur, pad)  # (B, W), (B, 1, W, W)
+        mask = torch.nn.functional.pad(mask, (0, cache.max_len - cur))  # (B, 1, W, S): later slots hidden
+        cache.input_pos = slots[:cur]
+        return model(seq[:, :cur], positions=positions, attn_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+    cache.input_pos = slots[cur - 1 : cur]  # (1,): the newest token's slot
+    positions = (cur - 1) - pad  # (B, 1): each row's own position
+    mask = ((slots >= pad) & (slots < cur))[:, None, None, :]  # (B, 1, 1, S): real tokens written so far
+    step = _compiled_decode_step() if compiled else _decode_step
+    return step(model, cache, seq[:, cur - 1 : cur], positions, mask)
+
+
+def _decode_step(model: GPTModel, cache: StaticKVCache, x: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """One token per row through the model over a static cache: shapes are the same at every step."""
+    return model(x, positions=positions, attn_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_decode_step() -> Callable:
+    """`_decode_step` compiled once per process (a new model or shape recompiles through torch.compile's guards)."""
+    if "step" not in _COMPILED:
+        # fullgraph: a graph break would silently leave the step partly eager
+        _COMPILED["step"] = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    return _COMPILED["step"]
 
 
 def _window_logits(

@@ -47,6 +47,7 @@ def test_untrained_generate_prints_the_books_text(cli):
     (["--prompts-file", "."], "--prompts-file .: cannot read (Is a directory)"),
     (["--prompts-file", "latin1.txt"], "--prompts-file latin1.txt: cannot read (not UTF-8 text)"),
     (["--prompts-file", "blank.txt"], "--prompts-file blank.txt: no prompts"),
+    (["x", "--no-cache", "--compile-decode"], "--compile-decode: compiles the KV-cache step"),
 ])
 def test_bad_generate_input_is_one_line_and_exit_2(cli, ckpt, tmp_path, args, message):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))

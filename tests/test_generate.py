@@ -157,6 +157,29 @@ def test_unknown_decode_precision_is_refused_by_its_flag():
         lower_precision_for_decoding(tiny_model(), "fp8")
 
 
+@pytest.mark.parametrize("impl", ["book", "fused"])
+@pytest.mark.parametrize("lengths", [[10], [10, 3, 7, 1]], ids=["batch1", "batch4-mixed"])
+def test_static_kv_cache_gives_the_tokens_of_the_growing_cache_as_the_window_slides(impl, lengths):
+    model = tiny_model(vocab_size=2000, context_length=64, impl=impl)
+    prompts = random_prompts(lengths, 2000)
+    static = generate(model, prompts, 100, static_cache=True)
+    assert static == generate(model, prompts, 100)
+    assert static[0] == book_greedy(model, prompts[0], 100)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_static_tokens():
+    # torch.compile on the CPU (inductor, C++): about a minute on a loaded machine, hence slow
+    model = tiny_model(vocab_size=2000, context_length=64, impl="fused")
+    prompts = random_prompts([3, 8], 2000)
+    assert generate(model, prompts, 70, compile_decode=True) == generate(model, prompts, 70, static_cache=True)
+
+
+def test_compile_decode_without_the_cache_is_refused_by_its_flag():
+    with pytest.raises(InputError, match="--compile-decode"):
+        generate(tiny_model(), [[1, 2]], 3, use_cache=False, compile_decode=True)
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_seeded_sampling_at_batch_1_equals_the_books_generate(use_cache):
     from llms_from_scratch.ch05 import generate as book_generate
