@@ -150,6 +150,11 @@ def _peer_steps(args, device, model, optimizer, loss_of, train_loader) -> list[f
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.peer_dtype]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
     model.to(device).train()
+    if device.type == "cuda":  # nanoGPT's train.py allows TF32 for the float32 matmuls left under autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.peer_compile == "on":  # nanoGPT's train.py default (compile = True); Trainer's torch_compile option
+        model = torch.compile(model)
     ends: list[float] = []
     while len(ends) < args.steps:
         for x, y in train_loader:
@@ -231,7 +236,7 @@ def run_worker(variant: str, config: str, batch_size: int, args) -> dict:
     """Run one variant in a fresh process; return its step times and peak resident memory."""
     cmd = [sys.executable, __file__, "--worker", variant, "--config", config, "--batch-size", str(batch_size),
            "--steps", str(args.warmup + args.steps), "--data", str(args.data), "--device", args.device,
-           "--peer-dtype", args.peer_dtype, *(a for s in args.set for a in ("--set", s)),
+           "--peer-dtype", args.peer_dtype, "--peer-compile", args.peer_compile, *(a for s in args.set for a in ("--set", s)),
            *(a for s in args.fast_set for a in ("--fast-set", s))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -279,6 +284,8 @@ def main() -> None:
     p.add_argument("--peer-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="nanoGPT's and transformers' step: fp32, or bf16 autocast as their mixed precision runs; "
                         "auto = bf16 where this device's measured bf16 matmul peak is above 1.5x its fp32 peak")
+    p.add_argument("--peer-compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the peers' models; auto = on a GPU (nanoGPT's default there)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -323,6 +330,8 @@ def main() -> None:
     peaks = {"fp32": perf.remeasure_peak(device, torch.float32), "bf16": perf.remeasure_peak(device, torch.bfloat16)}
     # bf16 "natively" = its matmuls clearly beat fp32's (AMX/AVX512-BF16 CPUs: ~6.5x; Zen 3 emulates it: < 1x).
     bf16_faster = peaks["bf16"] > 1.5 * peaks["fp32"]
+    if args.peer_compile == "auto":
+        args.peer_compile = "on" if on_gpu else "off"
     if args.peer_dtype == "auto":
         args.peer_dtype = "bf16" if bf16_faster else "fp32"
         print(f"peers run with --peer-dtype {args.peer_dtype} (auto: bf16 matmul peak "
@@ -335,7 +344,8 @@ def main() -> None:
     print(f"device {device}: {processor} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     unit, scale = ("TFLOP/s", 1e12) if on_gpu else ("GFLOP/s", 1e9)
     print("measured dense matmul peak: " + ", ".join(f"{k} {v / scale:,.1f} {unit}" for k, v in peaks.items())
-          + f"; MFU of each row is against the peak of its dtype (gptcli-fast: {fast_dtype}, peers: {args.peer_dtype})")
+          + f"; MFU of each row is against the peak of its dtype (gptcli-fast: {fast_dtype}, peers: {args.peer_dtype}"
+          + (", compiled)" if args.peer_compile == "on" else ")"))
     print(f"model: {args.config} {' '.join(args.set)} ({flops_per_token(base.model) / 1e6:,.0f} MFLOP per training "
           f"token); {args.steps} timed steps after {args.warmup} warm-up steps\n")
     memory_key = "peak_gpu_mb" if on_gpu else "peak_rss_mb"

@@ -319,7 +319,9 @@ def generate(
     max_pad = max(pads)
     # The cache serves while the sequence fits the context: it holds at most the fed tokens.
     static = static_cache or compile_decode
-    cache = model.new_kv_cache(batch, min(context, width + max_new_tokens - 1), static=static) if use_cache else None
+    # A static cache spans the whole context, so its shapes (and a compiled step) serve every call at this batch size.
+    max_len = context if static else min(context, width + max_new_tokens - 1)
+    cache = model.new_kv_cache(batch, max_len, static=static) if use_cache else None
     running = torch.ones(batch, dtype=torch.bool, device=device)
 
     steps = 0
@@ -374,7 +376,8 @@ def _static_logits(
     positions = (cur - 1) - pad  # (B, 1): each row's own position
     mask = ((slots >= pad) & (slots < cur))[:, None, None, :]  # (B, 1, 1, S): real tokens written so far
     step = _compiled_decode_step() if compiled else _decode_step
-    return step(model, cache, seq[:, cur - 1 : cur], positions, mask)
+    x = seq[:, cur - 1 : cur].contiguous()  # (B, 1): strides of its own, not of `seq` (whose width varies by call)
+    return step(model, cache, x, positions, mask)
 
 
 def _decode_step(model: GPTModel, cache: StaticKVCache, x: torch.Tensor, positions: torch.Tensor,
