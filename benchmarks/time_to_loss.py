@@ -66,6 +66,7 @@ def run_recipe(name: str, sets: list[str], seed: int, args, out: Path) -> dict |
               f"train.device={args.device}"]
     if args.max_steps:
         common.append(f"train.max_steps={args.max_steps}")
+    common += args.set
     cmd = [sys.executable, "-m", "gptcli", "train", "--config", args.config, "--out", str(out),
            *(a for s in [*common, *sets] for a in ("--set", s))]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -104,6 +105,8 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), help=f"built-in recipes to run: {', '.join(RECIPES)}")
     p.add_argument("--recipe", action="append", default=[], metavar="'NAME KEY=VALUE ...'",
                    help="one more recipe: a name and its --set overrides (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override in --config for every recipe (before the recipe's own), as gptcli train --set")
     p.add_argument("--seeds", type=int, nargs="+", default=[123])
     p.add_argument("--target", type=float, help="validation loss to reach (default: the lowest every run reached)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between evaluations (the time resolution)")
