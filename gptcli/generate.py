@@ -375,7 +375,7 @@ def _static_logits(
     cache.input_pos = slots[cur - 1 : cur]  # (1,): the newest token's slot
     positions = (cur - 1) - pad  # (B, 1): each row's own position
     mask = ((slots >= pad) & (slots < cur))[:, None, None, :]  # (B, 1, 1, S): real tokens written so far
-    step = _compiled_decode_step() if compiled else _decode_step
+    step = _compiled_decode_step(seq.device.type) if compiled else _decode_step
     x = seq[:, cur - 1 : cur].contiguous()  # (B, 1): strides of its own, not of `seq` (whose width varies by call)
     return step(model, cache, x, positions, mask)
 
@@ -389,12 +389,15 @@ def _decode_step(model: GPTModel, cache: StaticKVCache, x: torch.Tensor, positio
 _COMPILED: dict[str, Callable] = {}
 
 
-def _compiled_decode_step() -> Callable:
-    """`_decode_step` compiled once per process (a new model or shape recompiles through torch.compile's guards)."""
-    if "step" not in _COMPILED:
-        # fullgraph: a graph break would silently leave the step partly eager
-        _COMPILED["step"] = torch.compile(_decode_step, fullgraph=True, dynamic=False)
-    return _COMPILED["step"]
+def _compiled_decode_step(device_type: str) -> Callable:
+    """`_decode_step` compiled once per process and device type (a new model or shape recompiles through its guards)."""
+    if device_type not in _COMPILED:
+        # CUDA: "reduce-overhead" replays the step as one CUDA graph (gpt-fast's decode setting); its
+        # output buffer is reused by the next replay, and the logits are consumed before that.
+        # fullgraph: a graph break would silently leave the step partly eager.
+        mode = "reduce-overhead" if device_type == "cuda" else "default"
+        _COMPILED[device_type] = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[device_type]
 
 
 def _window_logits(
