@@ -1,13 +1,19 @@
-"""New tokens per second of greedy generation: gptcli vs the book's `generate` vs transformers.
+"""New tokens per second of greedy generation: gptcli's modes vs the book's generate_text_simple vs transformers.
 
-All three run the same random weights of one model shape (default: GPT-2 124M,
+All run the same random weights of one model shape (default: GPT-2 124M,
 configs/gpt2-124m.yaml) in the same process, on the same prompts, so the ratios
-are what to read. It times each at every batch size and says whether the three
-produced the same greedy tokens. gptcli runs as `gptcli generate` runs it: KV
-cache, and on the CPU `optimize_for_decoding` (column-major weight storage).
+are what to read. Contenders:
+  book                 llms_from_scratch.ch04.generate_text_simple (recomputes the whole sequence per token)
+  transformers         GPT2LMHeadModel.generate (its KV cache), weights as `gptcli export` writes them
+  gptcli               `gptcli generate`: KV cache, on the CPU optimize_for_decoding; float32, exact
+  gptcli-bf16/-int8    --decode-precision bf16 | int8 (weight-only); "same as fp32" states their cost
+  ...-compiled         --compile-decode (static KV cache, compiled one-token step): with --compile, default on GPU
+"same as fp32" is the share of new tokens equal to gptcli fp32's, and the mean share of each row
+before its first difference (greedy sequences part ways after one near-tie flips).
 
     python benchmarks/generate_speed.py                       # 200 new tokens, batch 1 and 8
     python benchmarks/generate_speed.py --new-tokens 20 --skip-book   # a quick look
+    python benchmarks/generate_speed.py --device cuda --repeats 3     # GPU, compiled modes too
 
 The book's loop recomputes the whole sequence for every token, so it slows down
 as the sequence grows: its cost for 200 tokens on a CPU is minutes.
@@ -24,8 +30,9 @@ import torch
 
 from gptcli.config import load_config
 from gptcli.device import resolve_device
-from gptcli.generate import generate, optimize_for_decoding
+from gptcli.generate import DECODE_PRECISIONS, generate, lower_precision_for_decoding, optimize_for_decoding
 from gptcli.model import GPTModel
+from gptcli.perf import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,33 +53,18 @@ def book_model_from(ours: GPTModel):
 
 
 def hf_model_from(ours: GPTModel):
-    """transformers' GPT2LMHeadModel holding our weights (its Conv1D stores (in, out), the transpose of Linear)."""
+    """transformers' GPT2LMHeadModel holding our weights, as `gptcli export` writes them (names, config)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from gptcli.model import export_state_dict
+    from gptcli.weights import hf_config, to_gpt2_state_dict
+
     c = ours.cfg
-    assert c.gelu == "tanh", "GPT2LMHeadModel computes the tanh GELU (gelu_new)"
-    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.context_length, n_embd=c.emb_dim, n_layer=c.n_layers,
-                        n_head=c.n_heads, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True)
-    sd = ours.state_dict()
-    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-           "transformer.ln_f.weight": sd["final_norm.scale"], "transformer.ln_f.bias": sd["final_norm.shift"],
-           "lm_head.weight": sd["out_head.weight"]}
-    for i in range(c.n_layers):
-        b, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
-        qkv = [b + f"att.{n}" for n in ("W_query", "W_key", "W_value")]
-        out[h + "attn.c_attn.weight"] = torch.cat([sd[n + ".weight"].T for n in qkv], dim=1)
-        out[h + "attn.c_attn.bias"] = (torch.cat([sd[n + ".bias"] for n in qkv]) if c.qkv_bias
-                                       else torch.zeros(3 * c.emb_dim))
-        pairs = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
-        for hf_name, our_name in pairs.items():
-            out[h + hf_name + ".weight"] = sd[b + our_name + ".weight"].T
-            out[h + hf_name + ".bias"] = sd[b + our_name + ".bias"]
-        for hf_name, our_name in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            out[h + hf_name + ".weight"] = sd[b + our_name + ".scale"]
-            out[h + hf_name + ".bias"] = sd[b + our_name + ".shift"]
+    config = GPT2Config(**{**hf_config(c), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    tensors = {(k if k == "lm_head.weight" else f"transformer.{k}"): v.contiguous()
+               for k, v in to_gpt2_state_dict(export_state_dict(ours), c).items()}
     model = GPT2LMHeadModel(config)
-    model.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True)
+    model.load_state_dict(tensors, strict=True)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     return model
@@ -89,6 +81,13 @@ def seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def agreement(tokens: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """Share of new tokens equal to the exact mode's, and mean length of the identical prefix / new tokens."""
+    same = tokens == exact  # (B, N)
+    prefix = torch.where(same.all(1), same.shape[1], (~same).int().argmax(1)).float()
+    return same.float().mean().item(), (prefix / same.shape[1]).mean().item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "gpt2-124m.yaml"))
@@ -97,6 +96,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs of each contender, taken in turns (the best counts)")
+    parser.add_argument("--precisions", nargs="+", default=list(DECODE_PRECISIONS), choices=DECODE_PRECISIONS,
+                        help="gptcli's decode precisions (fp32 = the exact mode)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time each precision with --compile-decode (default: on a GPU only)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip-book", action="store_true")
@@ -107,52 +110,64 @@ def main() -> None:
 
     cfg = load_config(args.config, {"model.drop_rate": 0.0})
     device = resolve_device(args.device)
+    compile_too = device.type == "cuda" if args.compile is None else args.compile
     torch.manual_seed(0)
-    ours = GPTModel(cfg.model)
-    with torch.no_grad():  # tie the head to the embedding, so that GPT2LMHeadModel holds the same weights
-        ours.out_head.weight.copy_(ours.tok_emb.weight)
-    contenders = {"gptcli": ours}
+    ours = GPTModel(cfg.model).eval()
+    contenders: dict[str, tuple] = {}  # name -> (kind, model, options)
     if not args.skip_book:
-        contenders["book"] = book_model_from(ours).to(device).eval()
+        contenders["book"] = ("book", book_model_from(ours).to(device).eval(), {})
     if not args.skip_hf:
-        contenders["transformers"] = hf_model_from(ours).to(device).eval()
-    ours.to(device).eval()
+        contenders["transformers"] = ("hf", hf_model_from(ours).to(device).eval(), {})
+    ours.to(device)
+    for precision in args.precisions:
+        name = "gptcli" if precision == "fp32" else f"gptcli-{precision}"
+        model = lower_precision_for_decoding(ours, precision)
+        contenders[name] = ("gptcli", model, {})
+        if compile_too:
+            contenders[name + "-compiled"] = ("gptcli", model, {"compile_decode": True})
     ctx = cfg.model.context_length
 
-    def run(name, model, idx, n):
-        if name == "gptcli":
-            return torch.tensor(generate(model, idx.tolist(), n))
-        if name == "book":
-            from llms_from_scratch.ch05 import generate as book_generate
+    def run(kind, model, options, idx, n):
+        if kind == "gptcli":
+            return torch.tensor(generate(model, idx.tolist(), n, **options))
+        if kind == "book":
+            from llms_from_scratch.ch04 import generate_text_simple
 
             with torch.no_grad():
-                return book_generate(model, idx, n, ctx)[:, idx.shape[1]:]
+                return generate_text_simple(model, idx, n, ctx)[:, idx.shape[1]:]
         with torch.no_grad():
             out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False)
         return out[:, idx.shape[1]:]
 
-    print(f"{cfg.source}: {ours.num_params() / 1e6:.0f}M parameters, context {ctx}, {cfg.model.impl}; device {device}, "
-          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    print(f"greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, best of {args.repeats}")
-    names = list(contenders)
-    header = f"{'batch':>5} " + " ".join(f"{n + ' tok/s':>18}" for n in names)
-    header += "".join(f"{'gptcli/' + n:>20}" for n in names[1:]) + "  same tokens"
-    print(header)
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    print(f"{cfg.source}: {ours.num_params() / 1e6:.0f}M parameters, context {ctx}, {cfg.model.impl}; device {device} "
+          f"({processor}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    print(f"greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, best of {args.repeats}; "
+          f"'same as fp32': share of new tokens equal to gptcli fp32's (and mean identical prefix)")
+    print(f"{'batch':>5}  {'contender':<22} {'new tok/s':>10} {'vs book':>8} {'vs transformers':>16} {'same as fp32':>20}")
     g = torch.Generator().manual_seed(1)
     for batch in args.batch_sizes:
-        optimize_for_decoding(ours, batch)  # as `gptcli generate` does
+        for kind, model, _ in contenders.values():
+            if kind == "gptcli":
+                optimize_for_decoding(model, batch)  # as `gptcli generate` does (the benchmark owns these models)
         idx = torch.randint(0, cfg.model.vocab_size, (batch, args.prompt_tokens), generator=g).to(device)
-        outputs = {name: run(name, model, idx, min(4, args.new_tokens)) for name, model in contenders.items()}  # warm-up
+        outputs = {name: run(*c, idx, min(4, args.new_tokens)) for name, c in contenders.items()}  # warm-up, compile
         best = dict.fromkeys(contenders, float("inf"))
         for _ in range(args.repeats):  # in turns, so that a busy moment of the machine hits all alike
-            for name, model in contenders.items():
+            for name, c in contenders.items():
                 best[name] = min(best[name], seconds(
-                    lambda: outputs.__setitem__(name, run(name, model, idx, args.new_tokens).cpu()), device))
+                    lambda: outputs.__setitem__(name, run(*c, idx, args.new_tokens).cpu()), device))
         rates = {name: batch * args.new_tokens / t for name, t in best.items()}
-        same = all(torch.equal(outputs["gptcli"], o) for o in outputs.values())
-        line = f"{batch:>5} " + " ".join(f"{rates[n]:>18.1f}" for n in names)
-        line += "".join(f"{rates['gptcli'] / rates[n]:>19.2f}x" for n in names[1:])
-        print(line + f"  {'yes' if same else 'NO'}", flush=True)
+        exact = outputs.get("gptcli")
+        for name in contenders:
+            vs_book = f"{rates[name] / rates['book']:.2f}x" if "book" in rates else ""
+            vs_hf = f"{rates[name] / rates['transformers']:.2f}x" if "transformers" in rates else ""
+            same = ""
+            if exact is not None:
+                share, prefix = agreement(outputs[name], exact)
+                same = f"{100 * share:.1f}% ({100 * prefix:.0f}%)"
+            print(f"{batch:>5}  {name:<22} {rates[name]:>10.1f} {vs_book:>8} {vs_hf:>16} {same:>20}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -614,6 +614,12 @@ def loss(
 # ---------------------------------------------------------------- generate
 
 
+class DecodePrecision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
 @app.command()
 @_handle_errors
 def generate(
@@ -631,6 +637,8 @@ def generate(
                                                 callback=_checked(_check_seed))] = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on a terminal; one sample only).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context per token (the book's loop).")] = False,
+    decode_precision: Annotated[DecodePrecision, typer.Option(help="fp32: exact (the book's tokens); bf16 or int8 (weight-only): faster, logits within a few % (README).")] = DecodePrecision.fp32,
+    compile_decode: Annotated[bool, typer.Option("--compile-decode", help="torch.compile the one-token step over a static KV cache (GPU; compiling takes tens of seconds).")] = False,
     device: DeviceOpt = None,
     sets: SetOpt = None,
     json_out: JsonOpt = False,
@@ -647,6 +655,7 @@ def generate(
     printer = _stream_printer(prompts, num_samples, stream, json_out)
     samples = complete(model, prompts, max_new_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k,
                        top_p=top_p, eos=eos, use_cache=not no_cache, seed=seed, warn=_warn,
+                       decode_precision=decode_precision.value, compile_decode=compile_decode,
                        on_tokens=printer.feed if printer else None)
     if printer is not None:
         printer.finish()

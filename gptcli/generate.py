@@ -31,13 +31,14 @@ Example::
 from __future__ import annotations
 
 import codecs
+import copy as copy_module
 import math
 from typing import Callable
 
 import torch
 
 from gptcli.errors import InputError
-from gptcli.model import GPTModel, KVCache
+from gptcli.model import GPTModel, KVCache, StaticKVCache
 from gptcli.tokenizer import get_tokenizer
 
 # With `eos_id` set and no `on_tokens` callback, look every this many steps whether all
@@ -127,8 +128,13 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def optimize_for_decoding(model: GPTModel, batch_size: int) -> GPTModel:
-    """Lay out the model's matrices for fast decoding of `batch_size` sequences on the CPU; returns `model`.
+def optimize_for_decoding(model: GPTModel, batch_size: int, *, copy: bool = False) -> GPTModel:
+    """Lay out the model's matrices for fast decoding of `batch_size` sequences on the CPU.
+
+    Takes ownership of `model` (the default): its Linear weights get new storage in place
+    and `model` itself is returned. With ``copy=True`` the caller's model is left as it was
+    and a decoding copy is returned (it shares the embeddings and norms, which stay as they
+    are, and costs one more copy of the Linear weights).
 
     Decoding multiplies `batch_size` rows by every weight matrix, so its speed is
     the memory bandwidth of those small products. On the CPU (torch 2.13, x86),
@@ -140,19 +146,100 @@ def optimize_for_decoding(model: GPTModel, batch_size: int) -> GPTModel:
     on other devices) the usual row-major storage is restored. Outputs are
     unchanged, and checkpoints store contiguous copies either way.
 
-    For inference only: call it on a model no optimizer or DDP/FSDP wrapper holds
-    (they keep views of the old storage).
+    In place, for inference only: call it on a model no optimizer or DDP/FSDP wrapper holds
+    (they keep views of the old storage), or pass ``copy=True``.
     """
     column_major = model.tok_emb.weight.device.type == "cpu" and batch_size <= 2
+    if copy:
+        model = _copy_sharing_tensors(model)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight.data
                 if column_major and w.is_contiguous():
-                    module.weight.data = w.T.contiguous().T
+                    w = w.T.contiguous().T
                 elif not column_major and not w.is_contiguous():
-                    module.weight.data = w.contiguous()
+                    w = w.contiguous()
+                if copy:  # a new Parameter: the caller's module keeps its own
+                    module.weight = torch.nn.Parameter(w, requires_grad=module.weight.requires_grad)
+                else:
+                    module.weight.data = w
     return model
+
+
+def _copy_sharing_tensors(model: GPTModel) -> GPTModel:
+    """A new module tree with the same parameter and buffer tensors (no tensor is copied)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy_module.deepcopy(model, memo)
+
+
+DECODE_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear layer for decoding with int8 weights: weight-only quantisation, one scale per output row.
+
+    Decoding a few sequences reads every weight once per token, so its speed is the bytes
+    of the weights: int8 reads a quarter of float32's. Each row w of W (out, in) is stored
+    as round(w / s) in [-127, 127] with s = max|w| / 127 (symmetric, per output channel, as
+    gpt-fast's int8 weight-only mode), so each weight is off by at most s / 2. Activations
+    stay in `dtype` (bf16: the fused int8 x bf16 kernel ``_weight_int8pack_mm`` exists for it).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(self.scale.dtype).contiguous()  # (B*T, in)
+        try:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
+        except (RuntimeError, NotImplementedError):  # no fused kernel for this device/dtype: dequantise
+            y = x2 @ (self.weight.to(x2.dtype) * self.scale[:, None]).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def lower_precision_for_decoding(model: GPTModel, precision: str) -> GPTModel:
+    """A copy of `model` that decodes in `precision`; "fp32" returns `model` itself (the exact mode).
+
+    The caller's model is never changed. The copy is for inference only.
+
+    Exactness cost (what tests/test_generate.py checks against float32 on the same
+    prompts): "bf16" rounds weights, activations and the KV cache to 8 significant bits,
+    "int8" also rounds each weight to 1/254 of its row's largest magnitude. Logits move by
+    a small fraction of their spread, so the greedy token changes only where float32's two
+    best logits are that close; once one token differs, the rest of the sequence may too.
+    Sampling draws from the float32 softmax of the low-precision logits.
+
+    Args:
+        model: a GPTModel (its weights stay as they are).
+        precision: "fp32" | "bf16" | "int8" (int8 weight-only, bf16 activations).
+
+    Raises:
+        InputError: naming --decode-precision for an unknown precision.
+    """
+    if precision not in DECODE_PRECISIONS:
+        raise InputError(f"--decode-precision: must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model
+    low = copy_module.deepcopy(model).to(torch.bfloat16).eval()
+    if precision == "int8":
+        with torch.no_grad():
+            for module in list(low.modules()):
+                for name, child in module.named_children():
+                    if isinstance(child, torch.nn.Linear):
+                        setattr(module, name, Int8Linear(child, torch.bfloat16))
+    return low
 
 
 @torch.inference_mode()
@@ -167,6 +254,8 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    static_cache: bool = False,
+    compile_decode: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -191,6 +280,12 @@ def generate(
         on_tokens: called after each step with the new ids (B,) and a (B,) bool mask
             of the sequences still running (False from the step that produced
             `eos_id` on); for streaming. It reads device values every step.
+        static_cache: decode over a StaticKVCache (fixed shapes, every step attends over
+            all slots, masked): the same tokens, other float rounding in attention.
+        compile_decode: ``torch.compile`` the one-token step over a static cache (implies
+            `static_cache`); for GPUs, where it removes the launch cost of ~100 small kernels
+            per token. The first call compiles (tens of seconds); the prefill and a sliding
+            window past the context stay eager.
 
     Returns:
         The new tokens of each sequence, in prompt order, without the prompt and without `eos_id`.
@@ -206,6 +301,8 @@ def generate(
     low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
     if low < 0 or high >= cfg.vocab_size:
         raise InputError(f"prompt: token id {low if low < 0 else high} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    if compile_decode and not use_cache:
+        raise InputError("--compile-decode: compiles the KV-cache step; it cannot apply with --no-cache")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
@@ -222,17 +319,23 @@ def generate(
     pad = torch.tensor(pads, device=device).unsqueeze(1)  # (B, 1)
     max_pad = max(pads)
     # The cache serves while the sequence fits the context: it holds at most the fed tokens.
-    cache = model.new_kv_cache(batch, min(context, width + max_new_tokens - 1)) if use_cache else None
+    static = static_cache or compile_decode
+    # A static cache spans the whole context, so its shapes (and a compiled step) serve every call at this batch size.
+    max_len = context if static else min(context, width + max_new_tokens - 1)
+    cache = model.new_kv_cache(batch, max_len, static=static) if use_cache else None
     running = torch.ones(batch, dtype=torch.bool, device=device)
 
     steps = 0
     for step in range(max_new_tokens):
         cur = width + step  # columns of `seq` filled so far
-        if cache is not None and cur <= context:
+        if static and cur <= context:
+            logits = _static_logits(model, cache, seq, cur, pad, compile_decode)
+        elif cache is not None and cur <= context:
             logits = _cached_logits(model, cache, seq, cur, pad, max_pad, prefill=step == 0)
         else:
             logits = _window_logits(model, seq, cur, pad, max_pad, context, last_only=use_cache)
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)[:, 0]  # (B,)
+        # .float(): a low-precision model's logits are sampled in float32 (a no-op for the exact mode)
+        next_ids = sample_next(logits.float(), temperature, top_k, top_p, generator)[:, 0]  # (B,)
         seq[:, cur] = next_ids
         steps = step + 1
         if eos_id is not None:
@@ -258,6 +361,44 @@ def _cached_logits(
     positions = (cur - 1) - pad  # (B, 1): each row's own position
     keys_real = torch.arange(cur, device=seq.device) >= pad  # (B, S): the pad keys stay hidden
     return model(x, positions=positions, attn_mask=keys_real[:, None, None, :], kv_cache=cache, last_only=True)[:, -1]
+
+
+def _static_logits(
+    model: GPTModel, cache: StaticKVCache, seq: torch.Tensor, cur: int, pad: torch.Tensor, compiled: bool
+) -> torch.Tensor:
+    """Last-position logits (B, V) over a StaticKVCache: the prompt (eager) first, then one token a step."""
+    slots = torch.arange(cache.max_len, device=seq.device)  # (S,)
+    if cache.input_pos is None:  # prefill: positions and mask of the prompt, widened to every slot
+        positions, mask = _padding_positions_and_mask(cur, pad)  # (B, W), (B, 1, W, W)
+        mask = torch.nn.functional.pad(mask, (0, cache.max_len - cur))  # (B, 1, W, S): later slots hidden
+        cache.input_pos = slots[:cur]
+        return model(seq[:, :cur], positions=positions, attn_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+    cache.input_pos = slots[cur - 1 : cur]  # (1,): the newest token's slot
+    positions = (cur - 1) - pad  # (B, 1): each row's own position
+    mask = ((slots >= pad) & (slots < cur))[:, None, None, :]  # (B, 1, 1, S): real tokens written so far
+    step = _compiled_decode_step(seq.device.type) if compiled else _decode_step
+    x = seq[:, cur - 1 : cur].contiguous()  # (B, 1): strides of its own, not of `seq` (whose width varies by call)
+    return step(model, cache, x, positions, mask)
+
+
+def _decode_step(model: GPTModel, cache: StaticKVCache, x: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """One token per row through the model over a static cache: shapes are the same at every step."""
+    return model(x, positions=positions, attn_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_decode_step(device_type: str) -> Callable:
+    """`_decode_step` compiled once per process and device type (a new model or shape recompiles through its guards)."""
+    if device_type not in _COMPILED:
+        # CUDA: "reduce-overhead" replays the step as one CUDA graph (gpt-fast's decode setting); its
+        # output buffer is reused by the next replay, and the logits are consumed before that.
+        # fullgraph: a graph break would silently leave the step partly eager.
+        mode = "reduce-overhead" if device_type == "cuda" else "default"
+        _COMPILED[device_type] = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[device_type]
 
 
 def _window_logits(
@@ -322,6 +463,8 @@ def complete(
     seed: int = 123,
     on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    decode_precision: str = "fp32",
+    compile_decode: bool = False,
 ) -> list[dict]:
     """Continue each text prompt `num_samples` times in one batch, seeded as the book seeds: right before sampling.
 
@@ -333,6 +476,8 @@ def complete(
         num_samples: samples per prompt, in prompt order.
         eos: a sample ends at <|endoftext|>.
         seed: ``torch.manual_seed`` before sampling.
+        decode_precision, compile_decode: ``lower_precision_for_decoding`` (fp32: the exact model) and
+            ``generate``'s compiled decode step.
         warn: told, in one line each, about a prompt longer than the context (its start is dropped)
             and about several samples of greedy decoding (all the same).
 
@@ -354,10 +499,11 @@ def complete(
             warn(f"{which} has {len(ids)} tokens, the context {context}: its first {len(ids) - context} tokens are "
                  f"dropped and it continues from its last {context}")
     batch = [ids for ids in encoded for _ in range(num_samples)]
-    optimize_for_decoding(model, len(batch))
+    model = optimize_for_decoding(lower_precision_for_decoding(model, decode_precision), len(batch))
     torch.manual_seed(seed)  # the book seeds right before it samples
     outs = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    eos_id=END_OF_TEXT_ID if eos else None, use_cache=use_cache, on_tokens=on_tokens)
+                    eos_id=END_OF_TEXT_ID if eos else None, use_cache=use_cache, on_tokens=on_tokens,
+                    compile_decode=compile_decode)
     samples = []
     for i, out in enumerate(outs):
         prompt, completion = prompts[i // num_samples], decode(out)

@@ -119,6 +119,38 @@ class KVCache:
         self.values[layer][:, :, self.pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def advance(self, t: int) -> None:
+        """After a forward pass over `t` tokens: the next ones go after them."""
+        self.pos += t
+
+
+class StaticKVCache(KVCache):
+    """A KV cache of fixed shapes that ``torch.compile`` can capture (litgpt's ``input_pos`` style).
+
+    The caller sets `input_pos` (T,), the slots of the tokens it feeds, before each forward
+    pass; keys/values are written there with ``index_copy_`` and attention always reads all
+    `max_len` slots, so every decoding step has the same shapes and no Python int changes
+    inside the model (a compiled step would be specialised, and recompiled, per position).
+    The caller's `attn_mask` (B or 1, 1, T, max_len) must hide the slots not written yet;
+    they start as zeros, so a hidden slot adds exactly 0 (an uninitialised NaN would not:
+    0 x NaN = NaN in the weighted sum).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        super().__init__(cfg, batch_size, max_len, device, dtype)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer.zero_()
+        self.input_pos: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer].index_copy_(2, self.input_pos, k)
+        self.values[layer].index_copy_(2, self.input_pos, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, t: int) -> None:
+        """Nothing: the caller says where each token goes (`input_pos`)."""
+
 
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention (the book's chapter 3)."""
@@ -153,9 +185,9 @@ class MultiHeadAttention(nn.Module):
         values = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
         if kv_cache is not None:
-            start = kv_cache.pos
             keys, values = kv_cache.update(self.layer, keys, values)  # (B, H, S, D), S = start + T
             if attn_mask is None and t > 1:
+                start = kv_cache.pos
                 # Query i sits at absolute position start + i and sees keys 0..start + i.
                 attn_mask = torch.ones(t, keys.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
         # On the CPU, SDPA falls back to its math kernel whenever dropout is on; the explicit
@@ -297,7 +329,7 @@ class GPTModel(nn.Module):
             else:
                 x = block(x, attn_mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += t
+            kv_cache.advance(t)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         if select is not None:
@@ -310,10 +342,14 @@ class GPTModel(nn.Module):
             logits = logits[..., : self.cfg.vocab_size]
         return logits
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty cache for `batch_size` sequences of up to `max_len` (default context) tokens."""
-        p = self.out_head.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to `max_len` (default context) tokens.
+
+        `static`: a StaticKVCache, for a compiled decoding step.
+        """
+        p = self.tok_emb.weight  # the activations' dtype (out_head may hold int8 weights when decoding)
+        kind = StaticKVCache if static else KVCache
+        return kind(self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

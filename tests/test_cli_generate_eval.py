@@ -46,6 +46,7 @@ def test_untrained_generate_prints_the_books_text(cli):
     (["--prompts-file", "."], "--prompts-file .: cannot read (Is a directory)"),
     (["--prompts-file", "latin1.txt"], "--prompts-file latin1.txt: cannot read (not UTF-8 text)"),
     (["--prompts-file", "blank.txt"], "--prompts-file blank.txt: no prompts"),
+    (["x", "--no-cache", "--compile-decode"], "--compile-decode: compiles the KV-cache step"),
 ])
 def test_bad_generate_input_is_one_line_and_exit_2(cli, ckpt, tmp_path, args, message):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
@@ -187,3 +188,17 @@ def test_eval_all_prints_loss_against_step_and_warns_about_damage(cli, tiny_conf
     assert "warning: skipped a damaged checkpoint" in r.stderr and "step-000020" in r.stderr
     data = json.loads(cli("eval", "--checkpoint", run, "--all", "--eval-iter", "1", "--json").stdout)
     assert [row["step"] for row in data["results"]] == [10, 30] and len(data["skipped"]) == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_generate_decode_precision_prints_what_the_low_precision_model_decodes(cli, ckpt, precision):
+    from gptcli.generate import lower_precision_for_decoding
+
+    model = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
+    low = lower_precision_for_decoding(model, precision)
+    expected = "Hello" + decode(generate(low, [encode("Hello")], 8)[0])
+    r = cli("generate", "Hello", "--checkpoint", ckpt, "--max-new-tokens", "8", "--decode-precision", precision)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    r = cli("generate", "Hello", "--checkpoint", ckpt, "--max-new-tokens", "8", "--decode-precision", "fp16")
+    assert r.exit_code == 2 and "--decode-precision" in r.stderr

@@ -81,6 +81,20 @@ def test_kv_cache_equals_recompute_on_cuda(impl, no_tf32):
     assert all(len(row) == 300 for row in cached)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_compiled_static_decode_equals_the_eager_static_decode_on_cuda(precision, no_tf32):
+    from gptcli.generate import lower_precision_for_decoding
+
+    torch.manual_seed(1)
+    model = GPTModel(tiny_model_config(vocab_size=2000, context_length=64, impl="fused")).eval().cuda()
+    model = lower_precision_for_decoding(model, precision)
+    prompts = [[5, 6, 7], list(range(10, 20))]
+    eager = generate(model, prompts, 80, static_cache=True)
+    assert generate(model, prompts, 80, compile_decode=True) == eager
+    if precision == "fp32":
+        assert eager == generate(model, prompts, 80)
+
+
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_torchrun_with_nccl(verdict, tmp_path, subprocess_env, kind):
     cmd = [*gptcli_cmd()[:1], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "gptcli",
