@@ -73,7 +73,7 @@ def profile_our_step(args, data: Path) -> None:
     active = 1 if args.dry_run else 3
     config = "configs/tiny.yaml" if args.dry_run else "configs/gpt2-124m-fast.yaml"
     overrides = {"data.path": str(data), "train.max_steps": wait + 1 + active, "train.eval_freq": 10**9,
-                 "train.sample_tokens": 0, "train.save_every": None, "train.log_every": 1,
+                 "train.max_new_tokens": 0, "train.save_freq": None, "train.log_freq": 1,
                  "train.device": "cpu" if args.dry_run else "cuda"}
     if not args.dry_run:
         overrides["train.batch_size"] = args.batch_size

@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark uploads nothing unless asked to
-    overrides = {"data.path": args.data, "train.max_steps": args.steps, "train.save_every": None}
+    overrides = {"data.path": args.data, "train.max_steps": args.steps, "train.save_freq": None}
     variants = {"none": [], "all three": list(LOGGERS)}
     rates: dict[str, list[float]] = {v: [] for v in variants}
     later: dict[str, list[float]] = {v: [] for v in variants}  # second half: the trackers are open by then

@@ -62,7 +62,7 @@ def parse_recipe(spec: str) -> tuple[str, list[str]]:
 def run_recipe(name: str, sets: list[str], seed: int, args, out: Path) -> dict | None:
     """Train one recipe from one seed with the CLI; its metrics records, or None when gptcli refused its config."""
     common = [f"train.seed={seed}", f"train.eval_freq={args.eval_every}", "train.eval_iter=null",
-              "train.sample_tokens=0", "train.log_every=1", f"train.save_every={10**9}", "train.keep_last=1",
+              "train.max_new_tokens=0", "train.log_freq=1", f"train.save_freq={10**9}", "train.keep_last=1",
               f"train.device={args.device}"]
     if args.max_steps:
         common.append(f"train.max_steps={args.max_steps}")
@@ -87,7 +87,7 @@ def to_target(records: list[dict], target: float) -> dict:
     train_s, step_end_s = 0.0, {}
     last_tokens = 0
     for r in (r for r in records if r["event"] == "train"):
-        train_s += (r["tokens_seen"] - last_tokens) / r["tokens_per_s"]  # log_every=1: this step's own time
+        train_s += (r["tokens_seen"] - last_tokens) / r["tokens_per_s"]  # log_freq=1: this step's own time
         last_tokens = r["tokens_seen"]
         step_end_s[r["step"]] = train_s
     hit = next((e for e in evals if e["val_loss"] <= target), None)

@@ -285,7 +285,7 @@ def main() -> None:
                    help="override in --fast-config, e.g. train.precision=bf16")
     p.add_argument("--peer-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="nanoGPT's and transformers' step: fp32, or bf16 autocast as their mixed precision runs; "
-                        "auto = bf16 where this device's measured bf16 matmul peak is above 1.5x its fp32 peak")
+                        "auto = bf16 where gptcli's train.precision auto picks it (bf16 units: AMX, AVX512-BF16, CUDA)")
     p.add_argument("--peer-compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the peers' models; auto = on a GPU (nanoGPT's default there)")
     p.add_argument("--device", default="cpu")
@@ -330,15 +330,18 @@ def main() -> None:
     # Every figure is read against the measured peak of the dtype it computes in: both are measured.
     # remeasure_peak caches the figure, so the gptcli workers' MFU meters find it instead of timing a matmul mid-run.
     peaks = {"fp32": perf.remeasure_peak(device, torch.float32), "bf16": perf.remeasure_peak(device, torch.bfloat16)}
-    # bf16 "natively" = its matmuls clearly beat fp32's (AMX/AVX512-BF16 CPUs: ~6.5x; Zen 3 emulates it: < 1x).
-    bf16_faster = peaks["bf16"] > 1.5 * peaks["fp32"]
+    # One rule for "computes bf16 natively", gptcli's own (train.precision auto: CUDA with bf16, a CPU
+    # with AMX or AVX512-BF16), for the fast profile and for the peers' best setting alike.
+    from gptcli.precision import resolve_precision
+
+    native = resolve_precision("auto", device)[0]
     if args.peer_compile == "auto":
         args.peer_compile = "on" if on_gpu else "off"
     if args.peer_dtype == "auto":
-        args.peer_dtype = "bf16" if bf16_faster else "fp32"
-        print(f"peers run with --peer-dtype {args.peer_dtype} (auto: bf16 matmul peak "
-              f"{'above' if bf16_faster else 'not above'} 1.5x fp32's)", file=sys.stderr)
-    fast_dtype = {"bf16": "bf16", "fp16": "fp16", "auto": "bf16" if bf16_faster else "fp32"}.get(fast.train.precision, "fp32")
+        args.peer_dtype = "bf16" if native == "bf16" else "fp32"
+        print(f"peers run with --peer-dtype {args.peer_dtype} (auto: gptcli's train.precision auto gives {native} "
+              "here)", file=sys.stderr)
+    fast_dtype = resolve_precision(fast.train.precision, device)[0]
     if fast_dtype == "fp16":
         peaks["fp16"] = perf.remeasure_peak(device, torch.float16)
     peak32, peak_fast, peak_bf16 = peaks["fp32"], peaks[fast_dtype], peaks["bf16"]

@@ -119,8 +119,8 @@ def test_training_uses_tf32_for_the_run_and_restores_the_callers_setting(verdict
 
 def test_deferred_nonfinite_check_on_cuda_stops_at_the_next_check(verdict, tmp_path):
     """The default on CUDA with the fused AdamW: no host sync per step, the bad step's update skipped."""
-    cfg = _config(verdict, **{"train.optimizer_impl": "fused", "train.learning_rate": 1e30, "train.save_every": 1,
-                              "train.log_every": 50, "train.eval_freq": 50})
+    cfg = _config(verdict, **{"train.optimizer_impl": "fused", "train.learning_rate": 1e30, "train.save_freq": 1,
+                              "train.log_freq": 50, "train.eval_freq": 50})
     from gptcli.errors import RunError
 
     with pytest.raises(RunError, match="update was skipped"):

@@ -198,7 +198,7 @@ def test_ddp_gradient_accumulation_equals_one_process_and_reduces_once_per_step(
     """issue 13: 2 processes x batch b x accumulation k train as 1 process x batch 2bk, and only the last
     micro-batch of a step all-reduces its gradients (DDP no_sync on the others)."""
     b, k, steps = 2, 2, 4
-    sets = [*SETS, "train.save_every=4"]
+    sets = [*SETS, "train.save_freq=4"]
     reference = tmp_path / "single"
     train(load_config(CONFIGS / "tiny.yaml", {"data.path": str(VERDICT), "train.device": "cpu", "train.max_steps": steps,
                                               "train.batch_size": 2 * b * k}, sets), reference)
@@ -227,14 +227,14 @@ def test_ddp_gradient_accumulation_equals_one_process_and_reduces_once_per_step(
 def test_fsdp_gradient_accumulation_equals_one_process(tmp_path, subprocess_env):
     """FSDP2 keeps the non-final micro-steps' gradients local (set_requires_gradient_sync(False)): same weights."""
     b, k, steps = 2, 2, 4
-    sets = [*SETS, "train.save_every=4"]
+    sets = [*SETS, "train.save_freq=4"]
     reference = tmp_path / "single"
     train(load_config(CONFIGS / "tiny.yaml", {"data.path": str(VERDICT), "train.device": "cpu", "train.max_steps": steps,
                                               "train.batch_size": 2 * b * k}, sets), reference)
     out = tmp_path / "fsdp"
     args = ["-c", str(CONFIGS / "tiny.yaml"), "--data", str(VERDICT), "--out", str(out), "--device", "cpu",
             "--max-steps", str(steps), "--batch-size", str(b)]
-    _torchrun(args + _sets(["train.save_every=4", f"train.grad_accum_steps={k}", "train.distributed=fsdp"]),
+    _torchrun(args + _sets(["train.save_freq=4", f"train.grad_accum_steps={k}", "train.distributed=fsdp"]),
               subprocess_env, tmp_path)
     a, c = _weights(reference, steps), _weights(out, steps)
     assert_equal_up_to_adamw_rounding(a, c, LR, steps)

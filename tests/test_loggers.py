@@ -23,7 +23,7 @@ from gptcli.train import Events, train
 
 # tiny.yaml at batch 16: 9 steps per epoch; 2 epochs capped at 12 steps gives an epoch sample (step 9), evaluations at
 # steps 1, 4, 7, 10 and the final one at 12, and a stop at step 5 that is neither.
-OVERRIDES = {"train.batch_size": 16, "train.num_epochs": 2, "train.max_steps": 12, "train.eval_freq": 3, "train.save_every": None,
+OVERRIDES = {"train.batch_size": 16, "train.num_epochs": 2, "train.max_steps": 12, "train.eval_freq": 3, "train.save_freq": None,
              "train.peak_flops": 1e12}
 STOP_AT = 5
 

@@ -85,7 +85,7 @@ def test_metrics_hands_every_record_to_every_sink_the_caller_added():
 
 
 def test_train_records_report_peak_memory_data_wait_and_eta(verdict, tmp_path):
-    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 4, "train.sample_tokens": 0})
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 4, "train.max_new_tokens": 0})
     train(cfg, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / report.METRICS).read_text().splitlines()]
     steps = [r for r in records if r["event"] == "train"]

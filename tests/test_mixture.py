@@ -152,7 +152,7 @@ def test_resuming_a_mixture_run_on_a_single_source_is_refused(tmp_path, verdict)
 
     roots = _prepared_halves(tmp_path, verdict)
     train(_mixture_config(roots, **{"train.max_steps": 2}), tmp_path / "run")
-    single = load_config(CONFIGS / "tiny.yaml", {"data.path": str(roots[0]), "train.sample_tokens": 0,
+    single = load_config(CONFIGS / "tiny.yaml", {"data.path": str(roots[0]), "train.max_new_tokens": 0,
                                                  "train.max_steps": 4})
     for allow in (False, True):  # even when a changed corpus is allowed, the positions cannot carry over
         with pytest.raises(InputError, match="trained on a mixture .* single source"):

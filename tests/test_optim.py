@@ -19,7 +19,7 @@ BLOCK_MATRICES = ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"
 
 def _muon_config(verdict, **sets):
     values = {"data.path": str(verdict), "train.device": "cpu", "train.optimizer": "muon", "train.max_steps": 4,
-              "train.eval_freq": 3, "train.sample_tokens": 0, "train.peak_flops": 1e12, "train.save_every": None}
+              "train.eval_freq": 3, "train.max_new_tokens": 0, "train.peak_flops": 1e12, "train.save_freq": None}
     values.update(sets)
     return load_config(CONFIGS / "tiny.yaml", values)
 

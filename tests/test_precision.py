@@ -54,8 +54,8 @@ def test_cuda_without_bf16_gets_fp16_from_auto_and_refuses_bf16_by_name(monkeypa
 
 def _tiny(verdict, **sets):
     values = {"data.path": str(verdict), "train.device": "cpu", "train.max_steps": 12, "train.eval_freq": 4,
-              "train.sample_tokens": 0, "train.peak_flops": 1e12, "model.impl": "fused", "model.drop_rate": 0.0,
-              "train.save_every": None}
+              "train.max_new_tokens": 0, "train.peak_flops": 1e12, "model.impl": "fused", "model.drop_rate": 0.0,
+              "train.save_freq": None}
     values.update(sets)
     return load_config(CONFIGS / "tiny.yaml", values)
 
@@ -108,7 +108,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(verdict, tmp_path, mo
     _overflow_at(monkeypatch, {3})
     events = _Warnings()
     run = tmp_path / "run"
-    summary = train(_tiny(verdict, **{"train.precision": "fp16", "train.max_steps": 4, "train.save_every": 1,
+    summary = train(_tiny(verdict, **{"train.precision": "fp16", "train.max_steps": 4, "train.save_freq": 1,
                                       "train.keep_last": 4}), run, events=events)
     assert summary["steps"] == 4  # the run went on
     assert [w for w in events.warnings if "overflow" in w] == [
@@ -154,7 +154,7 @@ def test_fp16_resume_restores_the_scaler_bit_for_bit(verdict, tmp_path, monkeypa
 
 def test_auto_precision_says_its_choice_in_one_line_on_stderr(cli, verdict, tmp_path):
     r = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", tmp_path / "run", "--max-steps", "1",
-            "--set", "train.precision=auto", "--set", "train.sample_tokens=0", "--set", "train.peak_flops=1e12")
+            "--set", "train.precision=auto", "--set", "train.max_new_tokens=0", "--set", "train.peak_flops=1e12")
     assert r.exit_code == 0, r.stderr
     chosen = resolve_precision("auto", torch.device("cpu"))[0]
     assert [line for line in r.stderr.splitlines() if "train.precision auto" in line] == [

@@ -19,7 +19,7 @@ TINY = ["--config", str(CONFIGS / "tiny.yaml")]
 
 
 def _train(cli, verdict, run, *extra):
-    result = cli("train", *TINY, "--data", verdict, "--out", run, "--set", "train.sample_tokens=0", *extra)
+    result = cli("train", *TINY, "--data", verdict, "--out", run, "--set", "train.max_new_tokens=0", *extra)
     return result
 
 

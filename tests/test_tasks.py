@@ -274,7 +274,7 @@ def tiny_run_config(verdict, tmp_path, with_tasks: bool, **extra):
 
     data = write_jsonl(tmp_path / "train_task.jsonl", toy_items(8))
     values = {"data.path": str(verdict), "train.device": "cpu", "train.max_steps": 7, "train.eval_freq": 2,
-              "train.save_every": 3, "train.sample_tokens": 0, "train.peak_flops": 1e12, **extra}
+              "train.save_freq": 3, "train.max_new_tokens": 0, "train.peak_flops": 1e12, **extra}
     if with_tasks:
         values["train.eval_tasks"] = [{"name": "choices", "data": str(data), "limit": 6}]
     return load_config(CONFIGS / "tiny.yaml", values)

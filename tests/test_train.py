@@ -308,8 +308,8 @@ def test_deferred_nonfinite_check_leaves_no_attribute_on_the_optimizer(verdict, 
 
     stepped = set()
     handle = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: stepped.add(optimizer))
-    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 3, "train.sample_tokens": 0},
-                      ["train.optimizer_impl=fused", "train.log_every=50"])
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 3, "train.max_new_tokens": 0},
+                      ["train.optimizer_impl=fused", "train.log_freq=50"])
     try:
         train(cfg, tmp_path / "run", defer_nonfinite_check=True)
     finally:
@@ -459,7 +459,7 @@ def test_train_changes_no_process_wide_allocator_policy_and_says_so(verdict, tmp
             self.lines.append(message)
 
     events = Warnings()
-    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 1, "train.sample_tokens": 0},
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 1, "train.max_new_tokens": 0},
                       ["train.host_memory=return"])
     train(cfg, tmp_path / "a", events=events)
     assert calls == [] and any("train.host_memory return: not applied" in w for w in events.lines)
@@ -491,7 +491,7 @@ def test_tf32_on_a_device_without_it_is_said_not_ignored(verdict, tmp_path):
         def warn(self, message):
             messages.append(message)
 
-    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 1, "train.sample_tokens": 0,
+    cfg = load_config(CONFIGS / "tiny.yaml", {"data.path": str(verdict), "train.max_steps": 1, "train.max_new_tokens": 0,
                                               "train.device": "cpu"}, ["train.tf32=true"])
     train(cfg, tmp_path / "run", events=Warnings())
     assert any(m.startswith("train.tf32 true:") and "no effect on cpu" in m for m in messages)

@@ -23,8 +23,8 @@ LR = 0.001  # tiny.yaml's learning rate
 
 def _cfg(**sets):
     """configs/tiny.yaml on the book's corpus, no dropout (runs differ only where an option acts), no samples."""
-    values = {"data.path": str(VERDICT), "train.device": "cpu", "model.drop_rate": 0.0, "train.sample_tokens": 0,
-              "train.save_every": None}
+    values = {"data.path": str(VERDICT), "train.device": "cpu", "model.drop_rate": 0.0, "train.max_new_tokens": 0,
+              "train.save_freq": None}
     values.update({k.replace("__", "."): v for k, v in sets.items()})
     return load_config(CONFIGS / "tiny.yaml", values)
 
@@ -44,7 +44,7 @@ def _best_step(run: Path) -> int:
 def test_keep_last_keeps_the_newest_step_checkpoints_and_the_one_best_points_to(tmp_path):
     """A learning rate so high the validation loss jumps about: the best step (5 here) is an old one."""
     run = tmp_path / "run"
-    train(_cfg(train__max_steps=8, train__save_every=1, train__keep_last=2, train__eval_freq=1,
+    train(_cfg(train__max_steps=8, train__save_freq=1, train__keep_last=2, train__eval_freq=1,
                train__learning_rate=0.5), run)
     best = _best_step(run)
     kept = [p.name for p in list_step_checkpoints(run)]
@@ -58,7 +58,7 @@ def test_keep_last_keeps_the_newest_step_checkpoints_and_the_one_best_points_to(
 
 def test_best_between_checkpoints_is_its_own_weights_only_checkpoint(tmp_path):
     run = tmp_path / "run"
-    train(_cfg(train__max_steps=8, train__save_every=4, train__keep_last=1, train__eval_freq=1,
+    train(_cfg(train__max_steps=8, train__save_freq=4, train__keep_last=1, train__eval_freq=1,
                train__learning_rate=0.5), run)
     best = _best_step(run)
     assert best % 4 != 0  # evaluated at a step no step checkpoint holds
@@ -116,9 +116,9 @@ def _gradient_seen_by_adamw(run: Path, step: int) -> float:
 
 def test_grad_clip_bounds_the_gradient_the_optimizer_uses_and_logs_the_norm_before(tmp_path):
     free = tmp_path / "free"
-    train(_cfg(train__max_steps=1, train__save_every=1, train__grad_clip=1e9), free)  # never reached
+    train(_cfg(train__max_steps=1, train__save_freq=1, train__grad_clip=1e9), free)  # never reached
     clipped = tmp_path / "clipped"
-    train(_cfg(train__max_steps=1, train__save_every=1, train__grad_clip=0.05), clipped)
+    train(_cfg(train__max_steps=1, train__save_freq=1, train__grad_clip=0.05), clipped)
     norm = _records(free, "train")[0]["grad_norm"]
     assert norm > 0.05  # so the second run clips
     # clip_grad_norm_ scales by clip / (norm + 1e-6) and sums in float32: 1e-4 covers both
@@ -187,7 +187,7 @@ def test_a_nonfinite_loss_under_ddp_stops_every_rank_with_one_line_and_keeps_the
     run = tmp_path / "run"
     cmd = [*gptcli_cmd(), "train", "--nproc", "2", "-c", str(CONFIGS / "tiny.yaml"), "--data", str(VERDICT),
            "--out", str(run), "--device", "cpu", "--max-steps", "4", "--batch-size", "2", "--learning-rate", "1e30",
-           "--set", "train.save_every=1", "--set", "train.sample_tokens=0", "--set", "model.drop_rate=0"]
+           "--set", "train.save_freq=1", "--set", "train.max_new_tokens=0", "--set", "model.drop_rate=0"]
     done = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
