@@ -63,6 +63,9 @@ def flatten(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+RUN_END_KEYS = ("state", "ended_at", "signal", "error")  # run.json's record of how the run ended (rundir.py)
+
+
 def params(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """The resolved config (``model.emb_dim``, ...) and run.json (``run.corpus/sha256``, ...), flat.
 
@@ -79,7 +82,8 @@ def params(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
 
     for section, values in config.items():
         walk(section, values)
-    walk("run", manifest)
+    # How the run ends (state, ended_at, signal, error) is not a parameter: it changes as the run goes.
+    walk("run", {k: v for k, v in manifest.items() if k not in RUN_END_KEYS})
     return out
 
 
