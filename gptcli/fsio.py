@@ -11,6 +11,7 @@ behind. The standard library only; nothing of gptcli is imported here.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import IO
@@ -86,3 +87,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path` (a run's own state files), or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

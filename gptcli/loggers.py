@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gptcli.config import LOGGERS
-from gptcli.download import fsync_dir
+from gptcli.fsio import atomic_write, read_json_object
 from gptcli.errors import first_line
 
 STATE_FILE = "loggers.json"  # tracker ids of this run (see resolve.RUN_FILES)
@@ -170,29 +170,14 @@ class Trackers:
             with self._lock:
                 state = read_state(self.run_dir)
                 state[name] = {**state.get(name, {}), **info}
-                _write_durably(self.run_dir / STATE_FILE, state)
+                atomic_write(self.run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
         return remember
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
     """RUN/loggers.json ({} when absent or unreadable)."""
-    try:
-        state = json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def _write_durably(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}.json")  # ".tmp-": cleaned up as ours after a crash
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    return read_json_object(run_dir / STATE_FILE)
 
 
 class _Worker:

@@ -23,7 +23,7 @@ import torch
 
 from gptcli.checkpoint import clean_temporaries
 from gptcli.errors import InputError, RunError, first_line
-from gptcli.fsio import atomic_write
+from gptcli.fsio import atomic_write, read_json_object
 from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
 
 RUN_MANIFEST = "run.json"
@@ -96,11 +96,7 @@ class RunLock:
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     """run.json of `run_dir`, or {} when it is missing or unreadable."""
-    try:
-        manifest = json.loads((run_dir / RUN_MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
+    return read_json_object(run_dir / RUN_MANIFEST)
 
 
 def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_size: int,
@@ -194,9 +190,8 @@ def record_end(run_dir: Path, error: Optional[BaseException]) -> None:
     record must not hide how the run really ended; `gptcli runs` then says interrupted.
     """
     path = run_dir / RUN_MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    manifest = read_manifest(run_dir)
+    if not manifest:
         return  # the run stopped before it wrote run.json: nothing of it to describe
     signum = getattr(error, "signum", None)
     if error is None:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from gptcli.checkpoint import CONFIG, MANIFEST, list_step_checkpoints
 from gptcli.errors import InputError
+from gptcli.fsio import read_json_object
 from gptcli.report import METRICS, read_metrics
 from gptcli.resolve import LOCK_FILES, RUN_FILES
 
@@ -66,7 +67,7 @@ def lock_held(run_dir: Path) -> Optional[bool]:
 
 def run_state(run_dir: Path) -> dict[str, Any]:
     """{"state", and "pid" / "signal" / "error" / "ended_at" where known} of one run."""
-    manifest = _read_json(run_dir / RUN_JSON)
+    manifest = read_json_object(run_dir / RUN_JSON)
     held = lock_held(run_dir)
     if held:
         pid = _read_text(run_dir / LOCK_PID)
@@ -78,7 +79,7 @@ def run_state(run_dir: Path) -> dict[str, Any]:
         return {"state": "interrupted"}  # no end-state and no lock holder: killed
     # A run from before end-states: its newest checkpoint's reason says how far it got.
     steps = list_step_checkpoints(run_dir)
-    reason = _read_json(steps[-1] / MANIFEST).get("reason") if steps else None
+    reason = read_json_object(steps[-1] / MANIFEST).get("reason") if steps else None
     return {"state": {"end": "finished", "interrupt": "stopped"}.get(reason, "interrupted")}
 
 
@@ -241,14 +242,6 @@ def _unique_names(runs: list[Path]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     return [str(p) for p in runs]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _read_text(path: Path) -> Optional[str]:

@@ -193,15 +193,20 @@ counts = {"reduced_in": sorted(set(reductions)), "backwards": backwards[0]}
 Path(sys.argv[4], f"counts-{os.environ['RANK']}.json").write_text(json.dumps(counts))
 """
 
+def _one_process_run(tmp_path, steps: int, batch_size: int, sets: list[str]):
+    """The reference: one process at the global batch, what DDP/FSDP with accumulation must equal."""
+    reference = tmp_path / "single"
+    train(load_config(CONFIGS / "tiny.yaml", {"data.path": str(VERDICT), "train.device": "cpu", "train.max_steps": steps,
+                                              "train.batch_size": batch_size}, sets), reference)
+    return reference
+
 
 def test_ddp_gradient_accumulation_equals_one_process_and_reduces_once_per_step(tmp_path, subprocess_env):
     """issue 13: 2 processes x batch b x accumulation k train as 1 process x batch 2bk, and only the last
     micro-batch of a step all-reduces its gradients (DDP no_sync on the others)."""
     b, k, steps = 2, 2, 4
     sets = [*SETS, "train.save_freq=4"]
-    reference = tmp_path / "single"
-    train(load_config(CONFIGS / "tiny.yaml", {"data.path": str(VERDICT), "train.device": "cpu", "train.max_steps": steps,
-                                              "train.batch_size": 2 * b * k}, sets), reference)
+    reference = _one_process_run(tmp_path, steps, 2 * b * k, sets)
     script = tmp_path / "counting_trainer.py"
     script.write_text(_COUNTING_TRAINER)
     out = tmp_path / "ddp"
@@ -228,9 +233,7 @@ def test_fsdp_gradient_accumulation_equals_one_process(tmp_path, subprocess_env)
     """FSDP2 keeps the non-final micro-steps' gradients local (set_requires_gradient_sync(False)): same weights."""
     b, k, steps = 2, 2, 4
     sets = [*SETS, "train.save_freq=4"]
-    reference = tmp_path / "single"
-    train(load_config(CONFIGS / "tiny.yaml", {"data.path": str(VERDICT), "train.device": "cpu", "train.max_steps": steps,
-                                              "train.batch_size": 2 * b * k}, sets), reference)
+    reference = _one_process_run(tmp_path, steps, 2 * b * k, sets)
     out = tmp_path / "fsdp"
     args = ["-c", str(CONFIGS / "tiny.yaml"), "--data", str(VERDICT), "--out", str(out), "--device", "cpu",
             "--max-steps", str(steps), "--batch-size", str(b)]
