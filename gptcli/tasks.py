@@ -229,42 +229,43 @@ def score_tokens(model, pairs: Sequence[tuple[list[int], list[int]]], device=Non
     base = unwrap(model)
     window = base.cfg.context_length
     device = device if device is not None else next(base.parameters()).device
-    rows = []
+    # Rows whose inputs are the same token ids (choices of one token after a shared context: the input
+    # is the context alone) share one forward pass; each reads its own targets off the same logits.
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:
             raise InputError(f"request {i}: an empty continuation scores nothing")
         inp = (ctx + cont)[-(window + 1):][:-1]
-        rows.append((i, inp, cont[-len(inp):] if len(cont) > len(inp) else cont))
-    rows.sort(key=lambda r: -len(r[1]))  # longest first, as the harness's Collator: similar lengths batch together
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        groups.setdefault(tuple(inp), []).append((i, cont[-len(inp):] if len(cont) > len(inp) else cont))
+    # longest first, as the harness's Collator: similar lengths batch together
+    rows = sorted(groups.items(), key=lambda g: -len(g[0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             start = 0
             while start < len(rows):
-                width = len(rows[start][1])
+                width = len(rows[start][0])
                 n = max(1, min(len(rows) - start, batch_tokens // max(width, 1)))
                 batch = rows[start:start + n]
-                k = max(len(cont) for _, _, cont in batch)
+                spans = [max(len(cont) for _, cont in members) for _, members in batch]  # positions each row needs
+                k = max(spans)
                 x = torch.zeros((n, width), dtype=torch.long)
-                at = torch.zeros((n, k), dtype=torch.long)  # the positions that predict each continuation token
-                target = torch.zeros((n, k), dtype=torch.long)
-                mask = torch.zeros((n, k), dtype=torch.bool)
-                for j, (_, inp, cont) in enumerate(batch):
+                at = torch.zeros((n, k), dtype=torch.long)  # the positions that predict the continuations' tokens
+                for j, (inp, _) in enumerate(batch):
                     x[j, :len(inp)] = torch.tensor(inp)
-                    at[j, :len(cont)] = torch.arange(len(inp) - len(cont), len(inp))
-                    target[j, :len(cont)] = torch.tensor(cont)
-                    mask[j, :len(cont)] = True
+                    at[j, :spans[j]] = torch.arange(len(inp) - spans[j], len(inp))
                 with (autocast() if autocast is not None else contextlib.nullcontext()):
                     # logits at the continuation's positions only: the C x V head is most of a small model's cost
                     logits = model(x.to(device), select=at.to(device))  # (n, k, V)
                 logp = logits.float().log_softmax(-1)
-                target, mask = target.to(logp.device), mask.to(logp.device)
-                picked = logp.gather(-1, target[..., None])[..., 0].masked_fill(~mask, 0.0)  # (n, k)
-                greedy = ((logp.argmax(-1) == target) | ~mask).all(-1)
-                for j, (i, _, _) in enumerate(batch):
-                    out[i] = (picked[j].sum().item(), bool(greedy[j]))
+                for j, (_, members) in enumerate(batch):
+                    for i, cont in members:  # a continuation of L tokens: the row's last L selected positions
+                        rows_logp = logp[j, spans[j] - len(cont):spans[j]]  # (L, V)
+                        target = torch.tensor(cont, device=logp.device)
+                        picked = rows_logp.gather(-1, target[:, None])[:, 0]
+                        out[i] = (picked.sum().item(), bool((rows_logp.argmax(-1) == target).all()))
                 start += n
     finally:
         model.train(was_training)

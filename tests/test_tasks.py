@@ -430,3 +430,25 @@ def test_eval_task_data_in_a_config_file_is_relative_to_that_file(tmp_path):
     cfg = load_config(tmp_path / "cfg" / "c.yaml")
     assert cfg.train.eval_tasks == [{"name": "hellaswag", "data": None, "limit": None},
                                     {"name": "choices", "data": str(tmp_path / "cfg" / "mine.jsonl"), "limit": 5}]
+
+
+def test_rows_sharing_an_input_share_one_forward_and_score_as_alone():
+    """One-token choices after a shared context have the same input (the context): one forward serves them,
+    and each scores exactly what it scores alone; so does a row whose input equals another's by coincidence."""
+    from gptcli.tasks import score_tokens
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_model_config()).eval()
+    ctx = encode("The old house at the end of the road was")
+    pairs = [(ctx, encode(" red")), (ctx, encode(" blue")), (ctx[:-1], ctx[-1:] + encode(" red")),
+             (ctx, encode(" green with white trim")), (ctx[:5], encode(" far away"))]
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        together = score_tokens(model, pairs, batch_tokens=4096)
+    finally:
+        handle.remove()
+    assert sum(calls) == 3  # rows 0-2 have one input (ctx), row 3 and row 4 their own
+    alone = [score_tokens(model, [pair])[0] for pair in pairs]
+    for (a, greedy_a), (b, greedy_b) in zip(together, alone):
+        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b  # other batch shapes: float rounding only
