@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from gptcli.config import LOGGERS
 from gptcli.fsio import atomic_write, read_json_object
 from gptcli.errors import first_line
 
