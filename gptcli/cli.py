@@ -603,7 +603,7 @@ def loss(
                              progress=corpus_download(renderer, plan.cfg.data.path))
     model, where = build_model(plan, seed)
     _notes(plan.notes)
-    rows = split_losses(model, splits, batch_size or plan.cfg.train.batch_size, eval_iter)
+    rows = split_losses(model, splits, batch_size or plan.cfg.train.batch_size, eval_iter, plan.cfg.data)
     if json_out:
         return _print_json({"model": where, "data": splits.source, **rows})
     print(f"{'split':<6} {'loss':>10} {'perplexity':>12} {'tokens':>9} {'batches':>8}")
@@ -651,6 +651,9 @@ def generate(
     prompts = _read_prompts(prompt, prompts_file)
     model, plan, where = load_model(checkpoint, config, sets, {"train.device": device}, seed, root=CHECKPOINTS_ROOT)
     _notes(plan.notes)
+    if plan.cfg.data.document_mask and any("<|endoftext|>" in p for p in prompts):
+        _warn("the model was trained with data.document_mask: true, but generation attends across the "
+              "<|endoftext|> in the prompt; give only the text after it to continue one document as trained")
     seed = plan.cfg.train.seed if seed is None else seed
     printer = _stream_printer(prompts, num_samples, stream, json_out)
     samples = complete(model, prompts, max_new_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k,
@@ -777,9 +780,9 @@ def eval_(
     model, where = build_model(plan, seed)
     _notes(plan.notes)
     if text is not None:
-        result = ev.token_report(model, text)
+        result = ev.token_report(model, text, data=plan.cfg.data)
         return _print_json({"model": where, **result}) if json_out else _render_token_report(result, show_tokens)
-    rows = ev.evaluate_datasets(model, datasets, batch_size or plan.cfg.train.batch_size, eval_iter)
+    rows = ev.evaluate_datasets(model, datasets, batch_size or plan.cfg.train.batch_size, eval_iter, plan.cfg.data)
     _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
 
 
@@ -824,6 +827,7 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
         raise InputError(f"--limit {limit}: must be at least 1")
     if harness_task:
         from gptcli import harness  # InputError naming pip install 'gptcli[eval]' without the extra
+    from gptcli.documents import as_trained
     from gptcli.resolve import build_model, resolve_model
 
     plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
@@ -831,9 +835,9 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
     _notes(plan.notes)
     results = {}
     if loaded is not None:
-        results[task] = tk.evaluate_task(model, loaded, per_item=per_item)
+        results[task] = tk.evaluate_task(as_trained(model, plan.cfg.data), loaded, per_item=per_item)
     if harness_task:
-        results.update(harness.run_harness(model, harness_task, harness_tasks_dir, limit))
+        results.update(harness.run_harness(model, harness_task, harness_tasks_dir, limit, data=plan.cfg.data))
     if json_out:
         _print_json({"model": where, "tasks": results})
         return

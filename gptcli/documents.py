@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from gptcli.config import DataConfig
+from gptcli.tokenizer import END_OF_TEXT_ID
+
 
 def document_starts(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
     """(B, T) bool: True where a document starts inside the window (after an <|endoftext|>)."""
@@ -53,8 +56,21 @@ class DocumentMasked(nn.Module):
         self.module = module
         self.eot_id = eot_id
         self.reset_positions = reset_positions
+        self.train(module.training)  # the wrapped model's mode: restoring the wrapper's must not flip the model's
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """The module's output for `idx`; `kwargs` (e.g. return_hidden) pass through."""
         positions, attn_mask = document_inputs(idx, self.eot_id, self.reset_positions)
         return self.module(idx, positions, attn_mask, **kwargs)
+
+
+def as_trained(module: nn.Module, data: DataConfig | None) -> nn.Module:
+    """`module` called as training called it: within documents when `data.document_mask`, else unchanged.
+
+    Every command that scores text with a trained model (the training loop's evaluation,
+    `eval`, `loss`, task and harness scoring) goes through here, so a model trained with
+    the document mask is never scored without it. `data` None: the plain model call.
+    """
+    if data is None or not data.document_mask:
+        return module
+    return DocumentMasked(module, END_OF_TEXT_ID, data.reset_positions)

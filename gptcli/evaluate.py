@@ -29,8 +29,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from gptcli.checkpoint import list_step_checkpoints, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from gptcli.config import Config
+from gptcli.config import Config, DataConfig
 from gptcli.data import TokenWindows, WindowBatchSampler, load_splits, make_loader, read_corpus
+from gptcli.documents import as_trained
 from gptcli.errors import InputError, RunError
 from gptcli.loss import cross_entropy
 from gptcli.model import GPTModel
@@ -191,19 +192,24 @@ def file_windows(path: str | Path, context_length: int) -> TokenWindows:
     return TokenWindows(tokens, length, length)
 
 
-def eval_datasets(cfg: Config, data: Sequence[str | Path] = (), val: bool = True) -> list[tuple[str, TokenWindows]]:
+def eval_datasets(cfg: Config, data: Sequence[str | Path] = (), val: bool = True) -> list[tuple]:
     """(name, windows) to evaluate: the config's validation split (if `val`) and each file in `data`.
 
-    The validation split is the one `gptcli train` and `gptcli loss` use, cut the same way.
+    The validation split is the one `gptcli train` and `gptcli loss` use, cut the same way. For a
+    mixture (``data.path`` a list) each source's validation split is its own entry, (name, windows,
+    weight): ``evaluate_datasets`` adds the overall row that weighs them as training does.
 
     Raises:
         InputError: a file cannot be read, or the corpus is missing (and cannot be downloaded).
     """
     ctx = cfg.model.context_length
-    datasets = []
+    datasets: list[tuple] = []
     if val:
         splits = load_splits(cfg.data, ctx)
-        datasets.append((f"val ({Path(splits.source).name})", splits.val))
+        if splits.sources:
+            datasets += [(f"val ({name})", windows, weight) for name, weight, windows in splits.sources]
+        else:
+            datasets.append((f"val ({Path(splits.source).name})", splits.val))
     datasets += [(f"{path} (validation split)" if is_prepared(Path(path)) else str(path), file_windows(path, ctx))
                  for path in data]
     return datasets
@@ -211,9 +217,10 @@ def eval_datasets(cfg: Config, data: Sequence[str | Path] = (), val: bool = True
 
 def evaluate_datasets(
     model: GPTModel,
-    datasets: Sequence[tuple[str, TokenWindows]],
+    datasets: Sequence[tuple],
     batch_size: int,
     num_batches: int | None = None,
+    data: DataConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Loss, perplexity, bits per byte and token counts of `model` on each dataset, in order.
 
@@ -225,15 +232,29 @@ def evaluate_datasets(
         datasets: from ``eval_datasets``.
         batch_size: windows per batch.
         num_batches: at most this many batches per dataset; None = all.
+        data: the model's data config: with ``document_mask`` the windows are scored within
+            documents, as the model was trained (``documents.as_trained``).
 
     Returns:
-        One dict per dataset: {"dataset", "loss", "ppl", "bpb", "tokens", "bytes", "batches"}.
+        One dict per dataset: {"dataset", "loss", "ppl", "bpb", "tokens", "bytes", "batches"}; after a
+        mixture's sources, their overall row "val (mixture, weighted)" (loss weighed by the source
+        weights, as training's val_loss; bits per byte None: a weighted mean of per-byte rates is not one).
     """
     device = model.tok_emb.weight.device
-    rows = []
-    for name, windows in datasets:
+    scorer = as_trained(model, data)
+    rows, weights = [], []
+    for name, windows, *weight in datasets:
         loader = make_loader(windows, batch_size, shuffle=False, drop_last=False)
-        rows.append({"dataset": name, **evaluate_loss(model, loader, device, num_batches, byte_lengths=token_byte_lengths())})
+        result = evaluate_loss(scorer, loader, device, num_batches, byte_lengths=token_byte_lengths())
+        rows.append({"dataset": name, **result})
+        weights.append(weight[0] if weight else None)
+    sources = [(row, w) for row, w in zip(rows, weights) if w is not None]
+    if sources:  # a mixture's overall validation loss: its sources' weighed as the mixture weighs them
+        total = sum(w for _, w in sources)
+        loss = sum(w * row["loss"] for row, w in sources) / total
+        rows.append({"dataset": "val (mixture, weighted)", "loss": loss, "ppl": perplexity(loss), "bpb": None,
+                     "tokens": sum(row["tokens"] for row, _ in sources),
+                     "batches": sum(row["batches"] for row, _ in sources)})
     return rows
 
 
@@ -242,6 +263,7 @@ def split_losses(
     splits,
     batch_size: int,
     num_batches: int | None = None,
+    data: DataConfig | None = None,
 ) -> dict[str, dict[str, float]]:
     """The book's ``calc_loss_loader`` on the training and validation splits (what `gptcli loss` reports).
 
@@ -253,12 +275,14 @@ def split_losses(
         splits: ``data.load_splits``'s result for the model's config.
         batch_size: windows per batch.
         num_batches: at most this many batches per split; None = all.
+        data: the model's data config (``document_mask``: scored within documents).
 
     Returns:
         {"train": {...}, "val": {...}}, each as ``evaluate_loss`` returns it.
     """
     device = model.tok_emb.weight.device
-    return {name: evaluate_loss(model, make_loader(windows, batch_size, shuffle=False, drop_last=drop_last), device,
+    scorer = as_trained(model, data)
+    return {name: evaluate_loss(scorer, make_loader(windows, batch_size, shuffle=False, drop_last=drop_last), device,
                                 num_batches, split=name)
             for name, windows, drop_last in (("train", splits.train, True), ("val", splits.val, False))}
 
@@ -306,7 +330,7 @@ def evaluate_run(
         key = (repr(cfg.data), cfg.model.context_length)  # checkpoints of one run share their data
         if key not in cache:
             cache[key] = eval_datasets(cfg, data, val)
-        for row in evaluate_datasets(model, cache[key], batch_size or cfg.train.batch_size, num_batches):
+        for row in evaluate_datasets(model, cache[key], batch_size or cfg.train.batch_size, num_batches, cfg.data):
             rows.append({"checkpoint": path.name, "step": ckpt.manifest.get("step"), **row})
     if not rows:
         reason = f" ({skipped[-1]})" if skipped else ""
@@ -315,7 +339,7 @@ def evaluate_run(
 
 
 @torch.no_grad()
-def token_report(model: GPTModel, text: str, top: int = 5) -> dict[str, Any]:
+def token_report(model: GPTModel, text: str, top: int = 5, data: DataConfig | None = None) -> dict[str, Any]:
     """Per-token view of `text`: for each token, the probability the model gave it, its rank and the top alternatives.
 
     The chapter-5 table of target probabilities, for any text. The first token is
@@ -326,6 +350,7 @@ def token_report(model: GPTModel, text: str, top: int = 5) -> dict[str, Any]:
         model: a GPTModel (its device is used; evaluated in eval mode).
         text: the text to score; needs at least two tokens.
         top: alternatives listed per position.
+        data: the model's data config (``document_mask``: text after an <|endoftext|> does not see what precedes it).
 
     Returns:
         {"text", "tokens": [{"pos", "id", "token", "prob", "rank", "top": [{"id", "token", "prob"}]}],
@@ -341,12 +366,13 @@ def token_report(model: GPTModel, text: str, top: int = 5) -> dict[str, Any]:
     device = model.tok_emb.weight.device
     was_training = model.training
     model.eval()
+    scorer = as_trained(model, data)
     tokens = [{"pos": 0, "id": ids[0], "token": decode([ids[0]]), "prob": None, "rank": None, "top": []}]
     nats = 0.0
     try:
         for start in range(0, len(ids) - 1, ctx):
             chunk = torch.tensor(ids[start : start + ctx + 1], device=device)
-            logprobs = torch.log_softmax(model(chunk[None, :-1])[0].float(), dim=-1)  # (T, V)
+            logprobs = torch.log_softmax(scorer(chunk[None, :-1])[0].float(), dim=-1)  # (T, V)
             targets = chunk[1:]
             target_lp = logprobs.gather(1, targets[:, None])  # (T, 1)
             ranks = (logprobs > target_lp).sum(dim=1) + 1  # (T,)

@@ -31,6 +31,7 @@ try:
 except ImportError:  # pragma: no cover - the extra is not installed
     raise InputError("the lm-evaluation-harness integration needs the eval extra: pip install 'gptcli[eval]'") from None
 
+from gptcli.documents import as_trained
 from gptcli.tasks import score_tokens
 from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
 
@@ -42,13 +43,15 @@ class GptcliLM(TemplateLM):
     Args:
         checkpoint: checkpoint or run directory (model_args checkpoint=...), or
         model: an already built GPTModel (from Python).
+        data: the model's data config with `model` (a checkpoint brings its own): with
+            ``document_mask`` log-likelihoods are scored within documents, as it was trained.
         device: auto | cpu | cuda | cuda:N | mps.
         batch_size: padded tokens per forward pass are batch_size x context_length.
         max_gen_toks: default new tokens for generate_until.
     """
 
     def __init__(self, checkpoint: Optional[str] = None, model=None, device: str = "auto", batch_size: Any = 8,
-                 max_gen_toks: int = 256, **kwargs):
+                 max_gen_toks: int = 256, data=None, **kwargs):
         super().__init__()
         if (checkpoint is None) == (model is None):
             raise InputError("gptcli model: give checkpoint=PATH (model_args) or a built model")
@@ -57,7 +60,9 @@ class GptcliLM(TemplateLM):
 
             plan = resolve_model(Path(checkpoint), None, None, {"train.device": device}, search=False)
             model, _ = build_model(plan, None)
+            data = plan.cfg.data
         self.model = model.eval()
+        self.scorer = as_trained(self.model, data)  # log-likelihoods; generation decodes with self.model
         self.window = model.cfg.context_length
         self.batch_tokens = int(batch_size if str(batch_size).isdigit() else 8) * self.window
         self.max_gen_toks = int(max_gen_toks)
@@ -74,7 +79,7 @@ class GptcliLM(TemplateLM):
         return encode(string)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        out = score_tokens(self.model, [(ctx, cont) for _, ctx, cont in requests], batch_tokens=self.batch_tokens)
+        out = score_tokens(self.scorer, [(ctx, cont) for _, ctx, cont in requests], batch_tokens=self.batch_tokens)
         for (key, _, _), result in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", key, result)
         return out
@@ -87,7 +92,7 @@ class GptcliLM(TemplateLM):
         for (text,) in [r.args for r in requests]:
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.window, context_len=1)]
-            scores = score_tokens(self.model, windows, batch_tokens=self.batch_tokens)
+            scores = score_tokens(self.scorer, windows, batch_tokens=self.batch_tokens)
             total = sum(ll for ll, _ in scores)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             results.append(total)
@@ -115,8 +120,10 @@ class GptcliLM(TemplateLM):
 
 
 def run_harness(model, tasks: list[str], tasks_dir: Optional[Path] = None, limit: Optional[int] = None,
-                batch_size: int = 8) -> dict[str, dict[str, Any]]:
+                batch_size: int = 8, data=None) -> dict[str, dict[str, Any]]:
     """lm-eval's simple_evaluate on a built gptcli model: {task: {metric: value}} (stderr keys end _stderr).
+
+    `data`: the model's data config (``document_mask`` applies to the log-likelihoods, see GptcliLM).
 
     Raises:
         InputError: an unknown task name (lm-eval's own list is long: its message is shortened).
@@ -129,7 +136,7 @@ def run_harness(model, tasks: list[str], tasks_dir: Optional[Path] = None, limit
     if unknown:
         raise InputError(f"--harness-task {', '.join(unknown)}: not an lm-eval task"
                          f"{' in ' + str(tasks_dir) if tasks_dir else ''} (lm-eval ls tasks lists them)")
-    results = simple_evaluate(model=GptcliLM(model=model, batch_size=batch_size), tasks=tasks, task_manager=manager,
+    results = simple_evaluate(model=GptcliLM(model=model, batch_size=batch_size, data=data), tasks=tasks, task_manager=manager,
                               limit=limit, log_samples=False)
     out = {}
     for name, metrics in results["results"].items():

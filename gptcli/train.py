@@ -47,7 +47,7 @@ from gptcli.checkpoint import (
 from gptcli.config import SHAPE_FIELDS, Config
 from gptcli.data import Splits, load_splits, make_loader
 from gptcli.device import resolve_device
-from gptcli.documents import DocumentMasked
+from gptcli.documents import as_trained
 from gptcli.distributed import (
     DistInfo,
     all_gather_objects,
@@ -75,7 +75,7 @@ from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
 from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, record_end, write_run_manifest
 from gptcli.tasks import evaluate_tasks, tasks_due, tasks_from_config
-from gptcli.tokenizer import END_OF_TEXT_ID, decode, encode
+from gptcli.tokenizer import decode, encode
 
 
 class Events:
@@ -366,7 +366,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
         events.warn(why)  # auto chose: say which and why
     autocast = _autocast(device, precision)
     # train.loss_chunk: the (B, T, V) logits never exist at once
-    forward_loss = functools.partial(_forward_loss, _masked(wrapped, cfg), model.out_head.weight, autocast,
+    forward_loss = functools.partial(_forward_loss, as_trained(wrapped, cfg.data), model.out_head.weight, autocast,
                                      cfg.model.vocab_size, _loss_chunk(cfg, info))
     scorer = wrapped
     if t.compile:
@@ -385,7 +385,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
     per_epoch = train_loader.batch_sampler.num_batches()  # micro-batches per epoch
     global_batch = train_loader.batch_sampler.global_batch
     return _Run(cfg, run_dir, splits, device, info, events, model, wrapped, optimizer, autocast, forward_loss,
-                _masked(scorer, cfg), train_loader, train_eval_loader, val_loader,
+                as_trained(scorer, cfg.data), train_loader, train_eval_loader, val_loader,
                 total_steps=_total_steps(t, per_epoch, global_batch * cfg.model.context_length),
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
@@ -470,7 +470,8 @@ def evaluate(run: _Run, state: TrainState, metrics: Metrics, lr: float, final: b
     if rng_before is not None:
         _set_rng(rng_before, run.device, run.info, t.seed + state.step)
     # Multiple-choice accuracy (train.eval_tasks): eval mode, no RNG draws, so training is unchanged.
-    task_scores = (evaluate_tasks(run.wrapped, run.eval_tasks, run.device, autocast=run.autocast)
+    task_scores = (evaluate_tasks(as_trained(run.wrapped, run.cfg.data), run.eval_tasks, run.device,
+                                  autocast=run.autocast)
                    if tasks_due(t, state.step, state.step == run.total_steps) else {})
     fields = {
         "step": state.step, "epoch": state.epoch_number, "epoch_progress": state.epoch_progress,
@@ -614,11 +615,6 @@ def _forward_loss(module: torch.nn.Module, head_weight: torch.Tensor, autocast: 
     # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
     with autocast():
         return training_loss(module, head_weight, inputs, targets, vocab_size, loss_chunk)
-
-
-def _masked(module: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """data.document_mask: attention stays within documents (documents.py); off, the book's model call."""
-    return DocumentMasked(module, END_OF_TEXT_ID, cfg.data.reset_positions) if cfg.data.document_mask else module
 
 
 def _tf32_wanted(cfg: Config, device: torch.device, events: Events, info: DistInfo) -> bool:

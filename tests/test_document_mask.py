@@ -88,3 +88,68 @@ def test_document_mask_trains_on_a_prepared_corpus(tmp_path, verdict):
 def test_reset_positions_without_document_mask_is_a_one_line_error(cli, tmp_path, verdict):
     _one_line_error(cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--out", tmp_path / "r",
                         "--set", "data.reset_positions=true"), "data.reset_positions", "data.document_mask")
+
+
+def test_eval_loss_text_and_tasks_score_a_document_masked_model_as_it_was_trained(cli, tmp_path, verdict):
+    """issue 16: eval, loss, --text and --task apply data.document_mask from the checkpoint's config, never silently not."""
+    from gptcli.checkpoint import load_checkpoint, model_from_checkpoint
+    from gptcli.data import load_splits, make_loader
+    from gptcli.evaluate import evaluate_loss
+
+    text = verdict.read_text(encoding="utf-8")
+    step = len(text) // 80  # documents shorter than a window: the mask changes most windows' scores
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"text": text[i : i + step]}) + "\n" for i in range(0, len(text), step)))
+    prepare([tmp_path / "v.jsonl"], tmp_path / "prep", val_ratio=0.15)
+    train(load_config(CONFIGS / "tiny.yaml", {"data.path": str(tmp_path / "prep"), "train.max_steps": 2,
+                                              "train.max_new_tokens": 0, "data.document_mask": True,
+                                              "data.reset_positions": True}), tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run")
+    model = model_from_checkpoint(ckpt, "cpu").eval()  # tiny.yaml has dropout: scores are taken in eval mode
+    val = load_splits(ckpt.config.data, ckpt.config.model.context_length).val
+    loader = make_loader(val, ckpt.config.train.batch_size, shuffle=False, drop_last=False)
+    masked = evaluate_loss(DocumentMasked(model, END_OF_TEXT_ID, True), loader, torch.device("cpu"))["loss"]
+    plain = evaluate_loss(model, loader, torch.device("cpu"))["loss"]
+    assert abs(masked - plain) > 1e-4  # the test can tell the two apart
+    assert not model.training  # scoring through the wrapper left the model in the mode it was in
+
+    r = cli("eval", "--checkpoint", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["results"][0]["loss"] == pytest.approx(masked, abs=1e-6)  # same batches, same code
+    r = cli("eval", "--checkpoint", tmp_path / "run", "--all", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["results"][-1]["loss"] == pytest.approx(masked, abs=1e-6)
+    r = cli("loss", "--checkpoint", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["val"]["loss"] == pytest.approx(masked, abs=1e-6)
+
+    two = A + "<|endoftext|>" + B  # --text: B's tokens score as B alone (after its document's start)
+    r = cli("eval", "--checkpoint", tmp_path / "run", "--text", two, "--json")
+    assert r.exit_code == 0, r.stderr
+    got = [t["prob"] for t in json.loads(r.stdout)["tokens"]]
+    ids = torch.tensor([encode(two)])
+    with torch.no_grad():
+        probs = DocumentMasked(model, END_OF_TEXT_ID, True)(ids[:, :-1])[0].softmax(-1)
+    want = probs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+    assert got[1:] == pytest.approx(want, abs=1e-6)
+
+    (tmp_path / "task.jsonl").write_text(json.dumps({"context": A + "<|endoftext|>The", "choices": ["picture", "end"],
+                                                     "answer": 0}) + "\n")
+    r = cli("eval", "--checkpoint", tmp_path / "run", "--task", "choices", "--task-data", tmp_path / "task.jsonl",
+            "--per-item", "--json")
+    assert r.exit_code == 0, r.stderr
+    item = json.loads(r.stdout)["tasks"]["choices"]
+    ctx = encode(A + "<|endoftext|>The")
+    with torch.no_grad():
+        masked_lp = DocumentMasked(model, END_OF_TEXT_ID, True)(torch.tensor([ctx]))[0, -1].log_softmax(-1)
+    (first,) = encode(" picture")  # the harness joins context and choice with one space
+    assert item["loglikelihoods"][0][0] == pytest.approx(masked_lp[first].item(), abs=1e-5)
+
+
+def test_generate_warns_when_a_document_masked_model_is_prompted_across_a_document_boundary(cli, tmp_path, verdict):
+    cfg = {"data.path": str(verdict), "train.max_steps": 1, "train.max_new_tokens": 0, "data.document_mask": True}
+    train(load_config(CONFIGS / "tiny.yaml", cfg), tmp_path / "run")
+    r = cli("generate", "--checkpoint", tmp_path / "run", "--max-new-tokens", "2", A + "<|endoftext|>" + B)
+    assert r.exit_code == 0, r.stderr
+    assert "data.document_mask" in r.stderr and "<|endoftext|>" in r.stderr
+    r = cli("generate", "--checkpoint", tmp_path / "run", "--max-new-tokens", "2", B)
+    assert "document_mask" not in r.stderr
