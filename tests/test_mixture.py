@@ -120,6 +120,22 @@ def test_mixture_reports_validation_loss_per_source_and_weighted_overall(tmp_pat
     assert evals[0]["val_loss"] == pytest.approx(expected, rel=1e-12)  # the same floats summed: rounding only
 
 
+def test_eval_of_a_mixture_checkpoint_reports_each_source_and_the_weighted_overall_as_training_did(cli, tmp_path,
+                                                                                                     verdict):
+    roots = _prepared_halves(tmp_path, verdict)
+    # eval_iter large: the final evaluation covers every validation window, as eval does
+    train(_mixture_config(roots, **{"train.max_steps": 2, "train.eval_iter": 10**6}), tmp_path / "run")
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [e for e in events if e["event"] == "eval"][-1]
+    r = cli("eval", "--checkpoint", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = {row["dataset"]: row for row in json.loads(r.stdout)["results"]}
+    assert list(rows) == [f"val ({roots[0]})", f"val ({roots[1]})", "val (mixture, weighted)"]
+    for root in roots:  # same windows, same batches, same model: equal up to float32 summation order
+        assert rows[f"val ({root})"]["loss"] == pytest.approx(final["val_loss_by_source"][str(root)], rel=1e-6)
+    assert rows["val (mixture, weighted)"]["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+
+
 def _write_config(tmp_path: Path, entries: list) -> Path:
     path = tmp_path / "mix.yaml"
     path.write_text(json.dumps({"data": {"path": entries}, "train": {"max_steps": 1}}))  # JSON is YAML
