@@ -85,29 +85,46 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(device_type, enabled=False), torch.no_grad():
             for start in range(0, h.shape[0], rows):
-                h_c, y_c, v_c = h[start:start + rows].to(dtype), y[start:start + rows], valid[start:start + rows]
-                logits = (h_c @ w.T).float()  # (n, Vp), the only vocabulary-wide tensor, one slice at a time
-                if logits.shape[1] != vocab_size:
-                    logits[:, vocab_size:] = -torch.inf  # padding rows take no probability
-                lse = torch.logsumexp(logits, dim=1)  # (n,)
-                picked = y_c.clamp(min=0)
-                target_logit = logits.gather(1, picked[:, None])[:, 0]
-                total += torch.where(v_c, lse - target_logit, 0.0).sum()
-                if not need_grad:
-                    continue
-                # d(mean loss)/d logits = (softmax - onehot) / count, computed in place in the logits
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs.scatter_add_(1, picked[:, None], torch.full_like(lse[:, None], -1.0))
-                probs.mul_(torch.where(v_c, 1.0, 0.0)[:, None] / count)
-                p = probs.to(dtype)
-                grad_h[start:start + rows] = p @ w
-                if dtype == torch.float32:
-                    grad_w.addmm_(p.T, h_c)
-                else:
-                    grad_w += (p.T @ h_c).float()
+                # one slice's buffers live only inside _slice: never two slices' logits at once
+                total += _ChunkedLinearCrossEntropy._slice(
+                    h[start:start + rows].to(dtype), y[start:start + rows], valid[start:start + rows], w, vocab_size,
+                    count, grad_h[start:start + rows] if need_grad else None, grad_w)
         if need_grad:
             ctx.save_for_backward(grad_h.view_as(hidden), grad_w.to(weight.dtype))
         return total / count
+
+    @staticmethod
+    def _slice(h_c, y_c, v_c, w, vocab_size, count, grad_h, grad_w) -> torch.Tensor:
+        """The summed loss of one slice; with `grad_h` (its rows of the hidden states' gradient, written
+        here) also adds its part of the head's gradient to `grad_w`."""
+        logits = (h_c @ w.T).float()  # (n, Vp), the only vocabulary-wide tensor, one slice at a time
+        if logits.shape[1] != vocab_size:
+            logits[:, vocab_size:] = -torch.inf  # padding rows take no probability
+        picked = y_c.clamp(min=0)
+        target_logit = logits.gather(1, picked[:, None])[:, 0]
+        # log-sum-exp as torch.logsumexp computes it (max + log of the summed shifted exps), but in
+        # place: its own temporaries would double this slice's memory
+        top = logits.amax(dim=1)  # (n,)
+        probs = logits.sub_(top[:, None]).exp_()  # unnormalised softmax, in the logits' memory
+        del logits
+        sums = probs.sum(dim=1)  # (n,)
+        lse = top + sums.log()
+        loss_sum = torch.where(v_c, lse - target_logit, 0.0).sum()
+        if grad_h is None:
+            return loss_sum
+        # d(mean loss)/d logits = (softmax - onehot) / count, computed in place
+        probs.div_(sums[:, None])
+        probs.scatter_add_(1, picked[:, None], torch.full_like(lse[:, None], -1.0))
+        probs.mul_(torch.where(v_c, 1.0, 0.0)[:, None] / count)
+        if w.dtype == torch.float32:
+            grad_h.copy_(probs @ w)
+            grad_w.addmm_(probs.T, h_c)
+        else:
+            p = probs.to(w.dtype)
+            del probs  # the float32 slice goes before the matmuls' outputs come
+            grad_h.copy_(p @ w)
+            grad_w += (p.T @ h_c).float()
+        return loss_sum
 
     @staticmethod
     def backward(ctx, grad_out):

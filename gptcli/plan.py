@@ -11,8 +11,16 @@ Memory per device (per process) of one training step, in four parts:
   the forward keeps only each block's input, and backward holds one block's activations again
   while it recomputes it.
 - transients: the largest buffers that live only for a moment and sit on top of the above at the
-  step's peak: the logits and their log-softmax (B x T x V floats each) in forward, their gradients
-  in backward.
+  step's peak. The plain loss (``train.loss_chunk: 0``, and book-exact runs): the logits and their
+  log-softmax (B x T x V floats each) in forward, their gradients in backward. The chunked loss
+  (``train.loss_chunk`` auto or N, the default outside book-exact runs): one slice's float32
+  logits (rows x V; with bf16/fp16 also the slice's low-precision copy and the head's weight cast
+  once); its gradients for the head and the hidden states are kept for backward, so the
+  activations count them.
+
+The step is the one training runs: the same loss function (``loss.training_loss`` with the
+resolved ``train.loss_chunk``), the same precision (``train.precision``, auto resolved for the
+device) and the document mask when ``data.document_mask`` is on.
 
 The largest batch that fits solves that linear function of the batch size for the device's memory
 (CUDA: the device's total; CPU: MemAvailable; or ``--memory-limit``). ``measure_peak`` runs real
@@ -34,7 +42,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from gptcli.config import Config, config_from_dict
 from gptcli.errors import InputError, RunError
@@ -66,7 +74,7 @@ def parse_bytes(text: str, what: str = "--memory-limit") -> int:
 
 @dataclass
 class Memory:
-    """Bytes of one training step: fixed parts, and activations + transients linear in the batch size.
+    """Bytes of one training step at `batch` windows: fixed parts, activations linear in the batch, transients.
 
     The peak is not the sum of all parts: gradients (set to None after each step) appear in
     backward as the activations they replace are freed, so the start of backward holds all
@@ -78,24 +86,45 @@ class Memory:
     weights: int
     gradients: int
     optimizer: int
-    activations: int  # at the batch size asked
+    activations: int  # at `batch`
     activations_checkpointed: int
-    transients: int
-    per_window: int  # activations + transients of one more window (no checkpointing)
-    per_window_checkpointed: int
+    transients: int  # at `batch`
+    activations_per_window: int  # one more window's activations (no checkpointing)
+    activations_per_window_checkpointed: int
+    batch: int
+    transients_at: Callable[[int], int] = dataclasses.field(repr=False, compare=False, default=None)
 
     def peak(self, checkpointed: bool = False) -> int:
-        act = self.activations_checkpointed if checkpointed else self.activations
-        return self.weights + self.optimizer + max(act + self.transients, self.gradients)
+        return self.peak_at(self.batch, checkpointed)
 
-    def largest_batch(self, limit: int, batch: int, checkpointed: bool = False) -> int:
-        """The largest batch size whose peak is within `limit` bytes (0: not even one window)."""
-        per = self.per_window_checkpointed if checkpointed else self.per_window
-        act = (self.activations_checkpointed if checkpointed else self.activations) + self.transients
-        intercept = self.weights + self.optimizer + act - per * batch  # exactly linear in the batch
-        if per <= 0 or self.weights + self.optimizer + self.gradients > limit:
+    def peak_at(self, batch: int, checkpointed: bool = False) -> int:
+        """The peak at another batch size: activations extended linearly, transients as the loss slices them."""
+        act, per = ((self.activations_checkpointed, self.activations_per_window_checkpointed) if checkpointed
+                    else (self.activations, self.activations_per_window))
+        transients = self.transients_at(batch) if self.transients_at else self.transients
+        return self.weights + self.optimizer + max(act + per * (batch - self.batch) + transients, self.gradients)
+
+    @property
+    def per_window(self) -> int:
+        """What one more window adds to the peak's activations and transients (no checkpointing)."""
+        return self.peak_at(self.batch + 1) - self.peak()
+
+    def largest_batch(self, limit: int, checkpointed: bool = False) -> int:
+        """The largest batch size whose peak is within `limit` bytes (0: not even one window).
+
+        The peak grows with the batch (activations linearly, the chunked loss's slice in steps),
+        so a doubling search then a bisection find it exactly under the model.
+        """
+        per = self.activations_per_window_checkpointed if checkpointed else self.activations_per_window
+        if per <= 0 or self.weights + self.optimizer + self.gradients > limit or self.peak_at(1, checkpointed) > limit:
             return 0
-        return max(0, (limit - intercept) // per)
+        lo, hi = 1, 2
+        while self.peak_at(hi, checkpointed) <= limit:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.peak_at(mid, checkpointed) <= limit else (lo, mid)
+        return lo
 
     def to_dict(self) -> dict[str, int]:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
@@ -103,11 +132,26 @@ class Memory:
                 "transients": self.transients, "peak": self.peak(), "peak_checkpointed": self.peak(True)}
 
 
+def _training_loss(cfg: Config):
+    """loss(model, x, y) as the training step computes it: train.loss_chunk resolved (one process),
+    the document mask when data.document_mask."""
+    from gptcli.distributed import DistInfo
+    from gptcli.documents import as_trained
+    from gptcli.loss import training_loss
+    from gptcli.train import _loss_chunk
+
+    chunk = _loss_chunk(cfg, DistInfo())
+
+    def loss(model, x, y):
+        return training_loss(as_trained(model, cfg.data), model.out_head.weight, x, y, cfg.model.vocab_size, chunk)
+
+    return loss, chunk
+
+
 def _saved_bytes(cfg: Config, device, layers: int, batch: int, checkpointing: bool) -> int:
     """Bytes autograd keeps for backward over one forward + loss of `cfg` cut to `layers` blocks, at `batch`."""
     import torch
 
-    from gptcli.loss import cross_entropy
     from gptcli.model import GPTModel
     from gptcli.train import _autocast
 
@@ -124,8 +168,9 @@ def _saved_bytes(cfg: Config, device, layers: int, batch: int, checkpointing: bo
         return t
 
     idx = torch.zeros((batch, cfg.model.context_length), dtype=torch.long, device=device)
+    training_loss, _ = _training_loss(cfg)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, cfg.train.precision)():
-        loss = cross_entropy(model(idx), idx)
+        loss = training_loss(model, idx, idx)
     del loss, model
     return sum(seen.values())
 
@@ -163,10 +208,24 @@ def estimate_memory(cfg: Config, batch: Optional[int] = None) -> Memory:
     kept, per_kept, _, _ = _activations(cfg, device, batch, True)
     # backward holds one block's activations again while it recomputes it
     checkpointed, per_checkpointed = kept + block, per_kept + block_per
-    # the loss's backward: the log-softmax's gradient and the logits' gradient (B x T x V float32 each)
-    logits_per_window = cfg.model.context_length * model.out_head.out_features * FLOAT32
-    return Memory(param_bytes, param_bytes, ADAM_MOMENTS * param_bytes, plain, checkpointed,
-                  2 * batch * logits_per_window, per + 2 * logits_per_window, per_checkpointed + 2 * logits_per_window)
+    transients_at = _loss_transients(cfg, device, model.out_head.out_features)
+    return Memory(param_bytes, param_bytes, ADAM_MOMENTS * param_bytes, plain, checkpointed, transients_at(batch),
+                  per, per_checkpointed, batch, transients_at)
+
+
+def _loss_transients(cfg: Config, device, padded_vocab: int) -> Callable[[int], int]:
+    """Bytes of the loss's short-lived buffers at a batch size (see the module's docstring)."""
+    from gptcli.loss import chunk_rows
+    from gptcli.precision import resolve_precision
+
+    t = cfg.model.context_length
+    _, chunk = _training_loss(cfg)
+    if not chunk:  # the log-softmax's gradient and the logits' gradient (B x T x V float32 each)
+        return lambda batch: 2 * batch * t * padded_vocab * FLOAT32
+    low = resolve_precision(cfg.train.precision, device)[0] in ("bf16", "fp16")
+    per_row = padded_vocab * (FLOAT32 + (2 if low else 0))  # float32 logits (+ the slice's 16-bit copy)
+    fixed = padded_vocab * cfg.model.emb_dim * 2 if low else 0  # the head's weight, cast once
+    return lambda batch: fixed + min(chunk_rows(chunk, batch * t), batch * t) * per_row
 
 
 def device_memory(device_name: str) -> tuple[int, str]:
@@ -262,7 +321,6 @@ def _measure_child() -> None:
     import torch
 
     from gptcli.device import resolve_device
-    from gptcli.loss import cross_entropy
     from gptcli.model import GPTModel
     from gptcli.train import _autocast, _build_optimizer
 
@@ -296,11 +354,12 @@ def _measure_child() -> None:
         model.train()
         optimizer = _build_optimizer(model, t)
         autocast = _autocast(device, t.precision)
+        training_loss, _ = _training_loss(cfg)
         times = []
         for _ in range(job["steps"]):
             start = time.perf_counter()
             with autocast():
-                loss = cross_entropy(model(x), y)
+                loss = training_loss(model, x, y)
             loss.backward()
             if t.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -363,8 +422,8 @@ def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int =
     out["memory"] = mem.to_dict()
     out["device_memory"] = {"bytes": limit, "source": where}
     out["fits"] = fits
-    out["largest_batch"] = {"plain": mem.largest_batch(limit, t.batch_size),
-                            "activation_checkpointing": mem.largest_batch(limit, t.batch_size, True)}
+    out["largest_batch"] = {"plain": mem.largest_batch(limit),
+                            "activation_checkpointing": mem.largest_batch(limit, checkpointed=True)}
     if not fits:
         best = out["largest_batch"]["activation_checkpointing" if t.activation_checkpointing else "plain"]
         hint = f"--batch-size {best} (with train.grad_accum_steps for the same global batch)" if best else \
