@@ -6,11 +6,17 @@ config and ``run.json`` as parameters, every numeric field of every metrics reco
 ``step`` (named ``train/loss``, ``eval/val_loss``, ...; nested dicts as ``a/b``), the epoch
 samples as text and ``losses.png`` as an image.
 
-A tracker never hurts the run. Each one runs on its own daemon thread behind a bounded
-queue: the training loop only enqueues. Any exception (an extra not installed, no login,
-network down, disk full) or a call that takes longer than ``train.logger_timeout`` drops
-that tracker with one warning, and training goes on. Warnings are delivered on the training
-thread, at its next call.
+A tracker never hurts the run. The trackers run in their own process (``python -m
+gptcli.loggers``, in a session of its own, so a Ctrl-C or a closed terminal reaches only
+training, which then closes them): their Python work never competes with the training loop
+for the interpreter's lock, and a tracker that crashes its process cannot take training with
+it. The training loop only enqueues calls, which a sender thread pickles into the process's
+stdin. Inside it, each tracker runs on its own daemon thread behind a bounded queue. Any
+exception (an extra not installed, no login, network down, disk full) or a call that takes
+longer than ``train.logger_timeout`` drops that tracker with one warning, and training goes
+on; so does the death of the whole tracker process. Warnings are delivered on the training
+thread, at its next call. If training itself is killed, the tracker process sees its stdin
+close and ends the tracker runs as failed.
 
 A resumed run continues the same tracker run: the TensorBoard folder, the W&B run id and the
 MLflow run id are kept in ``RUN/loggers.json`` (written durably before and after each tracker
@@ -22,9 +28,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import queue
 import secrets
 import string
+import subprocess
 import sys
 import threading
 import time
@@ -86,15 +94,149 @@ def params(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+CHILD = [sys.executable, "-m", "gptcli.loggers"]  # the tracker process's command (its one argument follows)
+
+
 class Trackers:
-    """The trackers of one run (rank 0 only): a metric sink (write/close) plus start, text and image.
+    """The trackers of one run (rank 0 only), in their own process: a metric sink (write/close)
+    plus start, text and image.
 
     Args:
-        names: ``train.loggers``.
+        names: ``train.loggers``; none: no process is started and every call does nothing.
         run_dir: the run directory (tracker folders and loggers.json go there).
         timeout: ``train.logger_timeout``: seconds one tracker call may take before it is dropped.
         warn: where the one warning per dropped tracker (and each tracker's notes) go.
         resumed: continue the tracker runs named in ``RUN/loggers.json``.
+    """
+
+    def __init__(self, names, run_dir: Path, timeout: float, warn: Callable[[str], None], resumed: bool):
+        self._names = list(names)
+        self._warn = warn
+        self._timeout = timeout
+        self._step = 0
+        self._notes: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._outbox: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+        self._failure: str | None = None  # why the tracker process was given up (said once)
+        self._closed = threading.Event()  # the tracker process has closed every tracker (or is gone)
+        self._proc: subprocess.Popen | None = None
+        if not self._names:
+            return
+        spec = {"names": self._names, "run_dir": str(Path(run_dir).resolve()), "timeout": timeout, "resumed": resumed}
+        try:
+            # a session of its own: the terminal's signals (Ctrl-C, SIGHUP) go to training, which closes it
+            self._proc = subprocess.Popen([*CHILD, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          start_new_session=True)
+        except OSError as e:
+            self._give_up(f"cannot start the tracker process ({e.strerror or e})")
+            return
+        for target in (self._send, self._receive):
+            threading.Thread(target=target, args=(self._proc,), name=f"gptcli-trackers{target.__name__}",
+                             daemon=True).start()
+
+    def start(self, config: dict[str, Any], manifest: dict[str, Any], step: int) -> None:
+        """Open each tracker (resuming its run at `step` when resumed) and give it the config and run.json."""
+        self._step = step
+        self._call("start", config, manifest, step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One metrics record (as metrics.jsonl gets it): its numbers against its step."""
+        self._step = record.get("step", self._step)
+        self._call("write", record)
+
+    def text(self, tag: str, text: str) -> None:
+        self._call("text", tag, text, self._step)
+
+    def image(self, tag: str, path: Path) -> None:
+        """A PNG (read here: the file may be redrawn before the tracker process gets to it)."""
+        if self._live():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                return  # no plot drawn (yet): nothing to show
+            self._call("image", tag, data, self._step)
+
+    def close(self, ok: bool | None = None) -> None:
+        """Flush and close every tracker (`ok`: the run ended well, else it is marked failed or stopped;
+        None: whether no exception is in flight) and wait for the tracker process to end; a tracker
+        that does not finish within its timeout is abandoned. A second call does nothing."""
+        if ok is None:
+            ok = sys.exc_info()[0] is None  # called from a `finally` while an error or a signal stops the run
+        if self._proc is None:
+            self._check()
+            return
+        self._call("close", ok)
+        try:
+            while not self._closed.wait(0.05):  # short waits: a signal still reaches the training thread
+                pass
+            self._proc.wait()
+        except BaseException:
+            self._proc.kill()
+            raise
+        finally:
+            self._check()
+            self._proc = None
+
+    def _live(self) -> bool:
+        return self._proc is not None and self._failure is None
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self._live():
+            try:
+                self._outbox.put((method, args), timeout=self._timeout)
+            except queue.Full:
+                self._give_up(f"{QUEUE_SIZE} calls behind for longer than train.logger_timeout ({self._timeout:g} s)")
+        self._check()
+
+    def _give_up(self, why: str) -> None:
+        if self._failure is None:
+            self._failure = why
+            self._notes.put(f"train.loggers: {', '.join(self._names)}: {why}; dropped "
+                            f"{'it' if len(self._names) == 1 else 'them'}, training goes on "
+                            "(metrics.jsonl has every record)")
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self._closed.set()
+
+    def _check(self) -> None:
+        """Say what the tracker process noted (tracker notes, one warning per dropped tracker)."""
+        _drain(self._notes, self._warn)
+
+    def _send(self, proc: subprocess.Popen) -> None:
+        """Sender thread: the queued calls, pickled into the tracker process's stdin."""
+        stream = proc.stdin
+        while True:
+            method, args = self._outbox.get()
+            try:
+                pickle.dump((method, args), stream, protocol=pickle.HIGHEST_PROTOCOL)
+                stream.flush()
+                if method == "close":
+                    stream.close()
+                    return
+            except (OSError, ValueError):
+                return  # the process is gone: _receive says why
+
+    def _receive(self, proc: subprocess.Popen) -> None:
+        """Receiver thread: the tracker process's notes, one JSON object per line, until it ends."""
+        said_closed = False
+        for line in proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "warn" in message:
+                self._notes.put(message["warn"])
+            said_closed = said_closed or bool(message.get("closed"))
+        code = proc.wait()
+        if not said_closed:
+            self._give_up(f"the tracker process ended (exit code {code})")
+        self._closed.set()
+
+
+class _Hub:
+    """The trackers of one run, inside the tracker process: one ``_Worker`` thread per tracker.
+
+    Args: as ``Trackers``; `warn` sends a note to the training process.
     """
 
     def __init__(self, names, run_dir: Path, timeout: float, warn: Callable[[str], None], resumed: bool):
@@ -112,34 +254,22 @@ class Trackers:
         ]
 
     def start(self, config: dict[str, Any], manifest: dict[str, Any], step: int) -> None:
-        """Open each tracker (resuming its run at `step` when resumed) and give it the config and run.json."""
         self._step = step
         self._call("open", step if self._resumed else None)
         self._call("params", params(config, manifest))
 
     def write(self, record: dict[str, Any]) -> None:
-        """One metrics record (as metrics.jsonl gets it): its numbers against its step."""
         self._step = record.get("step", self._step)
         self._call("metrics", self._step, flatten(record))
 
-    def text(self, tag: str, text: str) -> None:
-        self._call("text", self._step, tag, text)
+    def text(self, tag: str, text: str, step: int) -> None:
+        self._call("text", step, tag, text)
 
-    def image(self, tag: str, path: Path) -> None:
-        """A PNG (read here: the file may be redrawn before a tracker's thread gets to it)."""
-        if self._workers:
-            try:
-                data = path.read_bytes()
-            except OSError:
-                return  # no plot drawn (yet): nothing to show
-            self._call("image", self._step, tag, data)
+    def image(self, tag: str, png: bytes, step: int) -> None:
+        self._call("image", step, tag, png)
 
-    def close(self, ok: bool | None = None) -> None:
-        """Flush and close every tracker (`ok`: the run ended well, else it is marked failed or stopped;
-        None: whether no exception is in flight); one that does not finish within its timeout is
-        abandoned. A second call does nothing."""
-        if ok is None:
-            ok = sys.exc_info()[0] is None  # called from a `finally` while an error or a signal stops the run
+    def close(self, ok: bool) -> None:
+        """Flush and close every tracker; one that does not finish within its timeout is abandoned."""
         for w in self._workers:
             w.submit("close", ok)
         for w in self._workers:
@@ -154,11 +284,7 @@ class Trackers:
 
     def _check(self) -> None:
         """Say what the trackers noted, and drop (with one warning) each that failed or hangs."""
-        while True:
-            try:
-                self._warn(self._notes.get_nowait())
-            except queue.Empty:
-                break
+        _drain(self._notes, self._warn)
         for w in [w for w in self._workers if w.failure or w.hung()]:
             self._workers.remove(w)
             self._warn(f"train.loggers: {w.name}: {w.failure or w.hang_message()}; dropped it, training goes on "
@@ -172,6 +298,15 @@ class Trackers:
                 atomic_write(self.run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
         return remember
+
+
+def _drain(notes: queue.SimpleQueue, say: Callable[[str], None]) -> None:
+    """Hand every queued note to `say`, in order."""
+    while True:
+        try:
+            say(notes.get_nowait())
+        except queue.Empty:
+            return
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -432,3 +567,51 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 
 FACTORIES: dict[str, Callable[..., Any]] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+
+
+# ---------------------------------------------------------------- the tracker process
+
+
+def serve(spec: dict[str, Any], commands, notes) -> None:
+    """The tracker process's loop: `commands` (a binary stream of pickled (method, args)) drive one
+    ``_Hub``; its notes go to `notes` as JSON lines. Ends at "close", or at the end of `commands`
+    (training was killed: the tracker runs end as failed)."""
+    lock = threading.Lock()
+
+    def send(message: dict[str, Any]) -> None:
+        with lock:
+            try:
+                notes.write(json.dumps(message) + "\n")
+                notes.flush()
+            except (OSError, ValueError):
+                pass  # training is gone: nobody to tell
+
+    hub = _Hub(spec["names"], Path(spec["run_dir"]), spec["timeout"], lambda m: send({"warn": m}), spec["resumed"])
+    ok = False
+    while True:
+        try:
+            method, args = pickle.load(commands)
+        except Exception:  # noqa: BLE001 - end of the stream (or a torn last call): training is gone
+            break
+        if method == "close":
+            ok = args[0]
+            break
+        getattr(hub, method)(*args)
+    hub.close(ok)
+    send({"closed": True})
+
+
+def main() -> None:
+    """``python -m gptcli.loggers SPEC``: the tracker process (started by ``Trackers``)."""
+    notes = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the notes channel: the parent's pipe
+    try:  # what the tracker libraries print goes to stderr, never into the notes channel
+        os.dup2(2, 1)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+    serve(json.loads(sys.argv[1]), sys.stdin.buffer, notes)
+    os._exit(0)  # the thread of a tracker that hangs must not hold the exit
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ from gptcli.config import Config, ModelConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
 CONFIGS = ROOT / "configs"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 # tiktoken's download URLs for the gpt2 files; its cache key is the sha1 of the URL.
 TIKTOKEN_GPT2_URLS = {

@@ -20,7 +20,8 @@ from gptcli.download import download, head
 from gptcli.errors import RunError
 from gptcli.model import GPTModel, load_state_dict
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -8,14 +8,13 @@ import os
 import signal
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CONFIGS, VERDICT, final_weights, run_losses
+from conftest import CONFIGS, FIXTURES, VERDICT, final_weights, run_losses
 from gptcli import loggers
 from gptcli.config import load_config
 from gptcli.loggers import flatten, params
@@ -223,53 +222,33 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
 
 
-class _Raising:
-    """A tracker that opens, then raises on every call."""
-
-    calls = 0
-
-    def __init__(self, *args):
-        pass
-
-    def __getattr__(self, name):
-        def fail(*args):
-            type(self).calls += 1
-            raise OSError(28, "No space left on device")
-
-        return fail
+def _faulty(monkeypatch, tmp_path, fault: str) -> Path:
+    """The tracker process runs tests/fixtures/tracker_faults.py with `fault`; returns its calls file."""
+    calls = tmp_path / "tracker-calls.txt"
+    calls.touch()
+    monkeypatch.setattr(loggers, "CHILD", [sys.executable, str(FIXTURES / "tracker_faults.py"), fault, str(calls)])
+    return calls
 
 
 def test_a_logger_that_raises_on_every_call_is_dropped_with_one_warning(verdict, tmp_path, reference, monkeypatch):
-    monkeypatch.setitem(loggers.FACTORIES, "tensorboard", _Raising)
+    calls = _faulty(monkeypatch, tmp_path, "raising")
     events = _Recorder()
     train(_config(verdict, **{"train.loggers": ["tensorboard"]}), tmp_path / "run", events=events)
     assert len(events.warnings) == 1 and "tensorboard" in events.warnings[0]
     assert "No space left on device" in events.warnings[0] and "training goes on" in events.warnings[0]
-    assert _Raising.calls == 1  # dropped at its first failure: never called again
+    assert calls.read_text().splitlines() == ["params"]  # dropped at its first failure: never called again
     _assert_same_run(tmp_path / "run", reference)
 
 
 def test_a_logger_that_hangs_is_dropped_after_the_timeout_and_never_blocks_the_run(verdict, tmp_path, reference,
                                                                                    monkeypatch):
-    release = threading.Event()
-
-    class Hanging:
-        def __init__(self, *args):
-            pass
-
-        def __getattr__(self, name):
-            return lambda *args: release.wait()  # a network call that never returns
-
-    monkeypatch.setitem(loggers.FACTORIES, "wandb", Hanging)
+    _faulty(monkeypatch, tmp_path, "hanging")
     events = _Recorder()
     timeout = 0.5
-    try:
-        t0 = time.perf_counter()
-        train(_config(verdict, **{"train.loggers": ["wandb"], "train.logger_timeout": timeout}), tmp_path / "run",
-              events=events)
-        elapsed = time.perf_counter() - t0
-    finally:
-        release.set()
+    t0 = time.perf_counter()
+    train(_config(verdict, **{"train.loggers": ["wandb"], "train.logger_timeout": timeout}), tmp_path / "run",
+          events=events)
+    elapsed = time.perf_counter() - t0
     assert len(events.warnings) == 1 and "wandb" in events.warnings[0]
     assert "train.logger_timeout (0.5 s)" in events.warnings[0]
     _assert_same_run(tmp_path / "run", reference)
@@ -278,14 +257,62 @@ def test_a_logger_that_hangs_is_dropped_after_the_timeout_and_never_blocks_the_r
 
 def test_a_tracker_extra_not_installed_gives_one_warning_each_and_the_run_goes_on(verdict, tmp_path, reference,
                                                                                   monkeypatch):
-    for module in ("torch.utils.tensorboard", "wandb", "mlflow", "mlflow.entities", "mlflow.tracking"):
-        monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError, as without the extra
+    _faulty(monkeypatch, tmp_path, "missing")
     events = _Recorder()
     train(_config(verdict, **{"train.loggers": ["tensorboard", "wandb", "mlflow"]}), tmp_path / "run", events=events)
     assert sorted(w.split(":")[1].strip() for w in events.warnings) == ["mlflow", "tensorboard", "wandb"]
     for name in ("tensorboard", "wandb", "mlflow"):
         assert any(f"pip install 'gptcli[{name}]'" in w for w in events.warnings), name
     _assert_same_run(tmp_path / "run", reference)
+
+
+def test_a_tracker_process_that_dies_is_one_warning_and_the_run_goes_on(verdict, tmp_path, reference, monkeypatch):
+    _faulty(monkeypatch, tmp_path, "crash")
+    events = _Recorder()
+    train(_config(verdict, **{"train.loggers": ["mlflow"]}), tmp_path / "run", events=events)
+    assert len(events.warnings) == 1, events.warnings
+    assert "the tracker process ended (exit code 3)" in events.warnings[0]
+    assert "training goes on" in events.warnings[0]
+    _assert_same_run(tmp_path / "run", reference)
+
+
+def test_trackers_run_outside_the_training_process_and_a_killed_run_ends_its_tracker_runs(tracker_env, tmp_path,
+                                                                                         subprocess_env):
+    """No tracker library is imported by training; SIGKILL of training closes the tracker run (MLflow: KILLED)."""
+    import subprocess
+
+    overrides = {"data.path": str(VERDICT), "train.loggers": ["mlflow"], "train.max_steps": 400, "train.num_epochs": 50,
+                 "train.eval_freq": 1000, "train.save_freq": None}
+    code = f"""
+import json, os, signal, sys
+from pathlib import Path
+from gptcli.config import load_config
+from gptcli.train import Events, train
+
+class Killer(Events):
+    def log(self, record):
+        if record["step"] == 3:  # tracker modules imported into this process, if any
+            print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "wandb", "tensorboard"))),
+                  flush=True)
+        if record["step"] == 40:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_config({str(CONFIGS / "tiny.yaml")!r}, {overrides!r}), Path({str(tmp_path / "run")!r}), events=Killer())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert json.loads(done.stdout.splitlines()[0]) == []  # the trackers live in their own process
+    from mlflow.tracking import MlflowClient
+
+    status, deadline = None, time.monotonic() + 120
+    while time.monotonic() < deadline:  # the tracker process goes on alone: it opens, logs, then closes the run
+        state = loggers.read_state(tmp_path / "run").get("mlflow", {})
+        if "run_id" in state:
+            status = MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["run_id"]).info.status
+            if status != "RUNNING":
+                break
+        time.sleep(0.5)
+    assert status == "KILLED"
 
 
 def test_tracker_folders_are_gptcli_files_for_overwrite_and_foreign_checks(tmp_path):

@@ -13,7 +13,8 @@ import torch
 from gptcli.errors import RunError
 from gptcli.tensorbundle import TensorBundle, crc32c
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES
+
 
 
 @pytest.mark.parametrize("name", ["openai-tiny", "tf-many"])

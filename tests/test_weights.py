@@ -11,11 +11,10 @@ import pytest
 import torch
 import transformers
 
-from conftest import CONFIGS, book_model, tiny_model_config
+from conftest import CONFIGS, book_model, tiny_model_config, FIXTURES
 from gptcli.checkpoint import load_checkpoint
 from gptcli.model import GPTModel, load_state_dict
 
-FIXTURES = Path(__file__).parent / "fixtures"
 PROMPT = "Every effort moves you"
 
 
