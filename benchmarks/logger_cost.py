@@ -45,7 +45,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")  # a benchmark uploads nothing unless asked to
-    overrides = {"data.path": args.data, "train.max_steps": args.steps, "train.save_freq": None}
+    # epochs unbounded: --steps decides the length (tiny.yaml alone is one epoch of a few dozen steps)
+    overrides = {"data.path": args.data, "train.max_steps": args.steps, "train.num_epochs": 10**6, "train.save_freq": None}
     variants = {"none": [], "all three": list(LOGGERS)}
     rates: dict[str, list[float]] = {v: [] for v in variants}
     later: dict[str, list[float]] = {v: [] for v in variants}  # second half: the trackers are open by then
