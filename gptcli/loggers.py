@@ -10,11 +10,11 @@ A tracker never hurts the run. The trackers run in their own process (``python -
 gptcli.loggers``, in a session of its own, so a Ctrl-C or a closed terminal reaches only
 training, which then closes them): their Python work never competes with the training loop
 for the interpreter's lock, and a tracker that crashes its process cannot take training with
-it. The training loop only enqueues calls, which a sender thread pickles into the process's
-stdin. Inside it, each tracker runs on its own daemon thread behind a bounded queue. Any
-exception (an extra not installed, no login, network down, disk full) or a call that takes
-longer than ``train.logger_timeout`` drops that tracker with one warning, and training goes
-on; so does the death of the whole tracker process. Warnings are delivered on the training
+it. The training loop only enqueues calls, which a sender thread writes to the process's
+stdin as JSON lines (never pickle: nothing gptcli reads can run code). Inside it, each
+tracker runs on its own daemon thread behind a bounded queue. Any exception (an extra not
+installed, no login, network down, disk full) or a call that takes longer than
+``train.logger_timeout`` drops that tracker with one warning, and training goes on; so does the death of the whole tracker process. Warnings are delivered on the training
 thread, at its next call. If training itself is killed, the tracker process sees its stdin
 close and ends the tracker runs as failed.
 
@@ -25,10 +25,10 @@ opens, so the run directory's recognition of gptcli's own files never misses a t
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
-import pickle
 import queue
 import secrets
 import string
@@ -153,7 +153,7 @@ class Trackers:
                 data = path.read_bytes()
             except OSError:
                 return  # no plot drawn (yet): nothing to show
-            self._call("image", tag, data, self._step)
+            self._call("image", tag, base64.b64encode(data).decode("ascii"), self._step)
 
     def close(self, ok: bool | None = None) -> None:
         """Flush and close every tracker (`ok`: the run ended well, else it is marked failed or stopped;
@@ -203,12 +203,12 @@ class Trackers:
         _drain(self._notes, self._warn)
 
     def _send(self, proc: subprocess.Popen) -> None:
-        """Sender thread: the queued calls, pickled into the tracker process's stdin."""
+        """Sender thread: the queued calls, one JSON line each into the tracker process's stdin."""
         stream = proc.stdin
         while True:
             method, args = self._outbox.get()
             try:
-                pickle.dump((method, args), stream, protocol=pickle.HIGHEST_PROTOCOL)
+                stream.write(json.dumps([method, args]).encode("utf-8") + b"\n")
                 stream.flush()
                 if method == "close":
                     stream.close()
@@ -265,8 +265,8 @@ class _Hub:
     def text(self, tag: str, text: str, step: int) -> None:
         self._call("text", step, tag, text)
 
-    def image(self, tag: str, png: bytes, step: int) -> None:
-        self._call("image", step, tag, png)
+    def image(self, tag: str, png_base64: str, step: int) -> None:
+        self._call("image", step, tag, base64.b64decode(png_base64))
 
     def close(self, ok: bool) -> None:
         """Flush and close every tracker; one that does not finish within its timeout is abandoned."""
@@ -573,7 +573,7 @@ FACTORIES: dict[str, Callable[..., Any]] = {"tensorboard": TensorBoard, "wandb":
 
 
 def serve(spec: dict[str, Any], commands, notes) -> None:
-    """The tracker process's loop: `commands` (a binary stream of pickled (method, args)) drive one
+    """The tracker process's loop: `commands` (a binary stream of JSON lines [method, args]) drive one
     ``_Hub``; its notes go to `notes` as JSON lines. Ends at "close", or at the end of `commands`
     (training was killed: the tracker runs end as failed)."""
     lock = threading.Lock()
@@ -588,10 +588,10 @@ def serve(spec: dict[str, Any], commands, notes) -> None:
 
     hub = _Hub(spec["names"], Path(spec["run_dir"]), spec["timeout"], lambda m: send({"warn": m}), spec["resumed"])
     ok = False
-    while True:
+    for line in commands:
         try:
-            method, args = pickle.load(commands)
-        except Exception:  # noqa: BLE001 - end of the stream (or a torn last call): training is gone
+            method, args = json.loads(line)
+        except ValueError:  # a torn last line: training died while writing it
             break
         if method == "close":
             ok = args[0]
