@@ -14,8 +14,9 @@ it. The training loop only enqueues calls, which a sender thread writes to the p
 stdin as JSON lines (never pickle: nothing gptcli reads can run code). Inside it, each
 tracker runs on its own daemon thread behind a bounded queue. Any exception (an extra not
 installed, no login, network down, disk full) or a call that takes longer than
-``train.logger_timeout`` drops that tracker with one warning, and training goes on; so does the death of the whole tracker process. Warnings are delivered on the training
-thread, at its next call. If training itself is killed, the tracker process sees its stdin
+``train.logger_timeout`` drops that tracker with one warning, and training goes on; so
+does the death of the whole tracker process. Warnings are delivered on the training thread,
+at its next call. If training itself is killed, the tracker process sees its stdin
 close and ends the tracker runs as failed.
 
 A resumed run continues the same tracker run: the TensorBoard folder, the W&B run id and the
