@@ -138,3 +138,47 @@ def load_optimizer_states(model: torch.nn.Module, optimizer, train_state: dict, 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     for key, opt in others.items():
         set_optimizer_state_dict(model, opt, train_state[key], options=options)
+
+
+def in_backward_blocker(t, distributed: bool, precision: str, deferred: bool) -> str | None:
+    """Why ``train.optimizer_in_backward`` cannot apply to this run (the config key that forbids it), or None.
+
+    Each reason needs every gradient at once (the global norm, a sum over micro-batches or
+    processes, the loss scaler's overflow check over all of them, a skip decided after backward).
+    """
+    if t.grad_clip is not None:
+        return f"train.grad_clip {t.grad_clip} needs the global norm of all gradients before any step"
+    if t.grad_accum_steps > 1:
+        return f"train.grad_accum_steps {t.grad_accum_steps} sums gradients over micro-batches before the step"
+    if distributed:
+        return "a torchrun launch reduces gradients across processes before the step"
+    if precision == "fp16":
+        return "train.precision fp16: the gradient scaler checks all gradients for overflow before the step"
+    if deferred:
+        return "a deferred non-finite check decides after backward whether the step is skipped"
+    return None
+
+
+class StepInBackward:
+    """The optimizer steps each parameter as soon as its gradient is complete, then frees that gradient.
+
+    So the gradients of all parameters never exist at once: the step's peak memory loses up to
+    one float32 copy of the model (650 MB for GPT-2 124M). The arithmetic is the optimizer's own:
+    ``optimizer.step()`` updates only the parameters that hold a gradient, and at each hook only
+    one does (the others were freed after their step, or are not computed yet), so every
+    parameter gets the update a whole-model step gives it, bit for bit (PyTorch's tutorial
+    "How to save memory by fusing the optimizer step into the backward pass" does the same with
+    one optimizer per parameter; one optimizer keeps the checkpoint format unchanged).
+    """
+
+    def __init__(self, params, optimizer):
+        def hook(p: torch.Tensor) -> None:
+            optimizer.step()
+            p.grad = None
+
+        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

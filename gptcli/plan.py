@@ -3,6 +3,8 @@
 Memory per device (per process) of one training step, in four parts:
 
 - weights, gradients: one float32 copy each of every parameter (bf16 autocast keeps float32 weights);
+  with ``train.optimizer_in_backward`` (on wherever it applies) each gradient is freed as soon as
+  its parameter is stepped, so only the largest parameter's gradient counts;
 - optimizer state: AdamW's two float32 moments per parameter;
 - activations: what autograd keeps for backward, counted exactly under ``saved_tensors_hooks``
   (every tensor saved for backward seen, its storage counted once, parameters left out) over
@@ -204,13 +206,24 @@ def estimate_memory(cfg: Config, batch: Optional[int] = None) -> Memory:
     with torch.device("meta"):
         model = GPTModel(cfg.model)
     param_bytes = sum(p.numel() for p in model.parameters()) * FLOAT32
+    gradient_bytes = max(p.numel() for p in model.parameters()) * FLOAT32 if _in_backward(cfg, device) else param_bytes
     plain, per, block, block_per = _activations(cfg, device, batch, False)
     kept, per_kept, _, _ = _activations(cfg, device, batch, True)
     # backward holds one block's activations again while it recomputes it
     checkpointed, per_checkpointed = kept + block, per_kept + block_per
     transients_at = _loss_transients(cfg, device, model.out_head.out_features)
-    return Memory(param_bytes, param_bytes, ADAM_MOMENTS * param_bytes, plain, checkpointed, transients_at(batch),
+    return Memory(param_bytes, gradient_bytes, ADAM_MOMENTS * param_bytes, plain, checkpointed, transients_at(batch),
                   per, per_checkpointed, batch, transients_at)
+
+
+def _in_backward(cfg: Config, device) -> bool:
+    """Whether training `cfg` (one process) steps the optimizer inside backward (train.optimizer_in_backward)."""
+    from gptcli.distributed import DistInfo
+    from gptcli.precision import resolve_precision
+    from gptcli.train import _defer_check, _in_backward as applies
+
+    precision = resolve_precision(cfg.train.precision, device)[0]
+    return applies(cfg.train, DistInfo(), precision, _defer_check(None, cfg.train, device, precision))
 
 
 def _loss_transients(cfg: Config, device, padded_vocab: int) -> Callable[[int], int]:
@@ -322,6 +335,7 @@ def _measure_child() -> None:
 
     from gptcli.device import resolve_device
     from gptcli.model import GPTModel
+    from gptcli.optim import StepInBackward
     from gptcli.train import _autocast, _build_optimizer
 
     job = json.loads(sys.stdin.read())
@@ -353,6 +367,9 @@ def _measure_child() -> None:
         model.activation_checkpointing = t.activation_checkpointing
         model.train()
         optimizer = _build_optimizer(model, t)
+        in_backward = _in_backward(cfg, device)
+        if in_backward:
+            StepInBackward(model.parameters(), optimizer)
         autocast = _autocast(device, t.precision)
         training_loss, _ = _training_loss(cfg)
         times = []
@@ -360,11 +377,12 @@ def _measure_child() -> None:
             start = time.perf_counter()
             with autocast():
                 loss = training_loss(model, x, y)
-            loss.backward()
-            if t.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # with optimizer_in_backward, this steps too
+            if not in_backward:
+                if t.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)

@@ -44,6 +44,7 @@ RESUMABLE = (
     "train.device", "train.num_threads", "train.host_memory", "train.peak_flops", "train.out_dir", "data.path",
     "train.distributed",  # checkpoints hold full weights: a DDP run resumes sharded (FSDP) and back
     "train.loggers", "train.logger_timeout",  # trackers only watch the run
+    "train.optimizer_in_backward",  # the same updates, only when gradients are freed
 )
 
 # Model keys that may differ from a checkpoint's when evaluating it: the same weights, the same math.

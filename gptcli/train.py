@@ -70,7 +70,14 @@ from gptcli.metrics import Metrics
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import training_loss
 from gptcli.hostmem import set_host_memory
-from gptcli.optim import build_optimizer, full_optimizer_states, load_optimizer_states, optimizer_parts
+from gptcli.optim import (
+    StepInBackward,
+    build_optimizer,
+    full_optimizer_states,
+    in_backward_blocker,
+    load_optimizer_states,
+    optimizer_parts,
+)
 from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
 from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, record_end, write_run_manifest
@@ -179,6 +186,7 @@ class _Run:
     eval_tasks: list  # train.eval_tasks, read and checked before the first step (tasks.py)
     trackers: loggers.Trackers  # train.loggers (rank 0): a metrics sink, plus samples and the plot
     precision: str  # train.precision as resolved for this device (auto chosen)
+    step_hooks: StepInBackward | None  # train.optimizer_in_backward: the optimizer steps inside backward
 
 
 def train(
@@ -273,6 +281,7 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     if ckpt is not None:
         _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
     defer = _defer_check(defer_nonfinite_check, t, device, precision)
+    in_backward = _in_backward(t, info, precision, defer)
     lock = _on_main(info, lambda: prepare_run_dir(run_dir, resume, overwrite))
     # Experiment trackers (rank 0): closed however the run ends, so that a resume continues their runs.
     trackers = loggers.Trackers(t.loggers if info.is_main else [], run_dir, t.logger_timeout, events.warn, ckpt is not None)
@@ -281,7 +290,8 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
         with _tf32(_tf32_wanted(cfg, device, events, info)):
-            return _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, trackers), ckpt)
+            return _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, in_backward,
+                               trackers), ckpt)
     except BaseException as e:
         ended = e
         raise
@@ -307,7 +317,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
         "steps_per_epoch": math.ceil(run.train_loader.batch_sampler.num_batches() / t.grad_accum_steps),
         "device": str(run.device), "world_size": info.world_size, "params": run.model.num_params(),
         "train_tokens": run.splits.train_tokens, "val_tokens": run.splits.val_tokens, "resumed": ckpt is not None,
-        "precision": run.precision,
+        "precision": run.precision, "optimizer_in_backward": run.step_hooks is not None,
     })
     run.model.train()
     try:
@@ -346,7 +356,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
 
 
 def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint | None, events: Events,
-          device: torch.device, info: DistInfo, defer: bool, trackers: loggers.Trackers) -> _Run:
+          device: torch.device, info: DistInfo, defer: bool, in_backward: bool, trackers: loggers.Trackers) -> _Run:
     """The model (book order: seed, build, move, then the optimizer), its wrappers, the loaders."""
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -361,6 +371,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
     model.activation_checkpointing = t.activation_checkpointing
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
+    step_hooks = StepInBackward(wrapped.parameters(), optimizer) if in_backward else None
     precision, why = resolve_precision(t.precision, device)
     if why and info.is_main:
         events.warn(why)  # auto chose: say which and why
@@ -390,7 +401,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
                 guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision,
-                eval_tasks=tasks_from_config(t.eval_tasks), trackers=trackers)
+                eval_tasks=tasks_from_config(t.eval_tasks), trackers=trackers, step_hooks=step_hooks)
 
 
 def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:
@@ -426,6 +437,8 @@ def accumulate(run: _Run, state: TrainState, stream, metrics: Metrics) -> tuple[
         targets = targets.to(run.device, non_blocking=True)
         with gradient_sync(run.wrapped, enabled=i == micro_steps - 1):
             loss = run.forward_loss(inputs, targets)
+            if run.step_hooks is not None:  # backward steps the optimizer: check the loss before it does
+                run.guard.before_step(run, state, loss, log_now=True)
             run.scaler.backward(loss / micro_steps if micro_steps > 1 else loss)
         loss_sum += loss.detach()
         state.position = _Position(epoch + 1, 0, None) if epoch_done else _Position(epoch, windows_after, seed)
@@ -436,8 +449,13 @@ def accumulate(run: _Run, state: TrainState, stream, metrics: Metrics) -> tuple[
 
 
 def optimizer_step(run: _Run, state: TrainState, loss: torch.Tensor, log_now: bool) -> tuple[float | None, float | None]:
-    """Non-finite check, clip, step; returns the loss (averaged over processes) at checks and the grad norm."""
+    """Non-finite check, clip, step; returns the loss (averaged over processes) at checks and the grad norm.
+
+    With ``train.optimizer_in_backward`` backward already stepped (and checked the loss before).
+    """
     loss_value = run.guard.before_step(run, state, loss, log_now)
+    if run.step_hooks is not None:
+        return loss_value, None
     grad_norm = None
     run.scaler.unscale(run.optimizer)  # fp16: the true gradients before clipping
     if run.cfg.train.grad_clip is not None:
@@ -615,6 +633,18 @@ def _forward_loss(module: torch.nn.Module, head_weight: torch.Tensor, autocast: 
     # (400 MB at batch 8) that the loss no longer needs (it keeps its own softmax).
     with autocast():
         return training_loss(module, head_weight, inputs, targets, vocab_size, loss_chunk)
+
+
+def _in_backward(t, info: DistInfo, precision: str, defer: bool) -> bool:
+    """train.optimizer_in_backward as it applies: None = wherever it can.
+
+    Raises:
+        InputError: true where it cannot apply, naming the key that forbids it.
+    """
+    blocker = in_backward_blocker(t, info.enabled, precision, defer)
+    if t.optimizer_in_backward and blocker:
+        raise InputError(f"train.optimizer_in_backward=true: cannot apply: {blocker}")
+    return blocker is None if t.optimizer_in_backward is None else t.optimizer_in_backward
 
 
 def _tf32_wanted(cfg: Config, device: torch.device, events: Events, info: DistInfo) -> bool:

@@ -16,7 +16,7 @@ from conftest import CONFIGS, VERDICT, assert_equal_up_to_adamw_rounding, final_
 from gptcli.checkpoint import (list_step_checkpoints, load_train_state, pointer_target, step_dir_name,
                                verify_checkpoint)
 from gptcli.config import load_config
-from gptcli.train import train
+from gptcli.train import Events, train
 
 LR = 0.001  # tiny.yaml's learning rate
 
@@ -128,6 +128,81 @@ def test_grad_clip_bounds_the_gradient_the_optimizer_uses_and_logs_the_norm_befo
 
 
 # ---------------------------------------------------------------- memory and precision
+
+
+@pytest.mark.parametrize("sets", [{}, {"train__optimizer_impl": "foreach"}, {"train__optimizer_impl": "fused"},
+                                  {"train__optimizer": "muon", "train__decay_matrices_only": True}],
+                         ids=["default", "foreach", "fused", "muon"])
+def test_optimizer_in_backward_gives_the_same_run_bit_for_bit(tmp_path, sets):
+    """Each parameter stepped inside backward gets the update a whole-model step gives it (dropout on)."""
+    train(_cfg(train__max_steps=4, model__drop_rate=0.1, train__save_freq=4, train__optimizer_in_backward=False,
+               **sets), tmp_path / "after")
+    started = []
+
+    class Seen(Events):
+        def start(self, info):
+            started.append(info["optimizer_in_backward"])
+
+    train(_cfg(train__max_steps=4, model__drop_rate=0.1, train__save_freq=4, train__optimizer_in_backward=True,
+               **sets), tmp_path / "inside", events=Seen())
+    assert started == [True]
+    assert run_losses(tmp_path / "after") == run_losses(tmp_path / "inside")
+    ours, theirs = final_weights(tmp_path / "after"), final_weights(tmp_path / "inside")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    states = [load_train_state(r / step_dir_name(4) / "train_state.pt") for r in (tmp_path / "after", tmp_path / "inside")]
+    for key in ("optimizer", "muon"):
+        a, b = (s.get(key) for s in states)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+            for k in a["state"]:
+                assert a["state"][k].keys() == b["state"][k].keys()
+                assert all(torch.equal(a["state"][k][f], b["state"][k][f]) for f in a["state"][k])
+
+
+def test_optimizer_in_backward_never_holds_two_gradients_and_leaves_none(tmp_path):
+    from gptcli.model import GPTModel
+    from gptcli.optim import StepInBackward, build_optimizer
+
+    cfg = _cfg()
+    model = GPTModel(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    held = []
+    step = optimizer.step
+
+    def counting_step():
+        held.append(sum(p.grad is not None for p in model.parameters()))
+        step()
+
+    optimizer.step = counting_step
+    StepInBackward(model.parameters(), optimizer)
+    x = torch.randint(cfg.model.vocab_size, (2, cfg.model.context_length))
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    assert held == [1] * len(list(model.parameters()))  # one step per parameter, each with only its own gradient
+    assert all(p.grad is None for p in model.parameters())
+    assert all(len(s) == 3 for s in optimizer.state.values())  # step, exp_avg, exp_avg_sq: every parameter stepped
+
+
+@pytest.mark.parametrize("sets, key", [({"train__grad_clip": 1.0}, "train.grad_clip"),
+                                       ({"train__grad_accum_steps": 2}, "train.grad_accum_steps"),
+                                       ({"train__precision": "fp16"}, "train.precision fp16")])
+def test_optimizer_in_backward_true_where_it_cannot_apply_is_refused_naming_the_key(tmp_path, sets, key):
+    from gptcli.errors import InputError
+
+    with pytest.raises(InputError, match=f"train.optimizer_in_backward=true: cannot apply: {key}"):
+        train(_cfg(train__max_steps=1, train__optimizer_in_backward=True, **sets), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is touched
+    train(_cfg(train__max_steps=1, **sets), tmp_path / "auto")  # the default (null) steps after backward there
+
+
+def test_optimizer_in_backward_may_change_on_resume_and_the_run_stays_exact(tmp_path):
+    train(_cfg(train__max_steps=6, model__drop_rate=0.1, train__optimizer_in_backward=False), tmp_path / "whole")
+    run = tmp_path / "split"
+    train(_cfg(train__max_steps=3, model__drop_rate=0.1, train__optimizer_in_backward=True), run)
+    train(_cfg(train__max_steps=6, model__drop_rate=0.1, train__optimizer_in_backward=False), run, resume=True)
+    whole, split = final_weights(tmp_path / "whole"), final_weights(run)
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
 
 
 def test_activation_checkpointing_gives_the_same_losses_and_weights(tmp_path):
