@@ -81,7 +81,8 @@ class Memory:
     The peak is not the sum of all parts: gradients (set to None after each step) appear in
     backward as the activations they replace are freed, so the start of backward holds all
     activations and the loss's transients and hardly any gradient; the optimizer step holds
-    every gradient with the weights and moments. peak = weights + optimizer +
+    every gradient with the weights and moments (with ``train.optimizer_in_backward``, only the
+    largest parameter's: `gradients` counts that). peak = weights + optimizer +
     max(activations + transients, gradients).
     """
 
