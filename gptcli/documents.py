@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.compiler import is_compiling
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from gptcli.config import DataConfig
@@ -42,7 +43,7 @@ def flex_compiles(device: torch.device, attention_dropout: bool) -> bool:
     """
     if attention_dropout:  # flex_attention has no dropout_p: SDPA applies the attention dropout
         return False
-    return torch.compiler.is_compiling() and (device.type != "cpu" or not torch.is_grad_enabled())
+    return is_compiling() and (device.type != "cpu" or not torch.is_grad_enabled())
 
 
 def document_inputs(idx: torch.Tensor, eot_id: int, reset_positions: bool,

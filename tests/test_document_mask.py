@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+import gptcli.documents
 import gptcli.model
 from gptcli.config import load_config
 from gptcli.documents import DocumentMasked, document_inputs, document_starts
@@ -77,7 +78,7 @@ def test_the_model_takes_a_block_mask_to_flex_attention(monkeypatch):
     positions, mask = document_inputs(inputs, END_OF_TEXT_ID, reset_positions=True)
     assert isinstance(mask, torch.Tensor)  # eager: the explicit mask
     with monkeypatch.context() as m, torch.no_grad():
-        m.setattr(torch.compiler, "is_compiling", lambda: True)  # what document_inputs builds inside torch.compile
+        m.setattr(gptcli.documents, "is_compiling", lambda: True)  # what document_inputs builds inside torch.compile
         block_mask = document_inputs(inputs, END_OF_TEXT_ID, reset_positions=True)[1]
     with torch.no_grad(), pytest.warns(UserWarning, match="without torch.compile"):
         flex = model(inputs, positions, block_mask)
@@ -95,7 +96,9 @@ def test_the_mask_is_a_block_mask_only_where_flex_attention_compiles(monkeypatch
     _, _, inputs = _two_documents()
 
     def mask(compiling: bool, grad: bool, dropout: bool):
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        # documents' own name: a stand-in for torch.compiler.is_compiling that create_block_mask sees is
+        # remembered by dynamo, and every later torch.compile in the process would read False
+        monkeypatch.setattr(gptcli.documents, "is_compiling", lambda: compiling)
         with torch.set_grad_enabled(grad):
             return document_inputs(inputs, END_OF_TEXT_ID, True, attention_dropout=dropout)[1]
 
