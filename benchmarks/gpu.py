@@ -1,4 +1,4 @@
-"""One prepared GPU check (about 6-8 minutes on an H100/H200): gptcli's fast profile against nanoGPT, then our step's top kernels.
+"""One prepared GPU check (about 7-9 minutes on an H100/H200): gptcli's fast profile against nanoGPT, flex_attention, our top kernels.
 
     python benchmarks/gpu.py               # on the lent GPU, from the checkout's root
     python benchmarks/gpu.py --dry-run     # CPU, toy size, one step each: proves the script runs
@@ -8,7 +8,10 @@
    against nanoGPT's unmodified model.py with torch.compile, fused AdamW (its configure_optimizers
    on CUDA), bf16 autocast and TF32, the same batches, each in its own process, same GPU, same run.
    MFU against the measured dense bf16 matmul peak, and against the datasheet's dense bf16 peak.
-2. torch.profiler over three steps of gptcli's own training loop (gptcli.train.train with the
+2. data.document_mask: a compiled training step takes flex_attention (a BlockMask) on CUDA, and its
+   loss and gradients equal the eager step's with the explicit SDPA mask, also with activation
+   checkpointing (about a minute: 124M's attention shapes, 2 layers).
+3. torch.profiler over three steps of gptcli's own training loop (gptcli.train.train with the
    fast profile, after the compile steps): the top kernels by GPU time, so the next fix is the
    largest one.
 Needs the test extras (llms-from-scratch for the book's data loader) and ../shared/peers/nanogpt.
@@ -59,6 +62,72 @@ def throughput(args, data: Path) -> dict | None:
         print(f"train_throughput.py failed (exit {done.returncode})", file=sys.stderr)
         return None
     return json.loads(out[start:])
+
+
+def document_mask_check(args) -> bool:
+    """data.document_mask: compiled training steps against the eager explicit-mask (SDPA) step; prints, returns ok."""
+    import torch
+
+    import gptcli.model
+    from gptcli.config import load_config
+    from gptcli.documents import DocumentMasked
+    from gptcli.loss import cross_entropy
+    from gptcli.tokenizer import END_OF_TEXT_ID
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    sets = {"model.impl": "fused", "model.drop_rate": 0.0}  # flex_attention has no dropout: never chosen with it
+    if not args.dry_run:
+        sets["model.n_layers"] = 2  # 124M's attention (12 heads of 64, context 1024), compiled in seconds
+    cfg = load_config(ROOT / ("configs/tiny.yaml" if args.dry_run else "configs/gpt2-124m.yaml"), sets).model
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size - 1, (4, cfg.context_length + 1), generator=g)
+    tokens[torch.rand(tokens.shape, generator=g) < 8 / cfg.context_length] = END_OF_TEXT_ID  # ~8 documents a window
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    calls, flex = [], gptcli.model.flex_attention
+
+    def counted(*a, **k):  # replayed on every call of a compiled graph
+        calls.append(1)
+        return flex(*a, **k)
+
+    def step(compiled: bool, checkpointing: bool):
+        torch.manual_seed(0)
+        model = gptcli.model.GPTModel(cfg).to(device).train()
+        model.activation_checkpointing = checkpointing
+        masked = DocumentMasked(model, END_OF_TEXT_ID, reset_positions=True)
+
+        def loss_of(a, b):
+            return cross_entropy(masked(a), b)
+
+        calls.clear()
+        loss = (torch.compile(loss_of) if compiled else loss_of)(x, y)
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters()], bool(calls)
+
+    gptcli.model.flex_attention = counted
+    ok = True
+    try:
+        ref_loss, ref_grads, _ = step(compiled=False, checkpointing=False)
+        for checkpointing in (False, True):
+            what = f"  compiled, activation checkpointing {'on ' if checkpointing else 'off'}:"
+            try:
+                loss, grads, used = step(compiled=True, checkpointing=checkpointing)
+            except Exception as e:  # reported; the script goes on to the profile
+                ok = False
+                print(f"{what} FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
+                continue
+            # float32 both (no autocast, no TF32): only the order of the sums differs (flex tiles the
+            # softmax, inductor fuses), rounding of ~1e-6 relative; the bounds leave that 100x room.
+            worst = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(grads, ref_grads))
+            expected = used == (device.type == "cuda")  # the CPU has no flex_attention backward: SDPA
+            good = expected and abs(loss - ref_loss) <= 1e-4 and worst <= 1e-3
+            ok &= good
+            print(f"{what} flex_attention {'used' if used else 'not used'} on {device.type} "
+                  f"({'as expected' if expected else 'NOT as expected'}), loss {loss:.6f} vs {ref_loss:.6f} "
+                  f"(|diff| {abs(loss - ref_loss):.1e} <= 1e-4), gradients' worst |diff| {worst:.1e} of their "
+                  f"tensor's largest (<= 1e-3): {'ok' if good else 'MISMATCH'}", flush=True)
+    finally:
+        gptcli.model.flex_attention = flex
+    return ok
 
 
 def profile_our_step(args, data: Path) -> None:
@@ -124,9 +193,12 @@ def main() -> None:
             against_sheet = f", {100 * flops * r['tokens_per_s'] / peak:.1f}% of the datasheet's" if peak else ""
             print(f"  {r['variant']:<12} batch {r['batch']}: {r['tokens_per_s']:,.0f} tokens/s, "
                   f"{100 * r['mfu_bf16_peak']:.1f}% of the measured peak{against_sheet}")
+    print("\ndata.document_mask, a training step against the eager one with the explicit SDPA mask:", flush=True)
+    document_ok = document_mask_check(args)
     if not args.skip_profile:
         profile_our_step(args, data)
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s" + ("" if document_ok else "; the document mask check MISMATCHED"),
+          flush=True)
 
 
 if __name__ == "__main__":

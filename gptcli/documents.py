@@ -8,17 +8,22 @@ may attend key j when j <= i and both lie in the same document; and, with
 ``data.reset_positions``, position ids that restart at 0 at every document, so a
 document in the middle of a window is computed as if it stood alone.
 
-The mask goes to the model's ``attn_mask`` (PyTorch's scaled_dot_product_attention
-with an explicit boolean mask; the book's explicit-softmax path is used only
-without a mask, so the book-exact runs never see this code).
+The mask goes to the model's ``attn_mask`` in one of two forms, chosen here
+(`flex_compiles`): a ``BlockMask`` for PyTorch's flex_attention where that compiles,
+else an explicit boolean mask for scaled_dot_product_attention. The book's
+explicit-softmax path is used only without a mask, so the book-exact runs never see
+this code.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.compiler import is_compiling
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from gptcli.config import DataConfig
+from gptcli.model import unwrap
 from gptcli.tokenizer import END_OF_TEXT_ID
 
 
@@ -29,19 +34,50 @@ def document_starts(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
     return starts
 
 
-def document_inputs(idx: torch.Tensor, eot_id: int, reset_positions: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(positions (B, T) or None, attn_mask (B, 1, T, T)) for windows `idx` (B, T)."""
+def flex_compiles(device: torch.device, attention_dropout: bool) -> bool:
+    """Whether the document mask goes to flex_attention (a BlockMask) rather than to SDPA (a tensor).
+
+    Only inside a compiled region: eager flex_attention is a slow reference implementation.
+    Not for a CPU backward: torch 2.13 has none (inductor lowers only the forward on the CPU;
+    flex_attention raises "does not support backward on CPU"), so CPU training keeps SDPA.
+    """
+    if attention_dropout:  # flex_attention has no dropout_p: SDPA applies the attention dropout
+        return False
+    return is_compiling() and (device.type != "cpu" or not torch.is_grad_enabled())
+
+
+def document_inputs(idx: torch.Tensor, eot_id: int, reset_positions: bool,
+                    attention_dropout: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | BlockMask]:
+    """(positions (B, T) or None, attn_mask) for windows `idx` (B, T).
+
+    Args:
+        idx: token ids (B, T).
+        eot_id: the id that ends every document.
+        reset_positions: positions restart at 0 at each document (else None: 0..T-1).
+        attention_dropout: the model applies dropout to attention weights in this call.
+
+    Returns:
+        attn_mask is a BlockMask where `flex_compiles`, else a boolean (B, 1, T, T) tensor;
+        both say: query i attends key j when j <= i and both lie in the same document.
+    """
     b, t = idx.shape
     starts = document_starts(idx, eot_id)
     doc = starts.cumsum(dim=1)  # (B, T) document number within the window
-    causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+    if flex_compiles(idx.device, attention_dropout):
+
+        def same_document_causal(b_, h_, q, k):
+            return (k <= q) & (doc[b_, q] == doc[b_, k])
+
+        mask = create_block_mask(same_document_causal, b, None, t, t, device=idx.device)
+    else:
+        causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
+        mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
     positions = None
     if reset_positions:
         ar = torch.arange(t, device=idx.device).expand(b, t)
         first = torch.where(starts, ar, torch.zeros_like(ar)).cummax(dim=1).values  # (B, T) start of each token's document
         positions = ar - first
-    return positions, mask[:, None]
+    return positions, mask
 
 
 class DocumentMasked(nn.Module):
@@ -56,11 +92,13 @@ class DocumentMasked(nn.Module):
         self.module = module
         self.eot_id = eot_id
         self.reset_positions = reset_positions
+        self.drop_rate = unwrap(module).cfg.drop_rate
         self.train(module.training)  # the wrapped model's mode: restoring the wrapper's must not flip the model's
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """The module's output for `idx`; `kwargs` (e.g. return_hidden) pass through."""
-        positions, attn_mask = document_inputs(idx, self.eot_id, self.reset_positions)
+        attention_dropout = unwrap(self.module).training and self.drop_rate > 0  # as MultiHeadAttention decides
+        positions, attn_mask = document_inputs(idx, self.eot_id, self.reset_positions, attention_dropout)
         return self.module(idx, positions, attn_mask, **kwargs)
 
 

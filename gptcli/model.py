@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from gptcli.config import ModelConfig
@@ -174,7 +175,7 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMask | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, t, c = x.shape
@@ -193,7 +194,16 @@ class MultiHeadAttention(nn.Module):
         # On the CPU, SDPA falls back to its math kernel whenever dropout is on; the explicit
         # path is the same arithmetic with the faster dropout.
         explicit = not self.fused or (self.training and self.dropout.p > 0 and x.device.type == "cpu")
-        if attn_mask is None and kv_cache is None and explicit:
+        if isinstance(attn_mask, BlockMask):
+            # The document mask where flex_attention compiles (documents.flex_compiles, which
+            # gives a BlockMask only when no attention dropout applies: flex has none).
+            if x.device.type == "cpu":
+                # torch 2.13's CPU flex template reads the (B, H, T, D) sizes off the buffer under a
+                # view (cpp_flex_attention_template.py choose_flex_template): the (B*T, C) matmul
+                # output under our transposed views fails to unpack. A copy is a 4-d buffer.
+                queries, keys, values = queries.contiguous(), keys.contiguous(), values.contiguous()
+            context = flex_attention(queries, keys, values, block_mask=attn_mask)
+        elif attn_mask is None and kv_cache is None and explicit:
             context = self._book_attention(queries, keys, values)
         else:
             drop = self.dropout.p if self.training else 0.0
@@ -306,7 +316,8 @@ class GPTModel(nn.Module):
             positions: (B, T) or (T,) position of each token; default 0..T-1 after
                 what `kv_cache` holds.
             attn_mask: (B, 1, T, S) boolean, True where a query may attend a key;
-                default causal. Used for left-padded batches.
+                default causal. Used for left-padded batches and document masks; a
+                document mask may instead be a flex_attention BlockMask (``documents``).
             kv_cache: keys/values of earlier positions; advanced by T on return.
             last_only: compute the logits of the last position only (generation). The
                 output head is a C x V matmul per position, the largest in the model.

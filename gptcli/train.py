@@ -379,12 +379,12 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
     # train.loss_chunk: the (B, T, V) logits never exist at once
     forward_loss = functools.partial(_forward_loss, as_trained(wrapped, cfg.data), model.out_head.weight, autocast,
                                      cfg.model.vocab_size, _loss_chunk(cfg, info))
-    scorer = wrapped
+    scorer = as_trained(wrapped, cfg.data)  # document mask inside the compiled region: flex_attention can apply
     if t.compile:
         # The loss is compiled with the model so that the float32 upcast, log-softmax and
         # its backward over B x T x V logits fuse into a few kernels: on an H200 at batch 32
         # that cut the GPU time of a step from 79 ms to 68 ms (the eager loss took a quarter).
-        scorer = torch.compile(wrapped)  # for evaluation (eval mode compiles its own graph)
+        scorer = torch.compile(scorer)  # for evaluation (eval mode compiles its own graph)
         forward_loss = torch.compile(forward_loss)
 
     pin, sampling = device.type == "cuda", cfg.data.sampling
@@ -396,7 +396,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
     per_epoch = train_loader.batch_sampler.num_batches()  # micro-batches per epoch
     global_batch = train_loader.batch_sampler.global_batch
     return _Run(cfg, run_dir, splits, device, info, events, model, wrapped, optimizer, autocast, forward_loss,
-                as_trained(scorer, cfg.data), train_loader, train_eval_loader, val_loader,
+                scorer, train_loader, train_eval_loader, val_loader,
                 total_steps=_total_steps(t, per_epoch, global_batch * cfg.model.context_length),
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,

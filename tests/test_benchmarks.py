@@ -61,3 +61,4 @@ def test_gpu_script_dry_runs_on_the_cpu():
                           capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "gptcli-fast against nanogpt" in done.stdout and "top kernels of gptcli's step" in done.stdout
+    assert done.stdout.count("flex_attention not used on cpu (as expected)") == 2 and "MISMATCH" not in done.stdout
