@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--row-group", type=int, default=10_000, help="rows per Parquet row group (default 10,000)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer threads (default: CPUs)")
     parser.add_argument("--tmp", type=Path, default=None, help="scratch directory (default: the system's)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each input, in the order J P P J ... so drift favours neither (default 2)")
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # the child that writes the files
     args = parser.parse_args()
     if args.generate:
@@ -74,20 +77,27 @@ def main() -> None:
         parquet, jsonl, documents = scratch / "in" / "docs.parquet", scratch / "in" / "docs.jsonl", int(out)
         print(f"generated {documents:,} documents: Parquet {parquet.stat().st_size / 1e6:,.0f} MB, "
               f"JSON Lines {jsonl.stat().st_size / 1e6:,.0f} MB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        runs = {}
-        for name, path in (("jsonl", jsonl), ("parquet", parquet)):
-            out, wall, cpu, peak = run_child([sys.executable, "-m", "gptcli", "prepare", str(path), "--out",
-                                              str(scratch / name), "--workers", str(args.workers), "--json"], env)
-            summary = json.loads(out)
-            runs[name] = (summary["train_tokens"] + summary["val_tokens"], wall, cpu, peak, path.stat().st_size)
-            shutil.rmtree(scratch / name)
+        runs: dict[str, list] = {"jsonl": [], "parquet": []}
+        order = [("jsonl", jsonl), ("parquet", parquet)]
+        for r in range(args.repeats):
+            for name, path in order if r % 2 == 0 else order[::-1]:
+                out, wall, cpu, peak = run_child([sys.executable, "-m", "gptcli", "prepare", str(path), "--out",
+                                                  str(scratch / name), "--workers", str(args.workers), "--json"], env)
+                summary = json.loads(out)
+                runs[name].append((summary["train_tokens"] + summary["val_tokens"], wall, cpu, peak, path.stat().st_size))
+                print(f"run {r + 1} {name}: {wall:.1f} s, {cpu:.1f} CPU s, peak {peak:,.0f} MB", file=sys.stderr)
+                shutil.rmtree(scratch / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if runs["jsonl"][0] != runs["parquet"][0]:
-        sys.exit(f"token counts differ: JSON Lines {runs['jsonl'][0]}, Parquet {runs['parquet'][0]}")
-    tokens = runs["jsonl"][0]
+    counts = {run[0] for name in runs for run in runs[name]}
+    if len(counts) != 1:
+        sys.exit(f"token counts differ: JSON Lines {[r[0] for r in runs['jsonl']]}, Parquet {[r[0] for r in runs['parquet']]}")
+    tokens = counts.pop()
+    # each input's median run by wall time (with 2 repeats: the mean of the two)
+    runs = {name: tuple(statistics.median(r[i] for r in rs) for i in range(5)) for name, rs in runs.items()}
     print(f"{documents:,} documents, {tokens:,} tokens; {os.cpu_count()} CPUs, --workers {args.workers}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"medians of {args.repeats} runs each")
     print(f"{'input':10} {'file MB':>8} {'seconds':>8} {'tokens/s':>12} {'CPU s':>7} {'peak RSS':>10}")
     for name, (_, wall, cpu, peak, size) in runs.items():
         print(f"{name:10} {size / 1e6:8,.0f} {wall:8.1f} {tokens / wall:12,.0f} {cpu:7.1f} {peak:8,.0f} MB")
