@@ -174,9 +174,11 @@ class TrainConfig:
     muon: Optional[dict] = None
     compile: bool = False  # torch.compile the model
     # Step each parameter inside backward as soon as its gradient is complete and free that gradient,
-    # so all gradients never exist at once (same numbers, less memory). None = wherever it applies:
-    # not with grad_clip, grad_accum_steps > 1, torchrun, fp16 or a deferred non-finite check.
-    optimizer_in_backward: Optional[bool] = None
+    # so all gradients never exist at once (same numbers). Less peak memory where gradients weigh more
+    # than activations (small batches), more where activations dominate (the step's temporaries join
+    # them): measured, hence off by default. Refused with grad_clip, grad_accum_steps > 1, torchrun,
+    # fp16 or a deferred non-finite check.
+    optimizer_in_backward: bool = False
     activation_checkpointing: bool = False  # recompute blocks in backward to save memory
     num_threads: Optional[int] = None  # CPU threads for torch; None = PyTorch's choice
     # Host (CPU) memory policy of glibc's malloc; numerics never change. "return": buffers of

@@ -3,7 +3,7 @@
 Memory per device (per process) of one training step, in four parts:
 
 - weights, gradients: one float32 copy each of every parameter (bf16 autocast keeps float32 weights);
-  with ``train.optimizer_in_backward`` (on wherever it applies) each gradient is freed as soon as
+  with ``train.optimizer_in_backward`` each gradient is freed as soon as
   its parameter is stepped, so only the largest parameter's gradient counts;
 - optimizer state: AdamW's two float32 moments per parameter;
 - activations: what autograd keeps for backward, counted exactly under ``saved_tensors_hooks``

@@ -636,15 +636,15 @@ def _forward_loss(module: torch.nn.Module, head_weight: torch.Tensor, autocast: 
 
 
 def _in_backward(t, info: DistInfo, precision: str, defer: bool) -> bool:
-    """train.optimizer_in_backward as it applies: None = wherever it can.
+    """train.optimizer_in_backward, checked.
 
     Raises:
         InputError: true where it cannot apply, naming the key that forbids it.
     """
-    blocker = in_backward_blocker(t, info.enabled, precision, defer)
-    if t.optimizer_in_backward and blocker:
+    blocker = in_backward_blocker(t, info.enabled, precision, defer) if t.optimizer_in_backward else None
+    if blocker:
         raise InputError(f"train.optimizer_in_backward=true: cannot apply: {blocker}")
-    return blocker is None if t.optimizer_in_backward is None else t.optimizer_in_backward
+    return t.optimizer_in_backward
 
 
 def _tf32_wanted(cfg: Config, device: torch.device, events: Events, info: DistInfo) -> bool:

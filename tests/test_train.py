@@ -44,14 +44,16 @@ class Recorder(Events):
         self.logs.append(r)
 
 
-@pytest.mark.parametrize("gelu", ["exact", "tanh"])
-def test_book_exact_equals_train_model_simple(verdict, tiktoken_offline, tmp_path, gelu):
-    """Every evaluation, every epoch sample and the final weights equal the book's code."""
+@pytest.mark.parametrize("gelu, in_backward", [("exact", False), ("tanh", False), ("exact", True)])
+def test_book_exact_equals_train_model_simple(verdict, tiktoken_offline, tmp_path, gelu, in_backward):
+    """Every evaluation, every epoch sample and the final weights equal the book's code (also with the
+    optimizer stepped inside backward, as configs/gpt2-124m-256.yaml does)."""
     import tiktoken
     from llms_from_scratch.ch02 import create_dataloader_v1
     from llms_from_scratch.ch05 import train_model_simple
 
-    cfg = load_config(None, {**SMALL, "model.gelu": gelu, "train.num_epochs": 2, "data.path": str(verdict)})
+    cfg = load_config(None, {**SMALL, "model.gelu": gelu, "train.num_epochs": 2, "data.path": str(verdict),
+                             "train.optimizer_in_backward": in_backward})
     text = verdict.read_text(encoding="utf-8")
     split = int(0.90 * len(text))
     # The book's chapter-5 order: seed, loaders, seed, model, optimizer, train.

@@ -192,7 +192,7 @@ def test_optimizer_in_backward_true_where_it_cannot_apply_is_refused_naming_the_
     with pytest.raises(InputError, match=f"train.optimizer_in_backward=true: cannot apply: {key}"):
         train(_cfg(train__max_steps=1, train__optimizer_in_backward=True, **sets), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run directory is touched
-    train(_cfg(train__max_steps=1, **sets), tmp_path / "auto")  # the default (null) steps after backward there
+    train(_cfg(train__max_steps=1, **sets), tmp_path / "default")  # off by default: steps after backward
 
 
 def test_optimizer_in_backward_may_change_on_resume_and_the_run_stays_exact(tmp_path):
