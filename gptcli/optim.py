@@ -176,9 +176,4 @@ class StepInBackward:
             optimizer.step()
             p.grad = None
 
-        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
