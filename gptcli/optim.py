@@ -159,8 +159,9 @@ def in_backward_blocker(t, distributed: bool, precision: str, deferred: bool) ->
     return None
 
 
-class StepInBackward:
-    """The optimizer steps each parameter as soon as its gradient is complete, then frees that gradient.
+def step_in_backward(params, optimizer) -> None:
+    """From now on, backward steps `optimizer` for each parameter as soon as its gradient is complete,
+    then frees that gradient (hooks on `params`, living as long as they do).
 
     So the gradients of all parameters never exist at once: the step's peak memory loses up to
     one float32 copy of the model (650 MB for GPT-2 124M). The arithmetic is the optimizer's own:
@@ -171,9 +172,10 @@ class StepInBackward:
     one optimizer per parameter; one optimizer keeps the checkpoint format unchanged).
     """
 
-    def __init__(self, params, optimizer):
-        def hook(p: torch.Tensor) -> None:
-            optimizer.step()
-            p.grad = None
+    def hook(p: torch.Tensor) -> None:
+        optimizer.step()
+        p.grad = None
 
-        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+    for p in params:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(hook)

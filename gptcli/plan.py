@@ -336,7 +336,7 @@ def _measure_child() -> None:
 
     from gptcli.device import resolve_device
     from gptcli.model import GPTModel
-    from gptcli.optim import StepInBackward
+    from gptcli.optim import step_in_backward
     from gptcli.train import _autocast, _build_optimizer
 
     job = json.loads(sys.stdin.read())
@@ -370,7 +370,7 @@ def _measure_child() -> None:
         optimizer = _build_optimizer(model, t)
         in_backward = _in_backward(cfg, device)
         if in_backward:
-            StepInBackward(model.parameters(), optimizer)
+            step_in_backward(model.parameters(), optimizer)
         autocast = _autocast(device, t.precision)
         training_loss, _ = _training_loss(cfg)
         times = []

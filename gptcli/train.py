@@ -71,12 +71,12 @@ from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, 
 from gptcli.loss import training_loss
 from gptcli.hostmem import set_host_memory
 from gptcli.optim import (
-    StepInBackward,
     build_optimizer,
     full_optimizer_states,
     in_backward_blocker,
     load_optimizer_states,
     optimizer_parts,
+    step_in_backward,
 )
 from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
@@ -186,7 +186,7 @@ class _Run:
     eval_tasks: list  # train.eval_tasks, read and checked before the first step (tasks.py)
     trackers: loggers.Trackers  # train.loggers (rank 0): a metrics sink, plus samples and the plot
     precision: str  # train.precision as resolved for this device (auto chosen)
-    step_hooks: StepInBackward | None  # train.optimizer_in_backward: the optimizer steps inside backward
+    in_backward: bool  # train.optimizer_in_backward: backward steps the optimizer (optim.step_in_backward)
 
 
 def train(
@@ -317,7 +317,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
         "steps_per_epoch": math.ceil(run.train_loader.batch_sampler.num_batches() / t.grad_accum_steps),
         "device": str(run.device), "world_size": info.world_size, "params": run.model.num_params(),
         "train_tokens": run.splits.train_tokens, "val_tokens": run.splits.val_tokens, "resumed": ckpt is not None,
-        "precision": run.precision, "optimizer_in_backward": run.step_hooks is not None,
+        "precision": run.precision, "optimizer_in_backward": run.in_backward,
     })
     run.model.train()
     try:
@@ -371,7 +371,8 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
     model.activation_checkpointing = t.activation_checkpointing
     wrapped = wrap_model(model, t.distributed, info, device)
     optimizer = _build_optimizer(wrapped, t)
-    step_hooks = StepInBackward(wrapped.parameters(), optimizer) if in_backward else None
+    if in_backward:
+        step_in_backward(wrapped.parameters(), optimizer)
     precision, why = resolve_precision(t.precision, device)
     if why and info.is_main:
         events.warn(why)  # auto chose: say which and why
@@ -401,7 +402,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
                 guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision,
-                eval_tasks=tasks_from_config(t.eval_tasks), trackers=trackers, step_hooks=step_hooks)
+                eval_tasks=tasks_from_config(t.eval_tasks), trackers=trackers, in_backward=in_backward)
 
 
 def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:
@@ -437,7 +438,7 @@ def accumulate(run: _Run, state: TrainState, stream, metrics: Metrics) -> tuple[
         targets = targets.to(run.device, non_blocking=True)
         with gradient_sync(run.wrapped, enabled=i == micro_steps - 1):
             loss = run.forward_loss(inputs, targets)
-            if run.step_hooks is not None:  # backward steps the optimizer: check the loss before it does
+            if run.in_backward:  # backward steps the optimizer: check the loss before it does
                 run.guard.before_step(run, state, loss, log_now=True)
             run.scaler.backward(loss / micro_steps if micro_steps > 1 else loss)
         loss_sum += loss.detach()
@@ -454,7 +455,7 @@ def optimizer_step(run: _Run, state: TrainState, loss: torch.Tensor, log_now: bo
     With ``train.optimizer_in_backward`` backward already stepped (and checked the loss before).
     """
     loss_value = run.guard.before_step(run, state, loss, log_now)
-    if run.step_hooks is not None:
+    if run.in_backward:
         return loss_value, None
     grad_norm = None
     run.scaler.unscale(run.optimizer)  # fp16: the true gradients before clipping

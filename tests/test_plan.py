@@ -27,6 +27,7 @@ def _cfg(name: str, verdict, **overrides):
     ("quickstart", False, {"train.loss_chunk": 0}),  # the plain loss on the fused model
     ("quickstart", False, {"train.precision": "bf16", "train.batch_size": 8}),  # bf16 slices, B*T over one slice
     ("quickstart", False, {"data.document_mask": True}),
+    ("tiny", False, {"train.optimizer_in_backward": True}),  # one gradient at a time
 ])
 def test_memory_estimate_is_within_15_percent_of_the_measured_peak(verdict, name, checkpointing, overrides):
     """The estimate models the step training runs: its loss (plain or chunked), precision and document mask."""
@@ -36,6 +37,14 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_peak(verdict, name
     print(f"{name} {overrides}: estimated {estimated / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     # the issue's acceptance bound; allocator rounding and small buffers the estimate does not model stay below it
     assert abs(estimated / measured - 1) <= 0.15
+
+
+def test_with_optimizer_in_backward_the_estimate_holds_one_parameters_gradient(verdict):
+    on = estimate_memory(_cfg("tiny", verdict, **{"train.optimizer_in_backward": True}))
+    off = estimate_memory(_cfg("tiny", verdict))
+    assert off.gradients == off.weights  # every gradient at the optimizer step
+    assert on.gradients == 50257 * 32 * 4  # tiny's largest parameter: the embedding (or head), float32
+    assert (on.weights, on.optimizer, on.activations) == (off.weights, off.optimizer, off.activations)
 
 
 def test_largest_batch_that_fits_runs_within_the_limit_and_one_more_does_not(verdict):

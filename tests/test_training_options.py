@@ -162,7 +162,7 @@ def test_optimizer_in_backward_gives_the_same_run_bit_for_bit(tmp_path, sets):
 
 def test_optimizer_in_backward_never_holds_two_gradients_and_leaves_none(tmp_path):
     from gptcli.model import GPTModel
-    from gptcli.optim import StepInBackward, build_optimizer
+    from gptcli.optim import build_optimizer, step_in_backward
 
     cfg = _cfg()
     model = GPTModel(cfg.model)
@@ -175,7 +175,7 @@ def test_optimizer_in_backward_never_holds_two_gradients_and_leaves_none(tmp_pat
         step()
 
     optimizer.step = counting_step
-    StepInBackward(model.parameters(), optimizer)
+    step_in_backward(model.parameters(), optimizer)
     x = torch.randint(cfg.model.vocab_size, (2, cfg.model.context_length))
     torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
     assert held == [1] * len(list(model.parameters()))  # one step per parameter, each with only its own gradient
