@@ -81,22 +81,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         count = valid.sum()
         w = weight.to(dtype)  # (Vp, C), once, as autocast would cast it per call
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_w = None  # float32 (Vp, C): the first slice's part, then the sum of the parts
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(device_type, enabled=False), torch.no_grad():
             for start in range(0, h.shape[0], rows):
                 # one slice's buffers live only inside _slice: never two slices' logits at once
-                total += _ChunkedLinearCrossEntropy._slice(
+                loss_sum, grad_w = _ChunkedLinearCrossEntropy._slice(
                     h[start:start + rows].to(dtype), y[start:start + rows], valid[start:start + rows], w, vocab_size,
                     count, grad_h[start:start + rows] if need_grad else None, grad_w)
+                total += loss_sum
         if need_grad:
             ctx.save_for_backward(grad_h.view_as(hidden), grad_w.to(weight.dtype))
         return total / count
 
     @staticmethod
-    def _slice(h_c, y_c, v_c, w, vocab_size, count, grad_h, grad_w) -> torch.Tensor:
-        """The summed loss of one slice; with `grad_h` (its rows of the hidden states' gradient, written
-        here) also adds its part of the head's gradient to `grad_w`."""
+    def _slice(h_c, y_c, v_c, w, vocab_size, count, grad_h, grad_w) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The summed loss of one slice, and the head's gradient so far: with `grad_h` (its rows of
+        the hidden states' gradient, written here) this slice's part is added to `grad_w` (None
+        before the first slice: the part becomes it, so no zero-filled (Vp, C) buffer is swept)."""
         logits = (h_c @ w.T).float()  # (n, Vp), the only vocabulary-wide tensor, one slice at a time
         if logits.shape[1] != vocab_size:
             logits[:, vocab_size:] = -torch.inf  # padding rows take no probability
@@ -111,22 +113,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         lse = top + sums.log()
         loss_sum = torch.where(v_c, lse - target_logit, 0.0).sum()
         if grad_h is None:
-            return loss_sum
+            return loss_sum, None
         # d(mean loss)/d logits = (softmax - onehot) / count, computed in place
         probs.div_(sums[:, None])
         probs.scatter_add_(1, picked[:, None], torch.full_like(lse[:, None], -1.0))
         probs.mul_(torch.where(v_c, 1.0, 0.0)[:, None] / count)
         if w.dtype == torch.float32:
             grad_h.copy_(probs @ w)
-            grad_w.addmm_(probs.T, h_c)
-        else:
-            p = probs.to(w.dtype)
-            del probs  # the float32 slice goes before the matmuls' outputs come
-            grad_h.copy_(p @ w)
-            grad_w += (p.T @ h_c).float()
-        return loss_sum
+            return loss_sum, probs.T @ h_c if grad_w is None else grad_w.addmm_(probs.T, h_c)
+        p = probs.to(w.dtype)
+        del probs  # the float32 slice goes before the matmuls' outputs come
+        grad_h.copy_(p @ w)
+        part = p.T @ h_c  # (Vp, C) in the autocast dtype
+        return loss_sum, part.float() if grad_w is None else grad_w.add_(part)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        # Scaled in place: no second (Vp, C) buffer. A plain loss.backward() passes exactly 1, which
+        # the CPU can see without a device sync; then the scaling pass is skipped.
+        if grad_out.device.type != "cpu" or grad_out.item() != 1.0:
+            grad_h.mul_(grad_out)
+            grad_w.mul_(grad_out)
+        return grad_h, grad_w, None, None, None

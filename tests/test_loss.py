@@ -12,10 +12,10 @@ from gptcli.model import GPTModel
 from gptcli.tokenizer import END_OF_TEXT_ID
 
 
-def _loss_and_grads(module, model, idx, targets, loss_chunk):
+def _loss_and_grads(module, model, idx, targets, loss_chunk, scale=1.0):
     model.zero_grad(set_to_none=True)
     loss = training_loss(module, model.out_head.weight, idx, targets, model.cfg.vocab_size, loss_chunk)
-    loss.backward()
+    (loss * scale if scale != 1.0 else loss).backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -38,6 +38,19 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(rows):
     torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1024.0])
+def test_a_scaled_chunked_loss_scales_its_gradients_as_the_plain_one(scale):
+    """backward() of a multiple of the loss (the fp16 scaler's, a user's weighting) scales every
+    gradient by it: the backward pass scales in place, and skips that pass only for exactly 1."""
+    model, idx, targets = _model_and_batch()
+    _, plain_grads = _loss_and_grads(model, model, idx, targets, 0, scale)
+    _, chunked_grads = _loss_and_grads(model, model, idx, targets, 7, scale)
+    _, unscaled = _loss_and_grads(model, model, idx, targets, 7)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=0, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(chunked_grads[name], unscaled[name] * scale, rtol=1e-6, atol=0, msg=name)
 
 
 def test_chunked_loss_composes_with_the_document_mask():
