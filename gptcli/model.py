@@ -63,12 +63,36 @@ class GELU(nn.Module):
         return f"approximate={'none' if self.approximate == 'exact' else 'tanh'!r}"
 
 
+DROPOUT_GRID = 1 << 16  # the fused CPU dropout's probability resolution: 16-bit draws
+
+
+def dropout_on_grid(p: float) -> float | None:
+    """The drop probability the fused CPU dropout applies for `p`: p rounded to a multiple of
+    1/65536 (0.1 -> 0.10000610), or None where that rounding would reach 0 or 1."""
+    steps = round(p * DROPOUT_GRID)
+    return steps / DROPOUT_GRID if 0 < steps < DROPOUT_GRID else None
+
+
 class _CpuDropout(torch.autograd.Function):
-    """Inverted dropout from uniform draws, keeping a one-byte mask for the backward pass."""
+    """Inverted dropout from 16-bit random draws, keeping a one-byte mask for the backward pass.
+
+    Each 64-bit draw of PyTorch's generator gives four 16-bit values, each compared with the
+    threshold of the drop probability on a 1/65536 grid (`dropout_on_grid`); the kept values
+    are scaled by 1 / (1 - that probability), so the expectation is exact. Where the grid cannot
+    hold `p` (below 1/131072 or within that of 1), float32 uniform draws are compared instead.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= p
+        on_grid = dropout_on_grid(p)
+        if on_grid is None:
+            keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= p
+        else:
+            n = x.numel()
+            draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), None)
+            values = draws.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+            keep = values >= round(on_grid * DROPOUT_GRID) - DROPOUT_GRID // 2
+            p = on_grid
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return x * keep * ctx.scale
@@ -83,9 +107,9 @@ class Dropout(nn.Dropout):
     """nn.Dropout; with `fused` on the CPU, a faster one with the same distribution.
 
     PyTorch's CPU dropout draws each mask with bernoulli_ and keeps it as floats for the
-    backward pass. Comparing uniform draws with p takes half the time and the mask is kept
-    as bools, a quarter of the memory. Its random numbers differ from the book's, so only
-    ``impl: fused`` uses it; CUDA keeps PyTorch's fused kernel.
+    backward pass. Comparing 16-bit draws with p (rounded to 1/65536) takes a quarter of
+    the time and the mask is kept as bools, a quarter of the memory. Its random numbers
+    differ from the book's, so only ``impl: fused`` uses it; CUDA keeps PyTorch's fused kernel.
     """
 
     def __init__(self, p: float, fused: bool = False):

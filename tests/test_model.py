@@ -219,11 +219,36 @@ def test_fused_cpu_dropout_has_the_same_distribution_and_gradient():
     y = drop(x)
     kept = (y != 0).float().mean().item()
     assert abs(kept - 0.9) < 0.005  # p = 0.1 of the values are zeroed
-    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))  # the survivors are scaled by 1/(1-p)
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - 6554 / 65536)))  # scaled by 1/(1-p on the grid)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the same mask and scale
     assert torch.equal(drop.eval()(x), x)  # identity in eval mode
     assert not torch.equal(Dropout(0.1, fused=True).train()(x), y)  # a fresh mask each call
+
+
+def test_fused_cpu_dropout_rounds_p_to_1_over_65536_and_falls_back_off_the_grid():
+    from gptcli.model import dropout_on_grid
+
+    assert dropout_on_grid(0.1) == 6554 / 65536  # 0.10000610
+    assert dropout_on_grid(0.5) == 0.5 and dropout_on_grid(0.25) == 0.25  # multiples of 1/65536 stay exact
+    assert dropout_on_grid(1e-6) is None and dropout_on_grid(1 - 1e-6) is None  # would round to 0 or 1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.013, 1e-6])
+def test_fused_cpu_dropout_drops_p_of_every_lane_of_its_draws(p):
+    """Each 64-bit draw gives four 16-bit values: every one of the four lanes drops at p (a lane
+    left unused or reused would show here), and a p off the grid takes the float32 draws."""
+    from gptcli.model import Dropout, dropout_on_grid
+
+    torch.manual_seed(1)
+    n = 4_000_000
+    dropped = Dropout(p, fused=True).train()(torch.ones(n)) == 0
+    expected = dropout_on_grid(p) or p
+    sigma = (expected * (1 - expected) / (n // 4)) ** 0.5
+    for lane in range(4):
+        assert abs(dropped[lane::4].float().mean().item() - expected) < 5 * sigma + 1e-7, lane
+    both = (dropped[0::4] & dropped[1::4]).float().mean().item()  # neighbouring lanes independent
+    assert abs(both - expected**2) < 5 * (expected**2 * (1 - expected**2) / (n // 4)) ** 0.5 + 1e-7
 
 
 def test_gpt2_init_draws_each_parameter_group_at_gpt2s_std():
