@@ -107,7 +107,7 @@ class Dropout(nn.Dropout):
     """nn.Dropout; with `fused` on the CPU, a faster one with the same distribution.
 
     PyTorch's CPU dropout draws each mask with bernoulli_ and keeps it as floats for the
-    backward pass. Comparing 16-bit draws with p (rounded to 1/65536) takes a quarter of
+    backward pass. Comparing 16-bit draws with p (rounded to 1/65536) takes under a third of
     the time and the mask is kept as bools, a quarter of the memory. Its random numbers
     differ from the book's, so only ``impl: fused`` uses it; CUDA keeps PyTorch's fused kernel.
     """
