@@ -109,7 +109,10 @@ class Dropout(nn.Dropout):
     PyTorch's CPU dropout draws each mask with bernoulli_ and keeps it as floats for the
     backward pass. Comparing 16-bit draws with p (rounded to 1/65536) takes under a third of
     the time and the mask is kept as bools, a quarter of the memory. Its random numbers
-    differ from the book's, so only ``impl: fused`` uses it; CUDA keeps PyTorch's fused kernel.
+    differ from the book's, so only ``impl: fused`` uses it; CUDA keeps PyTorch's fused kernel,
+    and so does torch.compile, which fuses its own dropout into the graph (the in-place draw
+    here would break the graph at every dropout, and the split graphs trained differently
+    from run to run).
     """
 
     def __init__(self, p: float, fused: bool = False):
@@ -117,7 +120,8 @@ class Dropout(nn.Dropout):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.training and self.p > 0 and x.device.type == "cpu":
+        if (self.fused and self.training and self.p > 0 and x.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
             return _CpuDropout.apply(x, self.p)
         return super().forward(x)
 
