@@ -251,6 +251,39 @@ def test_fused_cpu_dropout_drops_p_of_every_lane_of_its_draws(p):
     assert abs(both - expected**2) < 5 * (expected**2 * (1 - expected**2) / (n // 4)) ** 0.5 + 1e-7
 
 
+@pytest.mark.parametrize("head_dim", [64, 48])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_cpu_training_attention_gives_the_books_numbers_with_the_same_masks(head_dim, precision):
+    """Training on the CPU with dropout, the fused model computes the book's attention (scores,
+    causal mask, softmax, dropout) in fewer passes: the scale on the queries, the mask filled
+    outside autograd, the dropout mask multiplied as floats. With the same dropout draws it gives
+    the book's output and gradients: bit for bit at GPT-2's head size 64 (the scale 1/8 is a
+    power of two), to rounding at 48; a gradient leaking through the masked scores would show."""
+    from gptcli.model import _CpuDropout, MultiHeadAttention
+
+    cfg = ModelConfig(vocab_size=100, context_length=24, emb_dim=2 * head_dim, n_heads=2, n_layers=1,
+                      drop_rate=0.2, qkv_bias=True, impl="fused")
+    torch.manual_seed(0)
+    att = MultiHeadAttention(cfg, 0).train()
+    results = []
+    for path in (att._fused_attention, att._book_attention):
+        torch.manual_seed(1)  # the same dropout draws on both paths
+        q, k, v = (torch.randn(3, 2, 20, head_dim, requires_grad=True) for _ in range(3))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = path(q, k, v)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    for fused, book in zip(*results):
+        if head_dim == 64:
+            assert torch.equal(fused, book)
+        else:  # the scores rounded before or after the scale: an ulp of the largest value, a few after the softmax
+            ulp = 2**-8 if precision == "bf16" else 2**-23
+            assert (fused - book).abs().max() <= 8 * ulp * book.abs().max(), (fused - book).abs().max() / book.abs().max()
+    keep = torch.rand(5, 7) > 0.3
+    y = torch.randn(5, 7, dtype=torch.bfloat16)
+    assert torch.equal(_CpuDropout.masked(y, keep, 1 / 0.7), y * keep * (1 / 0.7))  # the same numbers as before
+
+
 def test_fused_model_compiles_to_one_graph_in_training_with_dropout():
     """The slow resume test of gpt2-124m-fast failed in CI: its fused CPU dropout's in-place draw
     broke torch.compile's graph at every dropout, and the split graphs trained to different weights
