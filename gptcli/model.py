@@ -260,10 +260,10 @@ class MultiHeadAttention(nn.Module):
         return attn_weights @ values  # (B, H, T, D)
 
     def _fused_attention(self, queries, keys, values) -> torch.Tensor:
-        """The book's attention with two passes fewer over the (B, H, T, T) scores each way: the
-        1/sqrt(D) scale goes on the queries (a power of two for D = 64: the same numbers), and the
-        causal mask is filled outside autograd (the softmax's gradient is already zero where its
-        output is, so the fill's backward pass, a masked copy, only repeated it)."""
+        """The book's attention with one pass fewer over the (B, H, T, T) scores forward and two
+        backward: the 1/sqrt(D) scale goes on the queries (a power of two for D = 64: the same
+        numbers), and the causal mask is filled outside autograd (the softmax's gradient is already
+        zero where its output is, so the fill's backward pass, a masked copy, only repeated it)."""
         t = queries.shape[2]
         attn_scores = (queries * keys.shape[-1] ** -0.5) @ keys.transpose(2, 3)  # (B, H, T, T)
         with torch.no_grad():
