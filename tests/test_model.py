@@ -258,7 +258,7 @@ def test_fused_cpu_training_attention_gives_the_books_numbers_with_the_same_mask
     causal mask, softmax, dropout) in fewer passes: the scale on the queries, the mask filled
     outside autograd, the dropout mask multiplied as floats. With the same dropout draws it gives
     the book's output and gradients: bit for bit at GPT-2's head size 64 (the scale 1/8 is a
-    power of two), to rounding at 48; a gradient leaking through the masked scores would show."""
+    power of two), to rounding at 48; a wrong scale, mask or mask product would show."""
     from gptcli.model import _CpuDropout, MultiHeadAttention
 
     cfg = ModelConfig(vocab_size=100, context_length=24, emb_dim=2 * head_dim, n_heads=2, n_layers=1,
