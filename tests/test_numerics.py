@@ -71,6 +71,23 @@ def test_peak_cache_is_keyed_by_the_processor_model_and_its_matmul_extensions():
     assert perf.cpu_model().split("+")[0] not in ("", "cpu")
 
 
+def test_peak_cache_tells_apart_cpus_that_share_a_model_name_and_flags(tmp_path):
+    """Two VMs both reported "AMD EPYC" with AVX512-BF16: a Zen 4 (bf16 peak 419 GFLOP/s on 2 cores) and a
+    Zen 5 (780). Keyed by name and flags alone, a home directory shared by both served one's peak to the other
+    (and the cache only goes up, so the Zen 4 would never correct a Zen 5 figure)."""
+    flags = "fpu sse avx2 fma avx512f avx512_bf16 hypervisor"
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n" \
+            "model name\t: AMD   EPYC\nflags\t\t: " + flags + "\n\n"
+    zen4, zen5, arm = tmp_path / "zen4", tmp_path / "zen5", tmp_path / "arm"
+    zen4.write_text("".join(block.format(n=n, family=25, model=17) for n in range(2)))
+    zen5.write_text("".join(block.format(n=n, family=26, model=2) for n in range(2)))
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n\n")
+    assert perf.cpu_model(str(zen4)) == "AMD EPYC (family 25 model 17)+avx2+fma+avx512f+avx512_bf16"
+    assert perf.cpu_model(str(zen5)) == "AMD EPYC (family 26 model 2)+avx2+fma+avx512f+avx512_bf16"
+    assert perf.cpu_model(str(arm)).split("+")[0] not in ("", "cpu")  # no model name: the platform's
+    assert perf.cpu_model(str(tmp_path / "absent")) not in ("", "cpu")
+
+
 def test_a_low_cached_peak_is_remeasured_and_corrected_and_mfu_never_exceeds_100_percent(tmp_path, monkeypatch):
     """issue 12 finding 16: a peak cached while the machine was busy gave `MFU 114.0%` on every later run."""
     monkeypatch.setenv("GPTCLI_CACHE_DIR", str(tmp_path))
