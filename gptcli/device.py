@@ -1,8 +1,27 @@
-"""Which torch device to run on: `auto` picks cuda, then mps, then cpu."""
+"""Which torch device to run on (`auto` picks cuda, then mps, then cpu), and what the CPU is (/proc/cpuinfo)."""
 
 import torch
 
 from gptcli.errors import InputError
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "cpu family", "flags", ...;
+    ARM's "Features" is given as "flags"), or {} where the file cannot be read."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break  # the end of the first processor's block
+                    continue
+                key, _, value = line.partition(":")
+                key = "flags" if key.strip() == "Features" else key.strip()
+                fields.setdefault(key, value.strip())
+    except OSError:
+        pass
+    return fields
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from gptcli.device import cpu_info
 from gptcli.fsio import atomic_write
 
 # The extensions that decide which float32/bfloat16 matmul kernels run: two machines with
@@ -40,25 +41,13 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     Virtual machines often report a bare "AMD EPYC": the family number is what tells a Zen 4
     (25) from a Zen 5 (26), whose bf16 matmuls differ by about 2x with the same flags.
     """
-    fields, flags = {}, None
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in fields:
-                    fields[key] = value.strip()
-                elif key in ("flags", "Features") and flags is None:
-                    present = set(value.split())
-                    flags = [flag for flag in ISA_FLAGS if flag in present]
-                elif not line.strip() and fields:
-                    break  # the first processor's block is read
-    except OSError:
-        pass
+    fields = cpu_info(cpuinfo)
+    present = set(fields.get("flags", "").split())
+    flags = [flag for flag in ISA_FLAGS if flag in present]
     name = " ".join(fields.get("model name", "").split()) or platform.processor() or platform.machine() or "unknown-cpu"
     if "cpu family" in fields:
         name += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
-    return "+".join([name, *(flags or [])])
+    return "+".join([name, *flags])
 
 
 def device_key(device: torch.device, dtype: torch.dtype) -> str:

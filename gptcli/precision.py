@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from gptcli.device import cpu_info
 from gptcli.errors import InputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -38,16 +39,8 @@ def cpu_bf16_native() -> str | None:
         capability = ""
     if "AMX" in capability.upper():
         return "amx_bf16"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    present = set(value.split())
-                    return next((flag for flag in CPU_BF16_FLAGS[::-1] if flag in present), None)
-    except OSError:
-        pass
-    return None
+    present = set(cpu_info().get("flags", "").split())
+    return next((flag for flag in CPU_BF16_FLAGS[::-1] if flag in present), None)
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str | None]:
