@@ -536,7 +536,11 @@ def _render_plan(r: dict[str, Any]) -> None:
             rows.append((label, f"{r['data'][key]:,}"))
     mem = r["memory"]
     rows += [(f"memory: {k.replace('_', ' ')}", gib(v)) for k, v in mem.items()]
-    rows += [("device memory", f"{gib(r['device_memory']['bytes'])} ({r['device_memory']['source']})"),
+    dm = r["device_memory"]
+    rows.append(("device memory", f"{gib(dm['bytes'])} ({dm['source']})"))
+    if dm.get("process_baseline"):
+        rows.append(("  less the process's own (Python, PyTorch)", gib(dm["process_baseline"])))
+    rows += [
              ("fits", "yes" if r["fits"] else "NO"),
              (f"largest batch (now {r['batch_size']})", str(r["largest_batch"]["plain"])),
              ("largest batch, activation checkpointing", str(r["largest_batch"]["activation_checkpointing"]))]

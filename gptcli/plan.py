@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -265,7 +266,8 @@ def measure_peak(cfg: Config, batch: int, steps: int = 2, limit: Optional[int] =
                  host_memory: str = "return") -> dict[str, Any]:
     """Run `steps` real training steps of `cfg` at `batch` in a fresh process; its peak memory for them.
 
-    Returns {"peak": bytes of the training state at its peak, "fits": bool, "seconds_per_step": float}.
+    Returns {"peak": bytes of the training state at its peak, "fits": bool, "seconds_per_step": float,
+    "base": bytes the process held before the steps}; with `steps` 0 only "base".
     On CUDA `limit` is enforced (an out-of-memory is "fits": False); on the CPU the peak is compared with it.
 
     Raises:
@@ -277,8 +279,13 @@ def measure_peak(cfg: Config, batch: int, steps: int = 2, limit: Optional[int] =
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, "-c", "from gptcli.plan import _measure_child; _measure_child()"],
                           input=json.dumps(job), capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode < 0:  # killed: on the CPU most likely by the kernel's out-of-memory killer
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else -proc.returncode
+        raise RunError(f"the memory probe at batch {batch} was killed by {name}"
+                       + (" (out of memory?)" if name == "SIGKILL" else ""))
     if proc.returncode != 0:
-        raise RunError(f"the memory probe failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise RunError(f"the memory probe at batch {batch} failed: "
+                       f"{(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if limit is not None and "fits" not in result:
         result["fits"] = result["peak"] <= limit
@@ -350,6 +357,14 @@ def _measure_child() -> None:
     y = torch.randint(cfg.model.vocab_size, (batch, cfg.model.context_length), generator=gen).to(device)
     cuda = device.type == "cuda"
     _warm_up(cfg, device)  # code pages and kernel caches the first step loads are not training state
+    if job["steps"] == 0:  # the baseline: what a training process holds besides its steps
+        from gptcli.report import load_plotting
+        from gptcli.tokenizer import encode
+
+        encode("the tokenizer's tables")  # training tokenizes its corpus
+        load_plotting()  # and draws its loss plot at each evaluation
+        print(json.dumps({"base": _rss_now()}))
+        return
     if not cuda and job.get("host_memory", "return") != "default":
         # "return": every buffer from 1 MiB on is its own mapping, so the peak RSS is what the step holds
         set_host_memory(job.get("host_memory", "return"))
@@ -392,10 +407,12 @@ def _measure_child() -> None:
         return
     peak = (torch.cuda.max_memory_allocated(device) if cuda else _rss_peak()) - base
     per_step = min(times[1:] or times)  # the first step allocates the optimizer state and warms up kernels
-    print(json.dumps({"peak": peak, "seconds_per_step": per_step, **({"fits": True} if cuda and limit else {})}))
+    print(json.dumps({"peak": peak, "seconds_per_step": per_step, "base": base,
+                      **({"fits": True} if cuda and limit else {})}))
 
 
-def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int = 2, verify: bool = False) -> dict[str, Any]:
+def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int = 2, verify: bool = False,
+             baseline: Optional[int] = None) -> dict[str, Any]:
     """What training `cfg` will take, without training: the figures of `gptcli plan`.
 
     Args:
@@ -403,14 +420,22 @@ def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int =
         memory_limit: bytes one process may use (default: the device's memory).
         probe_steps: real steps timed in a fresh process for the time estimate (0: none).
         verify: also run a real step at the largest batch that fits and at one more, under the limit.
+        baseline: CPU: bytes a training process holds besides the step (Python, PyTorch, the
+            kernels of a first step), taken off the limit; default: measured in a fresh process
+            (`measure_peak` with no steps). Ignored on CUDA, whose limit is the device's own memory.
 
     Returns:
         {"params", "flops_per_token", "data" (tokens per epoch, steps), "memory", "device_memory",
         "fits", "largest_batch", "time", "notes"}.
+
+    Raises:
+        InputError: `verify` on the CPU where its step past the limit would not fit the host's
+            available memory (the CPU cannot stop a process at a limit).
     """
     import torch
 
     from gptcli.data import load_splits
+    from gptcli.device import resolve_device
     from gptcli.model import GPTModel, flops_per_token
     from gptcli.resolve import corpus_available
     from gptcli.train import _total_steps
@@ -427,30 +452,41 @@ def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int =
         per_epoch = len(splits.train) // t.batch_size  # micro-batches; the loader drops a partial batch
         tokens_per_micro = t.batch_size * m.context_length
         steps = _total_steps(t, per_epoch, tokens_per_micro)
+        # accumulation runs across epochs: the last step may hold fewer micro-batches than grad_accum_steps
+        micro = min(steps * t.grad_accum_steps, t.num_epochs * per_epoch)
         out["data"] = {"train_tokens": splits.train_tokens, "tokens_per_epoch": per_epoch * tokens_per_micro,
                        "steps_per_epoch": math.ceil(per_epoch / t.grad_accum_steps), "epochs": t.num_epochs,
-                       "steps": steps, "tokens": steps * tokens_per_micro * t.grad_accum_steps}
+                       "steps": steps, "tokens": micro * tokens_per_micro}
     else:
         notes.append(f"data.path {cfg.data.path}: not on disk; tokens per epoch and steps unknown (nothing downloaded)")
+    cpu = resolve_device(t.device).type != "cuda"
+    if not cpu:
+        baseline = 0
+    elif baseline is None:
+        baseline = measure_peak(cfg, t.batch_size, steps=0)["base"]
     mem = estimate_memory(cfg)
     if memory_limit is None:
-        limit, where = device_memory(t.device)
+        total, where = device_memory(t.device)
     else:
-        limit, where = memory_limit, "--memory-limit"
+        total, where = memory_limit, "--memory-limit"
+    limit = max(total - baseline, 0)  # what the step itself may hold
     fits = mem.peak(t.activation_checkpointing) <= limit
     out["memory"] = mem.to_dict()
-    out["device_memory"] = {"bytes": limit, "source": where}
+    out["device_memory"] = {"bytes": total, "source": where, "process_baseline": baseline, "for_the_step": limit}
     out["fits"] = fits
     out["largest_batch"] = {"plain": mem.largest_batch(limit),
                             "activation_checkpointing": mem.largest_batch(limit, checkpointed=True)}
+    if cpu and baseline:
+        notes.append(f"the process's own memory besides the step (Python, PyTorch: {_gib(baseline)}, measured) "
+                     f"is taken off {where} {_gib(total)}")
     if not fits:
         best = out["largest_batch"]["activation_checkpointing" if t.activation_checkpointing else "plain"]
         hint = f"--batch-size {best} (with train.grad_accum_steps for the same global batch)" if best else \
             "a smaller model or context"
         if not t.activation_checkpointing and mem.peak(True) <= limit:
             hint = "train.activation_checkpointing=true, or " + hint
-        notes.append(f"will not fit: the step's peak {_gib(mem.peak(t.activation_checkpointing))} exceeds {where} "
-                     f"{_gib(limit)}; try {hint}")
+        notes.append(f"will not fit: the step's peak {_gib(mem.peak(t.activation_checkpointing))} exceeds "
+                     f"the {_gib(limit)} left of {where} {_gib(total)}; try {hint}")
     out["time"] = None
     if probe_steps > 0 and fits:
         probe = measure_peak(cfg, t.batch_size, steps=probe_steps + 1)
@@ -459,10 +495,23 @@ def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int =
                        "total_s": per_step * steps if steps is not None else None}
         out["measured_peak"] = probe["peak"]
     if verify:
-        b = out["largest_batch"]["activation_checkpointing" if t.activation_checkpointing else "plain"]
+        checkpointed = t.activation_checkpointing
+        b = out["largest_batch"]["activation_checkpointing" if checkpointed else "plain"]
+        if cpu:
+            _check_host_room(mem.peak_at(b + 1, checkpointed) + baseline, b + 1)
         out["verify"] = [{"batch": n, **measure_peak(cfg, n, limit=limit)} for n in (b, b + 1) if n > 0]
     out["notes"] = notes
     return out
+
+
+def _check_host_room(needed: int, batch: int) -> None:
+    """Refuse a CPU probe that would not fit the host's available memory: the CPU cannot stop a
+    process at a limit, so a probe past it takes memory until the kernel kills something."""
+    available, _ = device_memory("cpu")
+    if needed > 0.9 * available:
+        raise InputError(f"--verify: its step at batch {batch} needs about {_gib(needed)}, more than 90 % of the host's "
+                         f"available memory ({_gib(available)}); the CPU cannot hold a process to a limit, so that "
+                         f"step would exhaust the host: give a --memory-limit well below {_gib(available)}")
 
 
 def _gib(n: int) -> str:

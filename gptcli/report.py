@@ -134,6 +134,16 @@ class LiveReport:
         self._stale = False
 
 
+def load_plotting():
+    """matplotlib.pyplot on its file-only backend (Agg): plots are written, never shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_losses(events: list[dict[str, Any]], path: Path, baseline: dict[str, Any] | None = None,
                 corpus_sha256: str | None = None) -> None:
     """The book's plot: training and validation loss against epochs, with a tokens-seen axis.
@@ -144,11 +154,9 @@ def plot_losses(events: list[dict[str, Any]], path: Path, baseline: dict[str, An
     gptcli/baselines.json) draws its figures as labelled horizontal lines; its loss
     only where `corpus_sha256` is the data it was measured on.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = load_plotting()
 
     evals = [e for e in events if e.get("event") == "eval"]
     epochs = [e.get("epoch_progress", e.get("epoch", 0)) for e in evals]

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from gptcli.checkpoint import CONFIG, MANIFEST, list_step_checkpoints
 from gptcli.errors import InputError
 from gptcli.fsio import read_json_object
-from gptcli.report import METRICS, read_metrics
+from gptcli.report import METRICS, load_plotting, read_metrics
 from gptcli.resolve import LOCK_FILES, RUN_FILES
 
 RUN_JSON = RUN_FILES[0]  # run.json, written by train
@@ -187,10 +187,7 @@ def plot_runs(run_dirs: list[Path], out: Path, x: str = "tokens") -> Path:
     refuse_foreign_plot(out)
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = load_plotting()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (run, name) in enumerate(zip(run_dirs, _unique_names(run_dirs))):
