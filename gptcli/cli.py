@@ -610,9 +610,13 @@ def loss(
     rows = split_losses(model, splits, batch_size or plan.cfg.train.batch_size, eval_iter, plan.cfg.data)
     if json_out:
         return _print_json({"model": where, "data": splits.source, **rows})
-    print(f"{'split':<6} {'loss':>10} {'perplexity':>12} {'tokens':>9} {'batches':>8}")
-    for name, r in rows.items():
-        print(f"{name:<6} {r['loss']:>10.5f} {r['ppl']:>12.2f} {r['tokens']:>9d} {r['batches']:>8d}")
+    # a mixture: each source's rows, then the split's weighed as training weighs them
+    table = [(f"{split} ({source})", r) for source, by in rows.get("by_source", {}).items() for split, r in by.items()]
+    table += [(split + (" (mixture, weighted)" if table else ""), rows[split]) for split in ("train", "val")]
+    width = max(6, *(len(name) for name, _ in table))
+    print(f"{'split':<{width}} {'loss':>10} {'perplexity':>12} {'tokens':>9} {'batches':>8}")
+    for name, r in table:
+        print(f"{name:<{width}} {r['loss']:>10.5f} {r['ppl']:>12.2f} {r['tokens']:>9d} {r['batches']:>8d}")
 
 
 # ---------------------------------------------------------------- generate

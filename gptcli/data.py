@@ -25,7 +25,7 @@ from gptcli.config import DataConfig
 from gptcli.download import Progress, download
 from gptcli.errors import InputError, RunError
 from gptcli.fsio import sha256_file
-from gptcli.mixture import MixtureBatchSampler, MixtureWindows, open_sources
+from gptcli.mixture import MixtureBatchSampler, MixtureWindows, open_sources, proportions
 from gptcli.sampling import GlobalBatchSampler
 from gptcli.shards import INDEX, ShardTokens, is_prepared, read_document_texts, read_index
 from gptcli.tokenizer import END_OF_TEXT, encode
@@ -246,6 +246,7 @@ def _load_mixture(cfg: DataConfig, context_length: int) -> Splits:
     stride = cfg.stride or context_length
     names = [str(root) for root, _ in opened]
     weights = [entry["weight"] for entry in cfg.path]
+    shares = proportions(weights)
     windows: dict[str, list[TokenWindows]] = {"train": [], "val": []}
     for root, index in opened:
         for split, name in (("train", "training"), ("val", "validation")):
@@ -254,10 +255,10 @@ def _load_mixture(cfg: DataConfig, context_length: int) -> Splits:
             windows[split].append(TokenWindows(tokens, context_length, stride))
     digest = hashlib.sha256("\n".join(f"{w} {sha256_file(root / INDEX)}" for (root, _), w in zip(opened, weights)).encode())
     return Splits(
-        MixtureWindows(windows["train"], names, weights), MixtureWindows(windows["val"], names, weights),
+        MixtureWindows(windows["train"], names, shares), MixtureWindows(windows["val"], names, shares),
         source="mixture(" + ", ".join(f"{n}: {w:g}" for n, w in zip(names, weights)) + ")", sha256=digest.hexdigest(),
         train_tokens=sum(len(w.tokens) for w in windows["train"]), val_tokens=sum(len(w.tokens) for w in windows["val"]),
-        sources=tuple(zip(names, weights, windows["val"])),
+        sources=tuple(zip(names, shares, windows["val"])),
     )
 
 

@@ -34,6 +34,7 @@ from gptcli.data import TokenWindows, WindowBatchSampler, load_splits, make_load
 from gptcli.documents import as_trained
 from gptcli.errors import InputError, RunError
 from gptcli.loss import cross_entropy
+from gptcli.mixture import MixtureWindows, weighted_mean
 from gptcli.model import GPTModel
 from gptcli.shards import ShardTokens, is_prepared, read_index
 from gptcli.tokenizer import decode, encode, get_tokenizer
@@ -250,8 +251,7 @@ def evaluate_datasets(
         weights.append(weight[0] if weight else None)
     sources = [(row, w) for row, w in zip(rows, weights) if w is not None]
     if sources:  # a mixture's overall validation loss: its sources' weighed as the mixture weighs them
-        total = sum(w for _, w in sources)
-        loss = sum(w * row["loss"] for row, w in sources) / total
+        loss = weighted_mean([row["loss"] for row, _ in sources], [w for _, w in sources])
         rows.append({"dataset": "val (mixture, weighted)", "loss": loss, "ppl": perplexity(loss), "bpb": None,
                      "tokens": sum(row["tokens"] for row, _ in sources),
                      "batches": sum(row["batches"] for row, _ in sources)})
@@ -278,13 +278,31 @@ def split_losses(
         data: the model's data config (``document_mask``: scored within documents).
 
     Returns:
-        {"train": {...}, "val": {...}}, each as ``evaluate_loss`` returns it.
+        {"train": {...}, "val": {...}}, each as ``evaluate_loss`` returns it; for a mixture
+        (``data.path`` a list) these weigh the sources' losses as training does, and "by_source"
+        holds each source's {"train", "val"}.
     """
     device = model.tok_emb.weight.device
     scorer = as_trained(model, data)
-    return {name: evaluate_loss(scorer, make_loader(windows, batch_size, shuffle=False, drop_last=drop_last), device,
-                                num_batches, split=name)
-            for name, windows, drop_last in (("train", splits.train, True), ("val", splits.val, False))}
+
+    def score(name, windows, drop_last):
+        return evaluate_loss(scorer, make_loader(windows, batch_size, shuffle=False, drop_last=drop_last), device,
+                             num_batches, split=name)
+
+    splits_ = (("train", splits.train, True), ("val", splits.val, False))
+    if not isinstance(splits.train, MixtureWindows):
+        return {name: score(name, windows, drop_last) for name, windows, drop_last in splits_}
+    # A mixture: in order, its windows are source after source (the first batches one source's
+    # alone), so each source is scored on its own and the row weighs them as training does.
+    rows: dict[str, Any] = {"by_source": {}}
+    for name, windows, drop_last in splits_:
+        per = [score(name, part, drop_last) for part in windows.parts]
+        loss = weighted_mean([r["loss"] for r in per], windows.weights)
+        rows[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": sum(r["tokens"] for r in per),
+                      "batches": sum(r["batches"] for r in per)}
+        for source, r in zip(windows.names, per):
+            rows["by_source"].setdefault(source, {})[name] = r
+    return rows
 
 
 def evaluate_run(

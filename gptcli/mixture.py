@@ -55,6 +55,19 @@ def open_sources(entries: list[dict[str, Any]]) -> list[tuple[Path, dict[str, An
     return opened
 
 
+def proportions(weights: Sequence[float]) -> list[float]:
+    """The weights scaled by the largest: the same proportions, and sums that cannot overflow
+    (two weights of 1e308 made every weighted loss inf / inf = nan)."""
+    top = max(weights)
+    return [w / top for w in weights]
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The mixture's figure from its sources': each weighed as the mixture draws it (training's
+    val_loss, eval's and loss's mixture rows)."""
+    return sum(w * v for v, w in zip(values, weights)) / sum(weights)
+
+
 def _mix(*values: int) -> int:
     seed = 0
     for v in values:

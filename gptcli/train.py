@@ -67,6 +67,7 @@ from gptcli.errors import GptcliError, InputError, RunError
 from gptcli.evaluate import evaluate_loss
 from gptcli.generate import generate
 from gptcli.metrics import Metrics
+from gptcli.mixture import weighted_mean
 from gptcli.model import GPTModel, flops_per_token, load_state_dict, pad_vocab, trim_vocab
 from gptcli.loss import training_loss
 from gptcli.hostmem import set_host_memory
@@ -483,7 +484,7 @@ def evaluate(run: _Run, state: TrainState, metrics: Metrics, lr: float, final: b
     by_source = _source_losses(run)
     if by_source:  # a mixture: the overall loss weighs each source's as the mixture does
         sources = run.splits.sources
-        val_eval = {"loss": sum(w * by_source[n] for n, w, _ in sources) / sum(w for _, w, _ in sources)}
+        val_eval = {"loss": weighted_mean([by_source[n] for n, _, _ in sources], [w for _, w, _ in sources])}
     else:
         val_eval = evaluate_loss(run.scorer, run.val_loader, run.device, t.eval_iter, run.autocast, run.reduce)
     if rng_before is not None:

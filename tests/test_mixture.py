@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,38 @@ def test_resuming_a_mixture_run_on_a_single_source_is_refused(tmp_path, verdict)
     for allow in (False, True):  # even when a changed corpus is allowed, the positions cannot carry over
         with pytest.raises(InputError, match="trained on a mixture .* single source"):
             train(single, tmp_path / "run", resume=True, allow_data_change=allow)
+
+
+def test_loss_of_a_mixture_checkpoint_weighs_its_sources_as_training_did(cli, tmp_path, verdict):
+    """`loss` walked the joined windows in order, source after source: its val row was neither
+    training's weighted val_loss nor eval's, and with --eval-iter it was the first source alone."""
+    roots = _prepared_halves(tmp_path, verdict)
+    train(_mixture_config(roots, **{"train.max_steps": 2, "train.eval_iter": 10**6}), tmp_path / "run")
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [e for e in events if e["event"] == "eval"][-1]
+    r = cli("loss", "--checkpoint", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert rows["val"]["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    for root in roots:
+        assert rows["by_source"][str(root)]["val"]["loss"] == pytest.approx(final["val_loss_by_source"][str(root)],
+                                                                            rel=1e-6)
+    one = json.loads(cli("loss", "--checkpoint", tmp_path / "run", "--eval-iter", "1", "--json").stdout)
+    first, second = (one["by_source"][str(root)] for root in roots)
+    for split in ("train", "val"):  # one batch of each source, weighed 0.7 / 0.3
+        assert one[split]["loss"] == pytest.approx(0.7 * first[split]["loss"] + 0.3 * second[split]["loss"], rel=1e-12)
+        assert one[split]["batches"] == 2
+    table = cli("loss", "--checkpoint", tmp_path / "run").stdout
+    assert "val (mixture, weighted)" in table and f"train ({roots[1]})" in table
+
+
+def test_huge_mixture_weights_are_proportions_not_an_overflow(tmp_path, verdict):
+    """Weights 1e308 and 1e308 mean half and half: the weighted loss was inf / inf = nan."""
+    roots = _prepared_halves(tmp_path, verdict)
+    for name, weight in (("huge", 1e308), ("one", 1.0)):
+        cfg = load_config(CONFIGS / "tiny.yaml", {
+            "data.path": [{"path": str(r), "weight": weight} for r in roots], "train.max_new_tokens": 0,
+            "train.max_steps": 2, "train.eval_iter": 1})
+        train(cfg, tmp_path / name)
+    assert run_losses(tmp_path / "huge") == run_losses(tmp_path / "one")
+    assert all(math.isfinite(v) for record in run_losses(tmp_path / "huge") for v in record[2:5] if v is not None)
