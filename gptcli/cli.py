@@ -514,9 +514,10 @@ def plan_(
 ) -> None:
     """Plan a run without training: parameters, FLOPs, steps, memory per device, the largest batch that fits, time."""
     from gptcli.plan import parse_bytes, plan_run
-    from gptcli.resolve import resolve_config
+    from gptcli.resolve import check_split_keys, resolve_config
 
     cfg = resolve_config(config, sets, {"train.device": device, "train.batch_size": batch_size})
+    check_split_keys(cfg)
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
     result = plan_run(cfg, limit, probe_steps, verify)
     for note in result["notes"]:

@@ -19,10 +19,11 @@ from typing import Any, Optional
 
 from gptcli.checkpoint import (CONFIG, MANIFEST, STEP_DIR, Checkpoint, find_latest, find_newest_anywhere,
                                list_step_checkpoints, load_checkpoint, named_dir, remove_dir)
-from gptcli.config import Config, ConfigError, Layer, build_config, config_from_dict, config_layers, map_paths
+from gptcli.config import Config, ConfigError, DataConfig, Layer, build_config, config_from_dict, config_layers, map_paths
 from gptcli.data import DEFAULT_CORPUS
 from gptcli.errors import InputError, RunError
 from gptcli.loggers import STATE_FILE as LOGGERS_FILE, read_state as read_loggers_state
+from gptcli.shards import is_prepared
 
 CHECKPOINTS_ROOT = Path("checkpoints")
 
@@ -445,6 +446,25 @@ def check_data_path(cfg: Config, flag: Optional[str] = None) -> None:
         if not (path.exists() or (not mixture and path.name == Path(DEFAULT_CORPUS).name)):
             key = f"data.path[{i}]" if mixture else "data.path"
             raise InputError(f"{path}: data file not found ({key} from {flag or describe_origin(cfg, 'data.path')})")
+    check_split_keys(cfg)
+
+
+def check_split_keys(cfg: Config) -> None:
+    """Refuse ``data.train_ratio`` asked for a corpus whose split it cannot change: a prepared
+    corpus or a mixture keeps the split `gptcli prepare --val-ratio` made. A value equal to the
+    default (the shipped configs name it) or from a checkpoint's config is not a request.
+
+    Raises:
+        InputError: naming the key, its value and where it came from.
+    """
+    d = cfg.data
+    origin = describe_origin(cfg, "data.train_ratio")
+    if d.train_ratio == DataConfig.train_ratio or origin.startswith("the checkpoint"):
+        return
+    if isinstance(d.path, list) or is_prepared(Path(d.path)):
+        what = "a mixture of prepared corpora" if isinstance(d.path, list) else f"{d.path}, a prepared corpus,"
+        raise InputError(f"data.train_ratio {d.train_ratio} (from {origin}) does not apply: {what} keeps the split "
+                         f"that `gptcli prepare --val-ratio` made; drop the key (or prepare again)")
 
 
 def corpus_available(cfg: Config) -> bool:
