@@ -194,11 +194,22 @@ def _main(
     _state["debug"] = _state["debug"] or debug
 
 
+def _expand_home(value):
+    """A path flag's leading ``~`` expanded, as a shell does for ``--out ~/x`` but not for
+    ``--out=~/x`` (which made a folder literally named ``~``, one ``rm -rf ~`` from disaster)."""
+    if isinstance(value, Path) and value.parts and value.parts[0].startswith("~"):
+        return value.expanduser()
+    if isinstance(value, list):
+        return [_expand_home(v) for v in value]
+    return value
+
+
 def _handle_errors(fn):
     """Turn library exceptions into one line on stderr and their exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        kwargs = {name: _expand_home(value) for name, value in kwargs.items()}
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.ClickException):

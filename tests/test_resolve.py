@@ -491,3 +491,22 @@ def test_readme_lists_exactly_what_may_change_on_resume():
     """Issue 12 finding 3: what may change on resume is a documented list (the one the code applies)."""
     section = _readme_section("#### What may change on resume")
     assert set(re.findall(r"`((?:train|data|model)\.[a-z_]+)`", section)) == set(RESUMABLE)
+
+
+def test_tilde_in_a_path_flag_is_the_home_folder_never_a_folder_named_tilde(cli, verdict, tmp_path, monkeypatch):
+    """`--out=~/run` reaches gptcli unexpanded (the shell expands `~` only at a word's start):
+    train and prepare made a folder literally named `~` in the working directory, and
+    `eval --data '~/x'` said "data file not found"."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    shutil.copy(verdict, home / "corpus.txt")
+    r = cli("train", "--config", TINY, "--data", "~/corpus.txt", "--max-steps", "1", *FAST, "--out", "~/run")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str(home / "run" / "step-000001")
+    r = cli("prepare", "~/corpus.txt", "--out", "~/prepared", "--val-ratio", "0.5", "--split-docs", "blank-lines")
+    assert r.exit_code == 0, r.stderr
+    r = cli("eval", "--checkpoint", "~/run", "--data", "~/corpus.txt", "--data", "~/prepared", "--no-val",
+            "--eval-iter", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert not (tmp_path / "~").exists() and (home / "prepared" / "index.json").is_file()
