@@ -22,9 +22,10 @@ documents always land on the same side.
 Pieces. The inputs are cut into pieces of about `shard_mb` megabytes (a big
 file into several, at a line end or between words; a ``.gz`` file never); piece
 k becomes the shards train-k and val-k. Each finished piece is recorded in
-``OUT/.partial/`` once its files are on disk, so a rerun (after a crash, or
-with the same inputs) keeps the finished shards and redoes the rest; the index
-is written last. The output depends only on the inputs and options, never on
+``OUT/.partial/`` (a folder marked as prepare's own) once its files are on disk,
+so a rerun (after a crash, or with the same inputs) keeps the finished shards and
+redoes the rest; the index is written last. A rerun deletes only the shards the
+records of earlier runs named, and refuses a folder it cannot tell is its own. The output depends only on the inputs and options, never on
 `workers` or timing, so a rerun writes identical bytes.
 
 Tokenizing in chunks, exactly. One thread reads, decodes and cuts the text;
@@ -86,6 +87,10 @@ TASK_CHARS = 1 << 18  # characters per tokenizer task: small enough to spread, b
 SAFE_CUT = re.compile(r"\S[ \n]")  # a cut goes between the two characters (see the module docstring)
 SPLIT_DOCS = ("none", "blank-lines", "endoftext")  # how a text file is cut into documents
 SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(bin|docs\.npy)$")
+# The temporary files prepare writes into OUT (_ShardWriter's and atomic_write's): the only .tmp-* it removes.
+OWN_TEMP = re.compile(r"^\.tmp-(?:(?:train|val)-\d{6}\.(?:bin|docs\.npy)|index\.json)-\d+$")
+PARTIAL_MARK = "gptcli-prepare.json"  # written first into OUT/.partial/: the folder is ours to remove
+PARTIAL_MARK_TEXT = json.dumps({"format": FORMAT, "what": "pieces of an unfinished gptcli prepare"})
 
 Progress = Callable[[int, int, int], None]  # (input bytes done, input bytes total, tokens written)
 
@@ -603,7 +608,9 @@ def prepare(
     Args:
         inputs: files, folders (searched for .txt, .txt.gz, .jsonl, .jsonl.gz, .parquet), globs,
             and ``hf:NAME[:CONFIG]`` / ``hf:DIR`` datasets (see sources.py).
-        out: the output directory; finished shards of an earlier run into it are kept.
+        out: the output directory: new, empty, or an earlier run's output (known by its index's
+            format and its marked .partial/), whose finished shards are kept. A run that fails
+            removes `out` if it created it.
         workers: tokenizer threads (default: the CPU count).
         val_ratio: the fraction of documents, by hash, that go to validation.
         shard_mb: input megabytes per piece (one train and one val shard each).
@@ -615,7 +622,7 @@ def prepare(
 
     Raises:
         InputError: bad inputs (named, with the line for JSON Lines), an output directory
-            that is not ours, or a tokenizer whose vocabulary does not fit uint32.
+            that is not ours (nothing in it is touched), or a tokenizer whose vocabulary does not fit uint32.
         RunError: the output cannot be written.
     """
     t0 = time.perf_counter()
@@ -637,15 +644,16 @@ def prepare(
                "version": VERSION, **({"split_docs": split_docs} if split_docs != "none" else {})}
     created = not out.exists()
     try:
-        (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-        for p in out.glob(".tmp-*"):  # files a killed run was writing
-            p.unlink()
+        _open_partial(out)
+        for p in out.iterdir():  # files a killed run was writing (ours by name; nothing else)
+            if OWN_TEMP.match(p.name):
+                p.unlink()
     except OSError as e:
         raise RunError(f"{out}: cannot write ({e.strerror})") from None
     try:
         return _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0)
-    except InputError:
-        if created:  # bad input found part-way: leave no half-made output folder behind
+    except Exception:
+        if created:  # bad input or a failure part-way: leave no half-made output folder behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -676,17 +684,57 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
                 advance(0, sum(record[s]["tokens"] for s in SPLITS if record[s]))
             records.append(record)
             advance(bytes_before + piece_bytes - done["bytes"], 0)  # exact, whatever the parts reported
-    index = _write_index(out, sources, records, options)
+    earlier_files = {r[s][key] for r in earlier.values() for s in SPLITS if r.get(s) for key in ("file", "docs_file")}
+    index = _write_index(out, sources, records, options, earlier_files)
     return PrepareResult(out, index, tokenized, len(pieces) - tokenized, time.perf_counter() - t0)
 
 
 def _check_out(out: Path) -> None:
-    """Refuse an output path that is a file, or a non-empty directory `prepare` did not write."""
+    """Refuse an output path that is a file, or a non-empty directory `prepare` did not write.
+
+    A directory is ours only by content: an index.json of our format, and a .partial/ folder
+    holding our marker file (an empty one counts as nothing: a run killed before marking it).
+    """
     if out.exists() and not out.is_dir():
         raise InputError(f"out {out}: exists and is not a directory", param="out")
-    if out.is_dir() and any(out.iterdir()) and not ((out / INDEX).is_file() or (out / PARTIAL).is_dir()):
+    if not out.is_dir():
+        return
+    index, partial = out / INDEX, out / PARTIAL
+    entries = [p for p in out.iterdir() if not (p == partial and p.is_dir() and not any(p.iterdir()))]
+    if not entries:
+        return
+    if index.exists() and not _is_own_index(index):
+        raise InputError(f'out {out}: its {INDEX} is not a gptcli shard index (no "format": "{FORMAT}"); '
+                         f"prepare overwrites only its own output: choose another output directory", param="out")
+    if partial in entries and not _is_own_partial(partial):
+        raise InputError(f"out {out}: its {PARTIAL}/ folder was not written by gptcli prepare (no {PARTIAL}/{PARTIAL_MARK}); "
+                         f"choose another output directory", param="out")
+    if not index.exists() and partial not in entries:
         raise InputError(f"out {out}: exists and was not written by gptcli prepare (no {INDEX}); choose another output directory",
                          param="out")
+
+
+def _is_own_index(path: Path) -> bool:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == FORMAT
+
+
+def _is_own_partial(partial: Path) -> bool:
+    try:
+        return partial.is_dir() and (partial / PARTIAL_MARK).read_text(encoding="utf-8") == PARTIAL_MARK_TEXT
+    except (OSError, ValueError):
+        return False
+
+
+def _open_partial(out: Path) -> None:
+    """Create OUT/.partial/ (and OUT) marked as ours, unless it is already."""
+    partial = out / PARTIAL
+    partial.mkdir(parents=True, exist_ok=True)
+    if not (partial / PARTIAL_MARK).is_file():
+        atomic_write(partial / PARTIAL_MARK, PARTIAL_MARK_TEXT)
 
 
 def _earlier_records(out: Path) -> dict[int, dict[str, Any]]:
@@ -734,8 +782,10 @@ def _tokenize_piece(piece, k, out, pool, workers, encoding, options, advance) ->
         raise
 
 
-def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
-    """Write index.json (atomically, last), then drop shards no record names and the .partial records."""
+def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]], options: dict[str, Any],
+                 earlier_files: set[str]) -> dict[str, Any]:
+    """Write index.json (atomically, last), then drop the shards of earlier runs that no record names
+    any more (`earlier_files`: what their records named; no other file) and the .partial records."""
     splits = {}
     for s in SPLITS:
         shards = [r[s] for r in records if r[s]]
@@ -760,9 +810,9 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
     try:
         atomic_write(out / INDEX, json.dumps(index, indent=1))
         named = {r[s][key] for r in records for s in SPLITS if r[s] for key in ("file", "docs_file")}
-        for p in out.iterdir():
-            if SHARD_FILE.match(p.name) and p.name not in named:
-                p.unlink()
+        for name in earlier_files - named:
+            if SHARD_FILE.match(name):
+                (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
         fsync_dir(out)
     except OSError as e:

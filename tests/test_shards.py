@@ -276,3 +276,58 @@ def test_resume_on_shards_is_exact(prepared, tmp_path, sampling):
     straight = load_file(str(tmp_path / "run" / "step-000006" / "model.safetensors"))
     resumed = load_file(str(run / "step-000006" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ---------------------------------------------------------------- what prepare may touch, and what it reads
+
+
+def test_prepare_refuses_a_folder_whose_index_json_is_not_its_own_and_deletes_nothing(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    site = tmp_path / "site"
+    (site / ".partial").mkdir(parents=True)
+    files = {"index.json": '{"my": "site"}', "train-000003.bin": "precious", ".tmp-notes": "keep",
+             ".partial/file.part": "data"}
+    for name, text in files.items():
+        (site / name).write_text(text)
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", site), "site", "index.json", "not a gptcli shard index")
+    assert {name: (site / name).read_text() for name in files} == files
+
+
+def test_prepare_refuses_a_partial_folder_it_did_not_mark(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    out = tmp_path / "out"
+    (out / ".partial").mkdir(parents=True)
+    (out / ".partial" / "mine.txt").write_text("the user's")
+    (out / "train-000000.bin").write_text("the user's too")
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", out), ".partial", "not written by gptcli prepare")
+    assert (out / ".partial" / "mine.txt").read_text() == "the user's"
+    assert (out / "train-000000.bin").read_text() == "the user's too"
+
+
+def test_a_rerun_into_its_own_folder_deletes_only_what_prepare_wrote(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 2000)
+    prepare([tmp_path / "a.txt"], tmp_path / "out", val_ratio=0, shard_mb=0.004)
+    assert (tmp_path / "out" / "train-000005.bin").exists()
+    notes = {"notes.txt": "mine", ".tmp-notes": "mine", "train-000099.bin": "mine"}
+    for name, text in notes.items():
+        (tmp_path / "out" / name).write_text(text)
+    (tmp_path / "a.txt").write_text("hello world")  # one piece now: the pieces 1.. of the first run go
+    prepare([tmp_path / "a.txt"], tmp_path / "out", val_ratio=0, shard_mb=0.004)
+    assert not (tmp_path / "out" / "train-000005.bin").exists()
+    assert {name: (tmp_path / "out" / name).read_text() for name in notes} == notes
+
+
+def test_any_failure_removes_the_output_folder_prepare_created_but_never_an_earlier_one(cli, tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("hello world")
+
+    def broken(encoding, task):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(shards, "_encode_task", broken)
+    with pytest.raises(RuntimeError):
+        prepare([tmp_path / "a.txt"], tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError):
+        prepare([tmp_path / "a.txt"], tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir()
