@@ -396,6 +396,12 @@ def _record_text(line: bytes, field: str, source: Source, seg: Segment, lineno: 
     text = record[field]
     if not isinstance(text, str):
         raise InputError(f'{where()}: "{field}" is not a string')
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a \ud800 escape: JSON allows it, UTF-8 (and the tokenizer) cannot hold it
+            raise InputError(f'{where()}: "{field}" holds a lone surrogate ({text[e.start]!r} at character {e.start}), '
+                             f"which is not UTF-8 text") from None
     return text
 
 

@@ -103,12 +103,14 @@ class ParquetTable:
         pq = require("pyarrow.parquet", str(path))
         self.path, self.label, self.field = path, str(path), field
         try:
-            meta = pq.ParquetFile(path).metadata
+            file = pq.ParquetFile(path)
+            meta, names = file.metadata, file.schema_arrow.names
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError with its own text
             raise InputError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
-        if field not in names:
-            raise InputError(f'{path}: no column "{field}" (columns: {", ".join(names)}); choose one with field=NAME')
+        if field not in names:  # a top-level column: a leaf of a struct column (meta.text) is no column to read
+            nested = [p for i in range(meta.num_columns) if (p := meta.schema.column(i).path).split(".")[-1] == field]
+            hint = f"; {nested[0]} is a field of a struct column, not a column" if nested else ""
+            raise InputError(f'{path}: no column "{field}" (columns: {", ".join(names)}){hint}; choose one with field=NAME')
         stat = path.stat()
         self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
         self.rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]

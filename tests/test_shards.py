@@ -317,6 +317,14 @@ def test_a_rerun_into_its_own_folder_deletes_only_what_prepare_wrote(tmp_path):
     assert {name: (tmp_path / "out" / name).read_text() for name in notes} == notes
 
 
+def test_a_jsonl_record_with_a_lone_surrogate_is_an_input_error_naming_its_line(cli, tmp_path):
+    path = tmp_path / "sur.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "bad \\ud800"}\n')
+    for ratio in ("0.01", "0"):
+        _one_line_error(cli("prepare", path, "--out", tmp_path / "o", "--val-ratio", ratio), f"{path}:2", "surrogate")
+        assert not (tmp_path / "o").exists()
+
+
 def test_any_failure_removes_the_output_folder_prepare_created_but_never_an_earlier_one(cli, tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("hello world")
 

@@ -212,3 +212,11 @@ def test_a_vocabulary_beyond_uint32_is_refused(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "get_tokenizer", lambda: _WideVocabulary(2**32 + 1))
     (tmp_path / "a.txt").write_text("hello")
     _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", tmp_path / "out"), str(2**32 + 1), "uint32")
+
+
+def test_a_text_leaf_nested_in_a_struct_column_is_not_the_text_column(cli, tmp_path):
+    path = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"meta": pa.array([{"text": "hello"}])}), path)
+    line = _one_line_error(cli("prepare", path, "--out", tmp_path / "o"), "nested.parquet", 'no column "text"', "meta")
+    assert "meta.text" in line
+    assert not (tmp_path / "o").exists()
