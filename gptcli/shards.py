@@ -108,6 +108,7 @@ class Source:
     size: int  # bytes on disk
     mtime_ns: int
     table: Any = _field(default=None, compare=False, repr=False)  # Parquet/hf: a sources.py table, read by rows
+    stamp: Optional[str] = None  # what stands for size and mtime where they are not the input's (a folder of shards)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class Segment:
 
     def spec(self) -> list:
         s = self.source
-        return [str(s.path), self.start, self.end, s.size, s.mtime_ns, self.digest]
+        return [str(s.path), self.start, self.end, s.size, s.mtime_ns, self.digest] + ([s.stamp] if s.stamp else [])
 
 
 def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] = None,
@@ -140,7 +141,7 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
     for given in inputs:
         if tables.is_hf(given):
             t = tables.open_hf(str(given), split, field, shard_bytes)
-            found.append(Source(Path(t.label), False, False, t.size, t.mtime_ns, t))
+            found.append(Source(Path(t.label), False, False, t.size, t.mtime_ns, t, t.stamp))
         elif given.is_dir():
             paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES)
                             and not any(part.startswith(".") for part in p.relative_to(given).parts))

@@ -220,3 +220,17 @@ def test_a_text_leaf_nested_in_a_struct_column_is_not_the_text_column(cli, tmp_p
     line = _one_line_error(cli("prepare", path, "--out", tmp_path / "o"), "nested.parquet", 'no column "text"', "meta")
     assert "meta.text" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_local_hf_folder_changed_after_prepare_is_prepared_again(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "shards").mkdir()
+    given = [Path(f"hf:{tmp_path / 'shards'}")]
+    _write_parquet(tmp_path / "shards" / "a.parquet", ["one doc", "two doc"])
+    prepare(given, tmp_path / "out", val_ratio=0, split="train")
+    _write_parquet(tmp_path / "shards" / "a.parquet", ["an entirely different and much longer document about rivers"] * 3)
+    rerun = prepare(given, tmp_path / "out", val_ratio=0, split="train")
+    fresh = prepare(given, tmp_path / "fresh", val_ratio=0, split="train")
+    assert (rerun.pieces_done, rerun.pieces_kept) == (1, 0)
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "fresh")
+    assert _splits(tmp_path / "out") == _splits(tmp_path / "fresh")
