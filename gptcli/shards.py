@@ -77,6 +77,10 @@ VERSION = 1
 INDEX = "index.json"
 PARTIAL = ".partial"
 SPLITS = ("train", "val")
+# Revision of how documents are read, split and tokenized, in every piece's spec: a change
+# redoes the pieces of earlier runs, whose shards a fresh run would no longer write.
+# 2: a text file's split hash leaves out its byte order mark.
+READER = 2
 DTYPES = ("uint16", "uint32")  # token ids on disk; index.json says which
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -255,8 +259,11 @@ def _open(source: Source):
 
 
 def _document_digest(source: Source) -> str:
+    """The sha256 of a whole text file's UTF-8 text: its bytes without a byte order mark, which is
+    no text (the split of the same text as a JSON Lines record, or saved without the mark)."""
     h = hashlib.sha256()
     with _reading(source) as f:
+        h.update(f.read(READ_BLOCK).removeprefix(BOM.encode("utf-8")))
         while block := f.read(READ_BLOCK):
             h.update(block)
     return h.hexdigest()
@@ -648,7 +655,7 @@ def prepare(
     _check_out(out)
     pieces = plan_pieces(sources, shard_bytes, split_docs)
     options = {"val_ratio": val_ratio, "field": field, "tokenizer": encoding.name, "vocab_size": encoding.n_vocab,
-               "version": VERSION, **({"split_docs": split_docs} if split_docs != "none" else {})}
+               "version": VERSION, "reader": READER, **({"split_docs": split_docs} if split_docs != "none" else {})}
     created = not out.exists()
     try:
         _open_partial(out)

@@ -339,3 +339,14 @@ def test_any_failure_removes_the_output_folder_prepare_created_but_never_an_earl
     with pytest.raises(RuntimeError):
         prepare([tmp_path / "a.txt"], tmp_path / "empty")
     assert (tmp_path / "empty").is_dir()
+
+
+def test_a_byte_order_mark_does_not_change_a_documents_split(tmp_path):
+    text = "A short story about a fox.\n"
+    (tmp_path / "plain.txt").write_bytes(text.encode())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    ratio = 0.7 if _split_of(text, 0.7) == "val" else 0.3  # the side the text's own hash picks
+    for name in ("plain.txt", "bom.txt", "doc.jsonl"):
+        splits = prepare([tmp_path / name], tmp_path / f"out-{name}", val_ratio=ratio).index["splits"]
+        assert (splits["train"]["documents"], splits["val"]["documents"]) == ((0, 1) if ratio == 0.7 else (1, 0)), name
