@@ -14,7 +14,9 @@ Documents. A text file (``.txt``, ``.txt.gz``) is one document, unless
 holding only ``<|endoftext|>`` (``endoftext``); each line of a JSON Lines file
 (``.jsonl``, ``.jsonl.gz``) is one, its text in a string field (``text``); each row of a
 Parquet file or a Hugging Face dataset is one, its text in the column `field`
-(sources.py reads them). A document goes to validation when the first 8 bytes of the sha256
+(sources.py reads them). An <|endoftext|> written in a document is the end-of-text token,
+as `tokenizer.encode` has it for train/loss/eval --data: it ends a document there (in the
+.docs.npy files), inside the split of the text it was read with. A document goes to validation when the first 8 bytes of the sha256
 of its UTF-8 text, read as a fraction of 2**64, fall below `val_ratio`: the split
 depends on the document alone, so adding files moves no document, and identical
 documents always land on the same side.
@@ -35,7 +37,9 @@ pattern never puts a non-space character and a following space or newline in
 one piece (only a piece's optional first character may be a space, and the
 all-space pieces hold no other character), and it looks ahead only from
 all-space pieces, so such a cut is a piece boundary: tokenizing the chunks one
-by one gives the ids of tokenizing the document at once. Memory is bounded by
+by one gives the ids of tokenizing the document at once. A written <|endoftext|>
+holds no space, so no cut falls inside one, and the tokenizer splits the text at
+it before the pattern applies. Memory is bounded by
 the chunks in flight, whatever the corpus size (a single JSON Lines record is
 held whole).
 """
@@ -67,7 +71,7 @@ import numpy as np
 from gptcli import sources as tables
 from gptcli.errors import InputError, RunError
 from gptcli.fsio import atomic_write, fsync_dir, sha256_file, sync
-from gptcli.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, get_tokenizer
+from gptcli.tokenizer import ALLOWED_SPECIAL, END_OF_TEXT, END_OF_TEXT_ID, get_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +84,8 @@ SPLITS = ("train", "val")
 # Revision of how documents are read, split and tokenized, in every piece's spec: a change
 # redoes the pieces of earlier runs, whose shards a fresh run would no longer write.
 # 2: a text file's split hash leaves out its byte order mark.
-READER = 2
+# 3: an <|endoftext|> written in a document is the end-of-text token, and a document boundary.
+READER = 3
 DTYPES = ("uint16", "uint32")  # token ids on disk; index.json says which
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -324,8 +329,12 @@ def _text_parts(seg: Segment, val_ratio: Optional[float]) -> Iterator[_Part]:
     split = _split_of(lambda: bytes.fromhex(seg.digest or _document_digest(source)), val_ratio)
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     first, ends = seg.start == 0, seg.end == source.size
+    starts = first  # the segment's first part starts a document
     pending, offset, done = "", seg.start, 0
     with _reading(source) as f:
+        if not first:  # a piece cut right after a written <|endoftext|> starts a document (see _ShardWriter)
+            f.seek(max(seg.start - len(END_OF_TEXT), 0))
+            starts = f.read(seg.start - f.tell()) == END_OF_TEXT.encode()
         f.seek(seg.start)
         # A .gz file is one segment read to its end; offsets then count decompressed bytes.
         while source.gz or offset < seg.end:
@@ -342,14 +351,15 @@ def _text_parts(seg: Segment, val_ratio: Optional[float]) -> Iterator[_Part]:
             done += 0 if source.gz else len(block)
             chunks, pending = cut_text(pending)
             for chunk in chunks:
-                yield _Part(split, chunk, first, False, done)
-                first, done = False, 0
+                yield _Part(split, chunk, starts, False, done)
+                first = starts = False
+                done = 0
     try:
         pending += decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise InputError(f"{source.path}: not UTF-8 text (truncated character at offset {offset})") from None
     if pending or (ends and not first):
-        yield _Part(split, pending, first, ends, done)
+        yield _Part(split, pending, starts, ends, done)
 
 
 def _jsonl_parts(seg: Segment, val_ratio: Optional[float], field: str) -> Iterator[_Part]:
@@ -523,9 +533,9 @@ def _encode_task(encoding, task: list[_Part]) -> list[np.ndarray]:
     out = []
     dtype = token_dtype(encoding.n_vocab)
     for part in task:
-        # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary,
+        # tokenizer.encode's ids (a written <|endoftext|> is the token, tokenizer.ALLOWED_SPECIAL),
         # returned as a uint32 buffer instead of a list of Python ints.
-        ids = encoding.encode_to_numpy(part.text, disallowed_special=()) if part.text else np.empty(0, np.uint32)
+        ids = encoding.encode_to_numpy(part.text, allowed_special=ALLOWED_SPECIAL) if part.text else np.empty(0, np.uint32)
         arr = np.empty(len(ids) + part.ends_doc, dtype=dtype)
         arr[: len(ids)] = ids
         if part.ends_doc:
@@ -538,7 +548,9 @@ def _encode_task(encoding, task: list[_Part]) -> list[np.ndarray]:
 
 
 class _ShardWriter:
-    """Appends token arrays to NAME.bin (hashing as it goes) and records document starts."""
+    """Appends token arrays to NAME.bin (hashing as it goes) and records document starts: where a
+    part starts a document, and after every <|endoftext|> written inside one (a boundary, as the
+    text reader's stream has it: `document_starts` then agrees with the .docs.npy files)."""
 
     def __init__(self, out: Path, name: str):
         self.out = out
@@ -548,12 +560,15 @@ class _ShardWriter:
         self.sha = hashlib.sha256()
         self.tokens = 0
         self.starts = array("Q")
+        self.after_eot = False  # the last token written is an <|endoftext|> inside a document
 
     def write(self, arr: np.ndarray, starts_doc: bool) -> None:
-        if starts_doc:
+        if starts_doc or (self.after_eot and len(arr)):
             self.starts.append(self.tokens)
         if not len(arr):
             return
+        self.starts.extend(int(i) + 1 + self.tokens for i in np.flatnonzero(arr[:-1] == END_OF_TEXT_ID))
+        self.after_eot = bool(arr[-1] == END_OF_TEXT_ID)
         if self.file is None:
             self.file = open(self.tmp, "wb")
         self.file.write(arr)
@@ -932,7 +947,7 @@ class ShardTokens:
             lo, hi = pos - self.offsets[i], min(stop, self.offsets[i + 1]) - self.offsets[i]
             parts.append(self._map(i)[lo:hi])
             pos = int(self.offsets[i] + hi)
-        out = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, self.dtype)  # [] for an empty document
         self._read += max(self.dtype.itemsize * (stop - start), self.PAGES_PER_READ)
         result = torch.from_numpy(np.array(out, dtype=np.int64))
         if self._read > self.REMAP_BYTES:

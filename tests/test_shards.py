@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gptcli import shards
 from gptcli.shards import cut_text, is_validation, prepare, read_documents
-from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
+from gptcli.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 from conftest import gptcli_cmd
 
@@ -61,13 +61,20 @@ def _split_of(text: str, val_ratio: float) -> str:
     return "val" if is_validation(hashlib.sha256(text.encode("utf-8")).digest(), val_ratio) else "train"
 
 
+def _documents_of(text: str) -> list[list[int]]:
+    """The token ids of a text's documents as the text reader has them: a written <|endoftext|> ends one."""
+    docs = [[]]
+    for t in encode(text):
+        docs.append([]) if t == END_OF_TEXT_ID else docs[-1].append(t)
+    return docs
+
+
 def test_prepare_reads_back_each_document_tokenized_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "TASK_CHARS", 97)  # many chunks per document: every cut must be exact
     docs = _corpus(tmp_path / "corpus", random.Random(0))
     result = prepare([tmp_path / "corpus"], tmp_path / "out", workers=3, val_ratio=0.3, shard_mb=0.004)
-    enc = get_tokenizer()
     for split in ("train", "val"):
-        expected = [enc.encode_ordinary(d) for d in docs if _split_of(d, 0.3) == split]
+        expected = [ids for d in docs if _split_of(d, 0.3) == split for ids in _documents_of(d)]
         got = [d.tolist() for d in read_documents(tmp_path / "out", split)]
         assert got == expected, split
         assert expected  # both splits hold documents
@@ -98,10 +105,11 @@ def test_cutting_at_safe_points_tokenizes_like_the_whole_text(text, size):
 def test_split_is_stable_when_a_file_is_added(tmp_path):
     rng = random.Random(1)
     (tmp_path / "corpus").mkdir()
-    old = [_text(rng, 20) + f" {i}" for i in range(60)]
+    plain = lambda n: _text(rng, n).replace("<|endoftext|>", "")  # one document each (a written marker ends one)
+    old = [plain(20) + f" {i}" for i in range(60)]
     (tmp_path / "corpus" / "m.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in old))
     prepare([tmp_path / "corpus"], tmp_path / "before", val_ratio=0.5)
-    new = [_text(rng, 20) + f" new {i}" for i in range(30)]
+    new = [plain(20) + f" new {i}" for i in range(30)]
     (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in new))
     prepare([tmp_path / "corpus"], tmp_path / "after", val_ratio=0.5)
 
@@ -350,3 +358,28 @@ def test_a_byte_order_mark_does_not_change_a_documents_split(tmp_path):
     for name in ("plain.txt", "bom.txt", "doc.jsonl"):
         splits = prepare([tmp_path / name], tmp_path / f"out-{name}", val_ratio=ratio).index["splits"]
         assert (splits["train"]["documents"], splits["val"]["documents"]) == ((0, 1) if ratio == 0.7 else (1, 0)), name
+
+
+def test_a_literal_endoftext_gives_the_same_tokens_in_prepare_and_the_text_reader(tmp_path):
+    from gptcli.data import read_corpus
+    from gptcli.tokenizer import encode
+
+    text = "First story ends here.<|endoftext|>Second story begins and goes on for a while longer.\n"
+    (tmp_path / "s.txt").write_text(text)
+    (tmp_path / "s.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    for name in ("s.txt", "s.jsonl"):
+        prepare([tmp_path / name], tmp_path / f"out-{name}", val_ratio=0)
+        shard = np.fromfile(tmp_path / f"out-{name}" / "train-000000.bin", dtype=np.uint16).tolist()
+        assert shard == encode(read_corpus(tmp_path / name)) + [END_OF_TEXT_ID], name
+        assert shard.count(END_OF_TEXT_ID) == 2
+    # Every piece cut right after a marker (a space follows each): the .docs.npy starts are the token
+    # after every <|endoftext|>, which is what document_mask reads from a window.
+    (tmp_path / "many.txt").write_text("story<|endoftext|> " * 300)
+    result = prepare([tmp_path / "many.txt"], tmp_path / "out-many", val_ratio=0, shard_mb=0.0005)
+    assert len(result.index["pieces"]) > 5
+    stream, starts = [], []
+    for e in result.index["splits"]["train"]["shards"]:
+        starts += [len(stream) + int(x) for x in np.load(tmp_path / "out-many" / e["docs_file"])]
+        stream += np.fromfile(tmp_path / "out-many" / e["file"], dtype=np.uint16).tolist()
+    assert stream == encode(read_corpus(tmp_path / "many.txt")) + [END_OF_TEXT_ID]
+    assert starts == [0] + [i + 1 for i, t in enumerate(stream[:-1]) if t == END_OF_TEXT_ID]
