@@ -135,10 +135,14 @@ class Segment:
 
 
 def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] = None,
-                 shard_bytes: int = 1 << 26) -> list[Source]:
+                 shard_bytes: int = 1 << 26, skipped: Optional[list[Path]] = None) -> list[Source]:
     """The input files: each file as given, the supported files below each folder and matching
     each glob (sorted), and each ``hf:`` dataset (see sources.py); hidden files and folders
     (names starting with '.': .git, editor backups, ...) below a folder are skipped.
+
+    Args:
+        skipped: if given, receives the visible files below a folder or matching a glob that are
+            left out because of their suffix (``UP.TXT``, ``notes.md``), for the caller to report.
 
     Raises:
         InputError: an input is missing, a file cannot be read, or there is no input file at all.
@@ -152,12 +156,12 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
             t = tables.open_hf(str(given), split, field, shard_bytes)
             found.append(Source(Path(t.label), False, False, t.size, t.mtime_ns, t, t.stamp))
         elif given.is_dir():
-            paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES)
-                            and not any(part.startswith(".") for part in p.relative_to(given).parts))
+            paths += _supported(sorted(p for p in given.rglob("*") if p.is_file()
+                                       and not any(part.startswith(".") for part in p.relative_to(given).parts)), skipped)
         elif given.exists():
             paths.append(given)
         elif glob.has_magic(str(given)) and (matches := sorted(Path(p) for p in glob.glob(str(given), recursive=True))):
-            paths += [p for p in matches if p.is_file() and p.name.endswith(INPUT_SUFFIXES)]
+            paths += _supported([p for p in matches if p.is_file()], skipped)
         else:
             raise InputError(f"{given}: input not found")
     sources, seen = found, set()
@@ -180,6 +184,13 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
         where = " ".join(str(p) for p in inputs) or "(none given)"
         raise InputError(f"no input files: {where} holds no {kinds} files")
     return sources
+
+
+def _supported(files: list[Path], skipped: Optional[list[Path]]) -> list[Path]:
+    """The files with an input suffix; the others go to `skipped` (when given)."""
+    if skipped is not None:
+        skipped += [p for p in files if not p.name.endswith(INPUT_SUFFIXES)]
+    return [p for p in files if p.name.endswith(INPUT_SUFFIXES)]
 
 
 def plan_pieces(sources: list[Source], shard_bytes: int, split_docs: str = "none") -> list[list[Segment]]:
@@ -341,10 +352,11 @@ def _text_parts(seg: Segment, val_ratio: Optional[float]) -> Iterator[_Part]:
             block = f.read(READ_BLOCK if source.gz else min(READ_BLOCK, seg.end - offset))
             if not block:
                 break
+            carried = len(decoder.getstate()[0])  # bytes of a character cut by the previous block, before `offset`
             try:
                 pending += decoder.decode(block)
-            except UnicodeDecodeError as e:
-                raise InputError(f"{source.path}: not UTF-8 text (invalid byte at offset {offset + e.start})") from None
+            except UnicodeDecodeError as e:  # e.start counts from the carried bytes
+                raise InputError(f"{source.path}: not UTF-8 text (invalid byte at offset {offset - carried + e.start})") from None
             if offset == 0:
                 pending = pending.removeprefix(BOM)  # a byte order mark is no text to train on
             offset += len(block)
@@ -354,10 +366,11 @@ def _text_parts(seg: Segment, val_ratio: Optional[float]) -> Iterator[_Part]:
                 yield _Part(split, chunk, starts, False, done)
                 first = starts = False
                 done = 0
+    carried = len(decoder.getstate()[0])
     try:
         pending += decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise InputError(f"{source.path}: not UTF-8 text (truncated character at offset {offset})") from None
+    except UnicodeDecodeError:  # the file ends inside a character: name where it starts
+        raise InputError(f"{source.path}: not UTF-8 text (truncated character at offset {offset - carried})") from None
     if pending or (ends and not first):
         yield _Part(split, pending, starts, ends, done)
 
@@ -617,6 +630,8 @@ class PrepareResult:
     pieces_done: int  # pieces tokenized in this run
     pieces_kept: int  # finished pieces of an earlier run, kept
     elapsed_s: float
+    tokens_done: int = 0  # tokens written in this run (not those of kept pieces): the run's rate
+    skipped: list[Path] = _field(default_factory=list)  # files in a folder or glob left out for their suffix
 
 
 def prepare(
@@ -666,7 +681,9 @@ def prepare(
     encoding = get_tokenizer()
     token_dtype(encoding.n_vocab, f"tokenizer {encoding.name}")
     shard_bytes = max(int(shard_mb * 1e6), 1)
-    sources = find_sources(inputs, field, split, shard_bytes)
+    skipped: list[Path] = []
+    sources = find_sources(inputs, field, split, shard_bytes, skipped)
+    _check_applies(sources, field, split_docs)
     _check_out(out)
     pieces = plan_pieces(sources, shard_bytes, split_docs)
     options = {"val_ratio": val_ratio, "field": field, "tokenizer": encoding.name, "vocab_size": encoding.n_vocab,
@@ -680,7 +697,9 @@ def prepare(
     except OSError as e:
         raise RunError(f"{out}: cannot write ({e.strerror})") from None
     try:
-        return _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0)
+        result = _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0)
+        result.skipped = skipped
+        return result
     except Exception:
         if created:  # bad input or a failure part-way: leave no half-made output folder behind
             shutil.rmtree(out, ignore_errors=True)
@@ -698,7 +717,7 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
         if progress is not None:
             progress(done["bytes"], total, done["tokens"])
 
-    records, tokenized = [], 0
+    records, tokenized, tokens_done = [], 0, 0
     itemsize = token_dtype(options["vocab_size"]).itemsize
     with ThreadPoolExecutor(workers, thread_name_prefix="gptcli-tokenize") as pool:
         for k, piece in enumerate(pieces):
@@ -709,13 +728,24 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
                 record = {"piece": k, "spec": spec, **_tokenize_piece(piece, k, out, pool, workers, encoding, options, advance)}
                 atomic_write(out / PARTIAL / f"piece-{k:06d}.json", json.dumps(record))
                 tokenized += 1
+                tokens_done += sum(record[s]["tokens"] for s in SPLITS if record[s])
             else:
                 advance(0, sum(record[s]["tokens"] for s in SPLITS if record[s]))
             records.append(record)
             advance(bytes_before + piece_bytes - done["bytes"], 0)  # exact, whatever the parts reported
     earlier_files = {r[s][key] for r in earlier.values() for s in SPLITS if r.get(s) for key in ("file", "docs_file")}
     index = _write_index(out, sources, records, options, earlier_files)
-    return PrepareResult(out, index, tokenized, len(pieces) - tokenized, time.perf_counter() - t0)
+    return PrepareResult(out, index, tokenized, len(pieces) - tokenized, time.perf_counter() - t0, tokens_done)
+
+
+def _check_applies(sources: list[Source], field: str, split_docs: str) -> None:
+    """Refuse `field` and `split_docs` where no input is of the kind they apply to (never drop one silently)."""
+    if field != "text" and all(not s.jsonl and s.table is None for s in sources):
+        raise InputError(f"field {field!r}: names the text of JSON Lines records, Parquet and dataset columns; "
+                         f"the inputs are text files only (each is its own text)", param="field")
+    if split_docs != "none" and all(s.jsonl or s.table is not None for s in sources):
+        raise InputError(f"split_docs {split_docs!r}: cuts text files into documents; the inputs hold no text files "
+                         f"(a JSON Lines record or a table row is already one document)", param="split_docs")
 
 
 def _check_out(out: Path) -> None:
@@ -832,7 +862,8 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
         "val_ratio": options["val_ratio"],
         "field": options["field"],
         "split_docs": options.get("split_docs", "none"),
-        "sources": {"files": len(sources), "bytes": sum(x.size for x in sources)},
+        "sources": {"files": len(sources), "bytes": sum(x.size for x in sources),
+                    "text_files": sum(1 for x in sources if not x.jsonl and x.table is None)},
         "splits": splits,
         "pieces": [{"piece": r["piece"], "spec": r["spec"], "train": r["train"], "val": r["val"]} for r in records],
     }
@@ -853,13 +884,14 @@ def empty_split_warnings(index: dict[str, Any]) -> list[str]:
     """A warning for each split of a prepared index that holds no token, with advice that can help.
 
     With few documents and text files not cut into documents, the advice is `split_docs`:
-    no `val_ratio` can split one document.
+    no `val_ratio` can split one document (only for text inputs: `split_docs` cuts nothing else).
     """
     splits, ratio = index["splits"], index["val_ratio"]
     documents = splits["train"]["documents"] + splits["val"]["documents"]
     if documents == 0:
         return ["no documents at all: the inputs hold no text"]
-    if documents < 10 and index.get("split_docs", "none") == "none":
+    text_files = index["sources"].get("text_files", 1)  # an index older than the count: assume text
+    if documents < 10 and index.get("split_docs", "none") == "none" and text_files:
         advice = (f"there are only {documents} document(s) (a text file is one document); cut text files into "
                   f"documents with split_docs=blank-lines (or endoftext), or add documents")
     else:

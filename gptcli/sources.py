@@ -235,7 +235,10 @@ def open_hf(spec: str, split: Optional[str], field: str, shard_bytes: int):
             if split is None or split not in ds:
                 raise InputError(f"{spec}: name a split with split=NAME ({', '.join(ds)})")
             ds = ds[split]
-        elif split is not None and ds.split is not None and str(ds.split) != split:
+        elif split is not None and ds.split is None:  # no name to check it against: refuse, never ignore it
+            raise InputError(f"split {split!r}: {spec} is one dataset without split names; prepare it without split=NAME",
+                             param="split")
+        elif split is not None and str(ds.split) != split:
             raise InputError(f"split {split!r}: {spec} holds the split {ds.split} only", param="split")
         return SavedDataset(ds, f"{spec}[{split or ds.split or 'all'}]", field)
     if split is None:

@@ -383,3 +383,60 @@ def test_a_literal_endoftext_gives_the_same_tokens_in_prepare_and_the_text_reade
         stream += np.fromfile(tmp_path / "out-many" / e["file"], dtype=np.uint16).tolist()
     assert stream == encode(read_corpus(tmp_path / "many.txt")) + [END_OF_TEXT_ID]
     assert starts == [0] + [i + 1 for i, t in enumerate(stream[:-1]) if t == END_OF_TEXT_ID]
+
+
+def test_prepare_refuses_options_that_cannot_apply(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "a.jsonl").write_text('{"text": "para one\\n\\npara two"}\n')
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--field", "body", "--out", tmp_path / "o1"), "--field", "text files")
+    _one_line_error(cli("prepare", tmp_path / "a.jsonl", "--split-docs", "blank-lines", "--out", tmp_path / "o2"),
+                    "--split-docs", "text files")
+    assert cli("prepare", tmp_path / "a.txt", tmp_path / "a.jsonl", "--split-docs", "blank-lines",
+               "--out", tmp_path / "o3").exit_code == 0
+
+
+def test_empty_split_advice_fits_the_inputs(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    index = prepare([tmp_path / "a.jsonl"], tmp_path / "o1", val_ratio=0).index
+    [warning] = shards.empty_split_warnings(index)
+    assert "split_docs" not in warning and "val_ratio" in warning
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    [warning] = shards.empty_split_warnings(prepare([tmp_path / "a.txt"], tmp_path / "o2", val_ratio=0).index)
+    assert "split_docs" in warning
+
+
+def test_files_skipped_in_a_folder_are_reported(cli, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.jsonl", "UP.TXT", "notes.md"):
+        (corpus / name).write_text('{"text": "x"}\n' if name.endswith("jsonl") else "some text")
+    result = cli("prepare", corpus, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert "2 file(s)" in line and "UP.TXT" in line
+
+
+def test_utf8_error_offsets_point_at_the_bad_byte(cli, tmp_path):
+    (tmp_path / "trunc.txt").write_bytes(b"ok text \xe2\x82")
+    _one_line_error(cli("prepare", tmp_path / "trunc.txt", "--out", tmp_path / "o1"), "truncated character at offset 8")
+    n = shards.READ_BLOCK
+    (tmp_path / "boundary.txt").write_bytes(b"a" * (n - 2) + "\u20ac".encode() + b"bcd" + b"\xff" + b"tail")
+    _one_line_error(cli("prepare", tmp_path / "boundary.txt", "--out", tmp_path / "o2"), f"invalid byte at offset {n + 4}")
+
+
+def test_the_summary_rate_counts_only_tokens_tokenized_in_this_run(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 100)
+    first = prepare([tmp_path / "a.txt"], tmp_path / "o", val_ratio=0)
+    assert first.tokens_done == first.index["splits"]["train"]["tokens"] > 0
+    assert prepare([tmp_path / "a.txt"], tmp_path / "o", val_ratio=0).tokens_done == 0
+
+
+def test_an_empty_split_of_a_prepared_folder_advises_prepare(tmp_path, verdict):
+    from gptcli.config import DataConfig
+    from gptcli.data import load_splits
+    from gptcli.errors import InputError
+
+    prepare([verdict], tmp_path / "nv", val_ratio=0, split_docs="blank-lines")
+    with pytest.raises(InputError, match="val_ratio") as e:
+        load_splits(DataConfig(path=str(tmp_path / "nv")), 32)
+    assert "smaller context_length" not in str(e.value)

@@ -233,3 +233,9 @@ def test_a_local_hf_folder_changed_after_prepare_is_prepared_again(tmp_path):
     assert (rerun.pieces_done, rerun.pieces_kept) == (1, 0)
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "fresh")
     assert _splits(tmp_path / "out") == _splits(tmp_path / "fresh")
+
+
+def test_split_on_a_saved_dataset_without_split_names_is_refused(cli, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "saved"))
+    _one_line_error(cli("prepare", f"hf:{tmp_path / 'saved'}", "--split", "test", "--out", tmp_path / "o"), "--split", "test")
