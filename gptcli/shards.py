@@ -28,7 +28,10 @@ k becomes the shards train-k and val-k. Each finished piece is recorded in
 so a rerun (after a crash, or with the same inputs) keeps the finished shards and
 redoes the rest; the index is written last. A rerun deletes only the shards the
 records of earlier runs named, and refuses a folder it cannot tell is its own. The output depends only on the inputs and options, never on
-`workers` or timing, so a rerun writes identical bytes.
+`workers` or timing, so a rerun writes identical shards (index.json differs only in its
+"created" time). The token stream depends on the documents alone; how it is cut into
+shards depends on the input bytes (a Parquet file and a JSON Lines file of the same
+documents give the same shards only while each fits one piece).
 
 Tokenizing in chunks, exactly. One thread reads, decodes and cuts the text;
 `workers` threads tokenize (tiktoken releases the GIL). A long document is cut

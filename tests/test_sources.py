@@ -239,3 +239,18 @@ def test_split_on_a_saved_dataset_without_split_names_is_refused(cli, tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "saved"))
     _one_line_error(cli("prepare", f"hf:{tmp_path / 'saved'}", "--split", "test", "--out", tmp_path / "o"), "--split", "test")
+
+
+def test_parquet_and_jsonl_cut_into_several_pieces_give_the_same_token_streams(tmp_path):
+    """What the README claims across formats: the streams and splits, not the shard files, once pieces differ."""
+    docs = _documents(120, seed=4)
+    _write_parquet(tmp_path / "d.parquet", docs, row_group_size=5)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    streams = {}
+    for name in ("d.parquet", "d.jsonl"):
+        out = tmp_path / f"out-{name}"
+        result = prepare([tmp_path / name], out, val_ratio=0.2, shard_mb=0.005)
+        assert len(result.index["pieces"]) > 2
+        streams[name] = {s: b"".join((out / e["file"]).read_bytes() for e in result.index["splits"][s]["shards"])
+                         for s in ("train", "val")}
+    assert streams["d.parquet"] == streams["d.jsonl"]
