@@ -1040,7 +1040,7 @@ def prepare(
     json_out: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus into uint16 (uint32 for vocabularies beyond 65,536) token shards with a document-level train/validation split."""
-    from gptcli.shards import empty_split_warnings, prepare as run_prepare
+    from gptcli.shards import INPUT_SUFFIXES, empty_split_warnings, prepare as run_prepare
 
     with PrepareProgress() as progress:
         result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
@@ -1049,11 +1049,14 @@ def prepare(
     summary = {"out": str(out), "pieces_done": result.pieces_done, "pieces_kept": result.pieces_kept,
                **{f"{s}_{k}": splits[s][k] for s in ("train", "val") for k in ("tokens", "documents")},
                "shards": sum(len(splits[s]["shards"]) for s in ("train", "val")), "elapsed_s": result.elapsed_s}
+    rate = f" ({result.tokens_done / max(result.elapsed_s, 1e-9):,.0f} tokens/s tokenized)" if result.tokens_done else ""
     _err(f"{summary['train_tokens']:,} training tokens ({summary['train_documents']:,} documents), "
          f"{summary['val_tokens']:,} validation tokens ({summary['val_documents']:,} documents) in "
-         f"{summary['shards']} shards in {result.elapsed_s:.1f} s "
-         f"({(summary['train_tokens'] + summary['val_tokens']) / max(result.elapsed_s, 1e-9):,.0f} tokens/s); "
+         f"{summary['shards']} shards in {result.elapsed_s:.1f} s{rate}; "
          f"{result.pieces_kept} finished piece(s) kept")
+    if result.skipped:
+        _warn(f"skipped {len(result.skipped)} file(s) whose names end in none of {', '.join(INPUT_SUFFIXES)} "
+              f"(e.g. {result.skipped[0]}); suffixes are case-sensitive")
     for warning in empty_split_warnings(result.index):
         _warn(warning)
     if json_out:

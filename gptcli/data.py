@@ -234,7 +234,7 @@ def load_splits(cfg: DataConfig, context_length: int, path: str | None = None, p
         parts = [torch.tensor(encode(part), dtype=torch.long) for part in split_text(text, cfg.train_ratio)]
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     for name, tokens in zip(("training", "validation"), parts):
-        check_split(corpus, name, len(tokens), context_length)
+        check_split(corpus, name, len(tokens), context_length, prepared=is_prepared(corpus))
     stride = cfg.stride or context_length
     train, val = (TokenWindows(tokens, context_length, stride) for tokens in parts)
     return Splits(train, val, source=str(corpus), sha256=digest, train_tokens=len(parts[0]), val_tokens=len(parts[1]))
@@ -251,7 +251,7 @@ def _load_mixture(cfg: DataConfig, context_length: int) -> Splits:
     for root, index in opened:
         for split, name in (("train", "training"), ("val", "validation")):
             tokens = ShardTokens(root, split, index)
-            check_split(root, name, len(tokens), context_length)
+            check_split(root, name, len(tokens), context_length, prepared=True)
             windows[split].append(TokenWindows(tokens, context_length, stride))
     digest = hashlib.sha256("\n".join(f"{w} {sha256_file(root / INDEX)}" for (root, _), w in zip(opened, weights)).encode())
     return Splits(
@@ -262,11 +262,17 @@ def _load_mixture(cfg: DataConfig, context_length: int) -> Splits:
     )
 
 
-def check_split(source: Path | str, name: str, num_tokens: int, context_length: int) -> None:
-    """Raise InputError unless a split holds at least one window (context_length + 1 tokens)."""
+def check_split(source: Path | str, name: str, num_tokens: int, context_length: int, prepared: bool = False) -> None:
+    """Raise InputError unless a split holds at least one window (context_length + 1 tokens).
+
+    A prepared folder's split was fixed by ``gptcli prepare``: the advice is to prepare it again.
+    """
     needed = context_length + 1
     if num_tokens < needed:
-        raise InputError(
-            f"{source}: the {name} split has {num_tokens} tokens, one window needs {needed} "
-            f"(context_length {context_length} + 1); use more text or a smaller context_length"
-        )
+        fix = "use more text or a smaller context_length"
+        if prepared:
+            ratio = "a larger val_ratio" if name == "validation" else "a smaller val_ratio"
+            fix = (f"its split was made by gptcli prepare: prepare it again with {ratio} (or, for few text files, "
+                   f"split_docs=blank-lines){', or use a smaller context_length' if num_tokens else ''}")
+        raise InputError(f"{source}: the {name} split has {num_tokens} tokens, one window needs {needed} "
+                         f"(context_length {context_length} + 1); {fix}")

@@ -1,9 +1,9 @@
 """Document-aware attention (``data.document_mask``): no token attends across a document boundary.
 
-`gptcli prepare` ends every document with <|endoftext|> (and never emits that id
-inside one: documents are tokenized with ``encode_ordinary``), so the token after
-each <|endoftext|> is where the shards' ``*.docs.npy`` record a document start,
-and a window carries its own boundaries. From them: a block-causal mask, query i
+`gptcli prepare` ends every document with <|endoftext|>, and an <|endoftext|> written
+inside a document's text is that token too (tokenizer.ALLOWED_SPECIAL, as the text
+reader and the book encode it), so the token after each <|endoftext|> is where the
+shards' ``*.docs.npy`` record a document start, and a window carries its own boundaries. From them: a block-causal mask, query i
 may attend key j when j <= i and both lie in the same document; and, with
 ``data.reset_positions``, position ids that restart at 0 at every document, so a
 document in the middle of a window is computed as if it stood alone.

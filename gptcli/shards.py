@@ -14,7 +14,9 @@ Documents. A text file (``.txt``, ``.txt.gz``) is one document, unless
 holding only ``<|endoftext|>`` (``endoftext``); each line of a JSON Lines file
 (``.jsonl``, ``.jsonl.gz``) is one, its text in a string field (``text``); each row of a
 Parquet file or a Hugging Face dataset is one, its text in the column `field`
-(sources.py reads them). A document goes to validation when the first 8 bytes of the sha256
+(sources.py reads them). An <|endoftext|> written in a document is the end-of-text token,
+as `tokenizer.encode` has it for train/loss/eval --data: it ends a document there (in the
+.docs.npy files), inside the split of the text it was read with. A document goes to validation when the first 8 bytes of the sha256
 of its UTF-8 text, read as a fraction of 2**64, fall below `val_ratio`: the split
 depends on the document alone, so adding files moves no document, and identical
 documents always land on the same side.
@@ -22,10 +24,14 @@ documents always land on the same side.
 Pieces. The inputs are cut into pieces of about `shard_mb` megabytes (a big
 file into several, at a line end or between words; a ``.gz`` file never); piece
 k becomes the shards train-k and val-k. Each finished piece is recorded in
-``OUT/.partial/`` once its files are on disk, so a rerun (after a crash, or
-with the same inputs) keeps the finished shards and redoes the rest; the index
-is written last. The output depends only on the inputs and options, never on
-`workers` or timing, so a rerun writes identical bytes.
+``OUT/.partial/`` (a folder marked as prepare's own) once its files are on disk,
+so a rerun (after a crash, or with the same inputs) keeps the finished shards and
+redoes the rest; the index is written last. A rerun deletes only the shards the
+records of earlier runs named, and refuses a folder it cannot tell is its own. The output depends only on the inputs and options, never on
+`workers` or timing, so a rerun writes identical shards (index.json differs only in its
+"created" time). The token stream depends on the documents alone; how it is cut into
+shards depends on the input bytes (a Parquet file and a JSON Lines file of the same
+documents give the same shards only while each fits one piece).
 
 Tokenizing in chunks, exactly. One thread reads, decodes and cuts the text;
 `workers` threads tokenize (tiktoken releases the GIL). A long document is cut
@@ -34,7 +40,9 @@ pattern never puts a non-space character and a following space or newline in
 one piece (only a piece's optional first character may be a space, and the
 all-space pieces hold no other character), and it looks ahead only from
 all-space pieces, so such a cut is a piece boundary: tokenizing the chunks one
-by one gives the ids of tokenizing the document at once. Memory is bounded by
+by one gives the ids of tokenizing the document at once. A written <|endoftext|>
+holds no space, so no cut falls inside one, and the tokenizer splits the text at
+it before the pattern applies. Memory is bounded by
 the chunks in flight, whatever the corpus size (a single JSON Lines record is
 held whole).
 """
@@ -66,7 +74,7 @@ import numpy as np
 from gptcli import sources as tables
 from gptcli.errors import InputError, RunError
 from gptcli.fsio import atomic_write, fsync_dir, sha256_file, sync
-from gptcli.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, get_tokenizer
+from gptcli.tokenizer import ALLOWED_SPECIAL, END_OF_TEXT, END_OF_TEXT_ID, get_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +84,11 @@ VERSION = 1
 INDEX = "index.json"
 PARTIAL = ".partial"
 SPLITS = ("train", "val")
+# Revision of how documents are read, split and tokenized, in every piece's spec: a change
+# redoes the pieces of earlier runs, whose shards a fresh run would no longer write.
+# 2: a text file's split hash leaves out its byte order mark.
+# 3: an <|endoftext|> written in a document is the end-of-text token, and a document boundary.
+READER = 3
 DTYPES = ("uint16", "uint32")  # token ids on disk; index.json says which
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -86,6 +99,10 @@ TASK_CHARS = 1 << 18  # characters per tokenizer task: small enough to spread, b
 SAFE_CUT = re.compile(r"\S[ \n]")  # a cut goes between the two characters (see the module docstring)
 SPLIT_DOCS = ("none", "blank-lines", "endoftext")  # how a text file is cut into documents
 SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(bin|docs\.npy)$")
+# The temporary files prepare writes into OUT (_ShardWriter's and atomic_write's): the only .tmp-* it removes.
+OWN_TEMP = re.compile(r"^\.tmp-(?:(?:train|val)-\d{6}\.(?:bin|docs\.npy)|index\.json)-\d+$")
+PARTIAL_MARK = "gptcli-prepare.json"  # written first into OUT/.partial/: the folder is ours to remove
+PARTIAL_MARK_TEXT = json.dumps({"format": FORMAT, "what": "pieces of an unfinished gptcli prepare"})
 
 Progress = Callable[[int, int, int], None]  # (input bytes done, input bytes total, tokens written)
 
@@ -103,6 +120,7 @@ class Source:
     size: int  # bytes on disk
     mtime_ns: int
     table: Any = _field(default=None, compare=False, repr=False)  # Parquet/hf: a sources.py table, read by rows
+    stamp: Optional[str] = None  # what stands for size and mtime where they are not the input's (a folder of shards)
 
 
 @dataclass(frozen=True)
@@ -116,14 +134,18 @@ class Segment:
 
     def spec(self) -> list:
         s = self.source
-        return [str(s.path), self.start, self.end, s.size, s.mtime_ns, self.digest]
+        return [str(s.path), self.start, self.end, s.size, s.mtime_ns, self.digest] + ([s.stamp] if s.stamp else [])
 
 
 def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] = None,
-                 shard_bytes: int = 1 << 26) -> list[Source]:
+                 shard_bytes: int = 1 << 26, skipped: Optional[list[Path]] = None) -> list[Source]:
     """The input files: each file as given, the supported files below each folder and matching
     each glob (sorted), and each ``hf:`` dataset (see sources.py); hidden files and folders
     (names starting with '.': .git, editor backups, ...) below a folder are skipped.
+
+    Args:
+        skipped: if given, receives the visible files below a folder or matching a glob that are
+            left out because of their suffix (``UP.TXT``, ``notes.md``), for the caller to report.
 
     Raises:
         InputError: an input is missing, a file cannot be read, or there is no input file at all.
@@ -135,14 +157,14 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
     for given in inputs:
         if tables.is_hf(given):
             t = tables.open_hf(str(given), split, field, shard_bytes)
-            found.append(Source(Path(t.label), False, False, t.size, t.mtime_ns, t))
+            found.append(Source(Path(t.label), False, False, t.size, t.mtime_ns, t, t.stamp))
         elif given.is_dir():
-            paths += sorted(p for p in given.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES)
-                            and not any(part.startswith(".") for part in p.relative_to(given).parts))
+            paths += _supported(sorted(p for p in given.rglob("*") if p.is_file()
+                                       and not any(part.startswith(".") for part in p.relative_to(given).parts)), skipped)
         elif given.exists():
             paths.append(given)
         elif glob.has_magic(str(given)) and (matches := sorted(Path(p) for p in glob.glob(str(given), recursive=True))):
-            paths += [p for p in matches if p.is_file() and p.name.endswith(INPUT_SUFFIXES)]
+            paths += _supported([p for p in matches if p.is_file()], skipped)
         else:
             raise InputError(f"{given}: input not found")
     sources, seen = found, set()
@@ -165,6 +187,13 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
         where = " ".join(str(p) for p in inputs) or "(none given)"
         raise InputError(f"no input files: {where} holds no {kinds} files")
     return sources
+
+
+def _supported(files: list[Path], skipped: Optional[list[Path]]) -> list[Path]:
+    """The files with an input suffix; the others go to `skipped` (when given)."""
+    if skipped is not None:
+        skipped += [p for p in files if not p.name.endswith(INPUT_SUFFIXES)]
+    return [p for p in files if p.name.endswith(INPUT_SUFFIXES)]
 
 
 def plan_pieces(sources: list[Source], shard_bytes: int, split_docs: str = "none") -> list[list[Segment]]:
@@ -249,8 +278,11 @@ def _open(source: Source):
 
 
 def _document_digest(source: Source) -> str:
+    """The sha256 of a whole text file's UTF-8 text: its bytes without a byte order mark, which is
+    no text (the split of the same text as a JSON Lines record, or saved without the mark)."""
     h = hashlib.sha256()
     with _reading(source) as f:
+        h.update(f.read(READ_BLOCK).removeprefix(BOM.encode("utf-8")))
         while block := f.read(READ_BLOCK):
             h.update(block)
     return h.hexdigest()
@@ -311,32 +343,39 @@ def _text_parts(seg: Segment, val_ratio: Optional[float]) -> Iterator[_Part]:
     split = _split_of(lambda: bytes.fromhex(seg.digest or _document_digest(source)), val_ratio)
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     first, ends = seg.start == 0, seg.end == source.size
+    starts = first  # the segment's first part starts a document
     pending, offset, done = "", seg.start, 0
     with _reading(source) as f:
+        if not first:  # a piece cut right after a written <|endoftext|> starts a document (see _ShardWriter)
+            f.seek(max(seg.start - len(END_OF_TEXT), 0))
+            starts = f.read(seg.start - f.tell()) == END_OF_TEXT.encode()
         f.seek(seg.start)
         # A .gz file is one segment read to its end; offsets then count decompressed bytes.
         while source.gz or offset < seg.end:
             block = f.read(READ_BLOCK if source.gz else min(READ_BLOCK, seg.end - offset))
             if not block:
                 break
+            carried = len(decoder.getstate()[0])  # bytes of a character cut by the previous block, before `offset`
             try:
                 pending += decoder.decode(block)
-            except UnicodeDecodeError as e:
-                raise InputError(f"{source.path}: not UTF-8 text (invalid byte at offset {offset + e.start})") from None
+            except UnicodeDecodeError as e:  # e.start counts from the carried bytes
+                raise InputError(f"{source.path}: not UTF-8 text (invalid byte at offset {offset - carried + e.start})") from None
             if offset == 0:
                 pending = pending.removeprefix(BOM)  # a byte order mark is no text to train on
             offset += len(block)
             done += 0 if source.gz else len(block)
             chunks, pending = cut_text(pending)
             for chunk in chunks:
-                yield _Part(split, chunk, first, False, done)
-                first, done = False, 0
+                yield _Part(split, chunk, starts, False, done)
+                first = starts = False
+                done = 0
+    carried = len(decoder.getstate()[0])
     try:
         pending += decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise InputError(f"{source.path}: not UTF-8 text (truncated character at offset {offset})") from None
+    except UnicodeDecodeError:  # the file ends inside a character: name where it starts
+        raise InputError(f"{source.path}: not UTF-8 text (truncated character at offset {offset - carried})") from None
     if pending or (ends and not first):
-        yield _Part(split, pending, first, ends, done)
+        yield _Part(split, pending, starts, ends, done)
 
 
 def _jsonl_parts(seg: Segment, val_ratio: Optional[float], field: str) -> Iterator[_Part]:
@@ -391,6 +430,12 @@ def _record_text(line: bytes, field: str, source: Source, seg: Segment, lineno: 
     text = record[field]
     if not isinstance(text, str):
         raise InputError(f'{where()}: "{field}" is not a string')
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a \ud800 escape: JSON allows it, UTF-8 (and the tokenizer) cannot hold it
+            raise InputError(f'{where()}: "{field}" holds a lone surrogate ({text[e.start]!r} at character {e.start}), '
+                             f"which is not UTF-8 text") from None
     return text
 
 
@@ -504,9 +549,9 @@ def _encode_task(encoding, task: list[_Part]) -> list[np.ndarray]:
     out = []
     dtype = token_dtype(encoding.n_vocab)
     for part in task:
-        # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary,
+        # tokenizer.encode's ids (a written <|endoftext|> is the token, tokenizer.ALLOWED_SPECIAL),
         # returned as a uint32 buffer instead of a list of Python ints.
-        ids = encoding.encode_to_numpy(part.text, disallowed_special=()) if part.text else np.empty(0, np.uint32)
+        ids = encoding.encode_to_numpy(part.text, allowed_special=ALLOWED_SPECIAL) if part.text else np.empty(0, np.uint32)
         arr = np.empty(len(ids) + part.ends_doc, dtype=dtype)
         arr[: len(ids)] = ids
         if part.ends_doc:
@@ -519,7 +564,9 @@ def _encode_task(encoding, task: list[_Part]) -> list[np.ndarray]:
 
 
 class _ShardWriter:
-    """Appends token arrays to NAME.bin (hashing as it goes) and records document starts."""
+    """Appends token arrays to NAME.bin (hashing as it goes) and records document starts: where a
+    part starts a document, and after every <|endoftext|> written inside one (a boundary, as the
+    text reader's stream has it: `document_starts` then agrees with the .docs.npy files)."""
 
     def __init__(self, out: Path, name: str):
         self.out = out
@@ -529,12 +576,15 @@ class _ShardWriter:
         self.sha = hashlib.sha256()
         self.tokens = 0
         self.starts = array("Q")
+        self.after_eot = False  # the last token written is an <|endoftext|> inside a document
 
     def write(self, arr: np.ndarray, starts_doc: bool) -> None:
-        if starts_doc:
+        if starts_doc or (self.after_eot and len(arr)):
             self.starts.append(self.tokens)
         if not len(arr):
             return
+        self.starts.extend(int(i) + 1 + self.tokens for i in np.flatnonzero(arr[:-1] == END_OF_TEXT_ID))
+        self.after_eot = bool(arr[-1] == END_OF_TEXT_ID)
         if self.file is None:
             self.file = open(self.tmp, "wb")
         self.file.write(arr)
@@ -583,6 +633,8 @@ class PrepareResult:
     pieces_done: int  # pieces tokenized in this run
     pieces_kept: int  # finished pieces of an earlier run, kept
     elapsed_s: float
+    tokens_done: int = 0  # tokens written in this run (not those of kept pieces): the run's rate
+    skipped: list[Path] = _field(default_factory=list)  # files in a folder or glob left out for their suffix
 
 
 def prepare(
@@ -603,7 +655,9 @@ def prepare(
     Args:
         inputs: files, folders (searched for .txt, .txt.gz, .jsonl, .jsonl.gz, .parquet), globs,
             and ``hf:NAME[:CONFIG]`` / ``hf:DIR`` datasets (see sources.py).
-        out: the output directory; finished shards of an earlier run into it are kept.
+        out: the output directory: new, empty, or an earlier run's output (known by its index's
+            format and its marked .partial/), whose finished shards are kept. A run that fails
+            removes `out` if it created it.
         workers: tokenizer threads (default: the CPU count).
         val_ratio: the fraction of documents, by hash, that go to validation.
         shard_mb: input megabytes per piece (one train and one val shard each).
@@ -615,7 +669,7 @@ def prepare(
 
     Raises:
         InputError: bad inputs (named, with the line for JSON Lines), an output directory
-            that is not ours, or a tokenizer whose vocabulary does not fit uint32.
+            that is not ours (nothing in it is touched), or a tokenizer whose vocabulary does not fit uint32.
         RunError: the output cannot be written.
     """
     t0 = time.perf_counter()
@@ -630,22 +684,27 @@ def prepare(
     encoding = get_tokenizer()
     token_dtype(encoding.n_vocab, f"tokenizer {encoding.name}")
     shard_bytes = max(int(shard_mb * 1e6), 1)
-    sources = find_sources(inputs, field, split, shard_bytes)
+    skipped: list[Path] = []
+    sources = find_sources(inputs, field, split, shard_bytes, skipped)
+    _check_applies(sources, field, split_docs)
     _check_out(out)
     pieces = plan_pieces(sources, shard_bytes, split_docs)
     options = {"val_ratio": val_ratio, "field": field, "tokenizer": encoding.name, "vocab_size": encoding.n_vocab,
-               "version": VERSION, **({"split_docs": split_docs} if split_docs != "none" else {})}
+               "version": VERSION, "reader": READER, **({"split_docs": split_docs} if split_docs != "none" else {})}
     created = not out.exists()
     try:
-        (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-        for p in out.glob(".tmp-*"):  # files a killed run was writing
-            p.unlink()
+        _open_partial(out)
+        for p in out.iterdir():  # files a killed run was writing (ours by name; nothing else)
+            if OWN_TEMP.match(p.name):
+                p.unlink()
     except OSError as e:
         raise RunError(f"{out}: cannot write ({e.strerror})") from None
     try:
-        return _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0)
-    except InputError:
-        if created:  # bad input found part-way: leave no half-made output folder behind
+        result = _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0)
+        result.skipped = skipped
+        return result
+    except Exception:
+        if created:  # bad input or a failure part-way: leave no half-made output folder behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -661,7 +720,7 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
         if progress is not None:
             progress(done["bytes"], total, done["tokens"])
 
-    records, tokenized = [], 0
+    records, tokenized, tokens_done = [], 0, 0
     itemsize = token_dtype(options["vocab_size"]).itemsize
     with ThreadPoolExecutor(workers, thread_name_prefix="gptcli-tokenize") as pool:
         for k, piece in enumerate(pieces):
@@ -672,21 +731,72 @@ def _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0
                 record = {"piece": k, "spec": spec, **_tokenize_piece(piece, k, out, pool, workers, encoding, options, advance)}
                 atomic_write(out / PARTIAL / f"piece-{k:06d}.json", json.dumps(record))
                 tokenized += 1
+                tokens_done += sum(record[s]["tokens"] for s in SPLITS if record[s])
             else:
                 advance(0, sum(record[s]["tokens"] for s in SPLITS if record[s]))
             records.append(record)
             advance(bytes_before + piece_bytes - done["bytes"], 0)  # exact, whatever the parts reported
-    index = _write_index(out, sources, records, options)
-    return PrepareResult(out, index, tokenized, len(pieces) - tokenized, time.perf_counter() - t0)
+    earlier_files = {r[s][key] for r in earlier.values() for s in SPLITS if r.get(s) for key in ("file", "docs_file")}
+    index = _write_index(out, sources, records, options, earlier_files)
+    return PrepareResult(out, index, tokenized, len(pieces) - tokenized, time.perf_counter() - t0, tokens_done)
+
+
+def _check_applies(sources: list[Source], field: str, split_docs: str) -> None:
+    """Refuse `field` and `split_docs` where no input is of the kind they apply to (never drop one silently)."""
+    if field != "text" and all(not s.jsonl and s.table is None for s in sources):
+        raise InputError(f"field {field!r}: names the text of JSON Lines records, Parquet and dataset columns; "
+                         f"the inputs are text files only (each is its own text)", param="field")
+    if split_docs != "none" and all(s.jsonl or s.table is not None for s in sources):
+        raise InputError(f"split_docs {split_docs!r}: cuts text files into documents; the inputs hold no text files "
+                         f"(a JSON Lines record or a table row is already one document)", param="split_docs")
 
 
 def _check_out(out: Path) -> None:
-    """Refuse an output path that is a file, or a non-empty directory `prepare` did not write."""
+    """Refuse an output path that is a file, or a non-empty directory `prepare` did not write.
+
+    A directory is ours only by content: an index.json of our format, and a .partial/ folder
+    holding our marker file (an empty one counts as nothing: a run killed before marking it).
+    """
     if out.exists() and not out.is_dir():
         raise InputError(f"out {out}: exists and is not a directory", param="out")
-    if out.is_dir() and any(out.iterdir()) and not ((out / INDEX).is_file() or (out / PARTIAL).is_dir()):
+    if not out.is_dir():
+        return
+    index, partial = out / INDEX, out / PARTIAL
+    entries = [p for p in out.iterdir() if not (p == partial and p.is_dir() and not any(p.iterdir()))]
+    if not entries:
+        return
+    if index.exists() and not _is_own_index(index):
+        raise InputError(f'out {out}: its {INDEX} is not a gptcli shard index (no "format": "{FORMAT}"); '
+                         f"prepare overwrites only its own output: choose another output directory", param="out")
+    if partial in entries and not _is_own_partial(partial):
+        raise InputError(f"out {out}: its {PARTIAL}/ folder was not written by gptcli prepare (no {PARTIAL}/{PARTIAL_MARK}); "
+                         f"choose another output directory", param="out")
+    if not index.exists() and partial not in entries:
         raise InputError(f"out {out}: exists and was not written by gptcli prepare (no {INDEX}); choose another output directory",
                          param="out")
+
+
+def _is_own_index(path: Path) -> bool:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == FORMAT
+
+
+def _is_own_partial(partial: Path) -> bool:
+    try:
+        return partial.is_dir() and (partial / PARTIAL_MARK).read_text(encoding="utf-8") == PARTIAL_MARK_TEXT
+    except (OSError, ValueError):
+        return False
+
+
+def _open_partial(out: Path) -> None:
+    """Create OUT/.partial/ (and OUT) marked as ours, unless it is already."""
+    partial = out / PARTIAL
+    partial.mkdir(parents=True, exist_ok=True)
+    if not (partial / PARTIAL_MARK).is_file():
+        atomic_write(partial / PARTIAL_MARK, PARTIAL_MARK_TEXT)
 
 
 def _earlier_records(out: Path) -> dict[int, dict[str, Any]]:
@@ -734,8 +844,10 @@ def _tokenize_piece(piece, k, out, pool, workers, encoding, options, advance) ->
         raise
 
 
-def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
-    """Write index.json (atomically, last), then drop shards no record names and the .partial records."""
+def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]], options: dict[str, Any],
+                 earlier_files: set[str]) -> dict[str, Any]:
+    """Write index.json (atomically, last), then drop the shards of earlier runs that no record names
+    any more (`earlier_files`: what their records named; no other file) and the .partial records."""
     splits = {}
     for s in SPLITS:
         shards = [r[s] for r in records if r[s]]
@@ -753,16 +865,17 @@ def _write_index(out: Path, sources: list[Source], records: list[dict[str, Any]]
         "val_ratio": options["val_ratio"],
         "field": options["field"],
         "split_docs": options.get("split_docs", "none"),
-        "sources": {"files": len(sources), "bytes": sum(x.size for x in sources)},
+        "sources": {"files": len(sources), "bytes": sum(x.size for x in sources),
+                    "text_files": sum(1 for x in sources if not x.jsonl and x.table is None)},
         "splits": splits,
         "pieces": [{"piece": r["piece"], "spec": r["spec"], "train": r["train"], "val": r["val"]} for r in records],
     }
     try:
         atomic_write(out / INDEX, json.dumps(index, indent=1))
         named = {r[s][key] for r in records for s in SPLITS if r[s] for key in ("file", "docs_file")}
-        for p in out.iterdir():
-            if SHARD_FILE.match(p.name) and p.name not in named:
-                p.unlink()
+        for name in earlier_files - named:
+            if SHARD_FILE.match(name):
+                (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
         fsync_dir(out)
     except OSError as e:
@@ -774,13 +887,14 @@ def empty_split_warnings(index: dict[str, Any]) -> list[str]:
     """A warning for each split of a prepared index that holds no token, with advice that can help.
 
     With few documents and text files not cut into documents, the advice is `split_docs`:
-    no `val_ratio` can split one document.
+    no `val_ratio` can split one document (only for text inputs: `split_docs` cuts nothing else).
     """
     splits, ratio = index["splits"], index["val_ratio"]
     documents = splits["train"]["documents"] + splits["val"]["documents"]
     if documents == 0:
         return ["no documents at all: the inputs hold no text"]
-    if documents < 10 and index.get("split_docs", "none") == "none":
+    text_files = index["sources"].get("text_files", 1)  # an index older than the count: assume text
+    if documents < 10 and index.get("split_docs", "none") == "none" and text_files:
         advice = (f"there are only {documents} document(s) (a text file is one document); cut text files into "
                   f"documents with split_docs=blank-lines (or endoftext), or add documents")
     else:
@@ -868,7 +982,7 @@ class ShardTokens:
             lo, hi = pos - self.offsets[i], min(stop, self.offsets[i + 1]) - self.offsets[i]
             parts.append(self._map(i)[lo:hi])
             pos = int(self.offsets[i] + hi)
-        out = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, self.dtype)  # [] for an empty document
         self._read += max(self.dtype.itemsize * (stop - start), self.PAGES_PER_READ)
         result = torch.from_numpy(np.array(out, dtype=np.int64))
         if self._read > self.REMAP_BYTES:

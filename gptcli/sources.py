@@ -23,6 +23,7 @@ them a Parquet or hf: input is a one-line error that says so.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import importlib
 import logging
 import os
@@ -103,14 +104,16 @@ class ParquetTable:
         pq = require("pyarrow.parquet", str(path))
         self.path, self.label, self.field = path, str(path), field
         try:
-            meta = pq.ParquetFile(path).metadata
+            file = pq.ParquetFile(path)
+            meta, names = file.metadata, file.schema_arrow.names
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError with its own text
             raise InputError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
-        if field not in names:
-            raise InputError(f'{path}: no column "{field}" (columns: {", ".join(names)}); choose one with field=NAME')
+        if field not in names:  # a top-level column: a leaf of a struct column (meta.text) is no column to read
+            nested = [p for i in range(meta.num_columns) if (p := meta.schema.column(i).path).split(".")[-1] == field]
+            hint = f"; {nested[0]} is a field of a struct column, not a column" if nested else ""
+            raise InputError(f'{path}: no column "{field}" (columns: {", ".join(names)}){hint}; choose one with field=NAME')
         stat = path.stat()
-        self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
+        self.size, self.mtime_ns, self.stamp = stat.st_size, stat.st_mtime_ns, None  # the file's own size and mtime
         self.rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         starts, pos = [], 0
         for g in range(meta.num_row_groups):
@@ -137,6 +140,23 @@ class ParquetTable:
             yield "", group_bytes  # progress: the group's bytes, once it is read
 
 
+def folder_stamp(root: Path) -> str:
+    """A fingerprint of the files below `root` (path, size and mtime of each, as `prepare` checks
+    a plain file), hidden entries skipped as datasets skips them (hf download's .cache/): a rerun
+    redoes the pieces of a folder whose files changed."""
+    return files_stamp(root, [p for p in root.rglob("*") if p.is_file()
+                              and not any(part.startswith(".") for part in p.relative_to(root).parts)])
+
+
+def files_stamp(root: Path, files: Sequence[Path]) -> str:
+    """A fingerprint of `files` (relative to `root`): the path, size and mtime of each."""
+    h = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        stat = path.stat()
+        h.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 class SavedDataset:
     """A `datasets.Dataset` written by ``save_to_disk``: memory-mapped Arrow; units are rows."""
 
@@ -147,6 +167,7 @@ class SavedDataset:
         self.ds, self.label, self.field = ds.select_columns([field]), label, field
         self.size = sum(os.path.getsize(f) for f in files) or len(ds)
         self.mtime_ns = max((os.stat(f).st_mtime_ns for f in files), default=0)
+        self.stamp = files_stamp(Path(files[0]).parent, files) if files else None  # each file's, not only the newest
         self._offsets = _Linear(len(ds), self.size)
         self.size = self._offsets[-1]
 
@@ -166,11 +187,13 @@ class StreamedDataset:
     """A `datasets.IterableDataset` (streaming); units are its shards (usually its data files).
 
     Their sizes are not known before reading, so each shard counts as `shard_bytes`:
-    each becomes a piece of its own, the unit that a rerun keeps or redoes.
+    each becomes a piece of its own, the unit that a rerun keeps or redoes. The sizes
+    and mtime are therefore no fingerprint; `stamp` is (for a local folder, see
+    `folder_stamp`; None for a Hub dataset, whose files are not on disk).
     """
 
-    def __init__(self, ds, label: str, field: str, shard_bytes: int):
-        self.ds, self.label, self.field = ds, label, field
+    def __init__(self, ds, label: str, field: str, shard_bytes: int, stamp: Optional[str] = None):
+        self.ds, self.label, self.field, self.stamp = ds, label, field, stamp
         self.mtime_ns = 0
         self._offsets = [u * shard_bytes for u in range(ds.num_shards + 1)]
         self.size = self._offsets[-1]
@@ -212,13 +235,17 @@ def open_hf(spec: str, split: Optional[str], field: str, shard_bytes: int):
             if split is None or split not in ds:
                 raise InputError(f"{spec}: name a split with split=NAME ({', '.join(ds)})")
             ds = ds[split]
-        elif split is not None and ds.split is not None and str(ds.split) != split:
+        elif split is not None and ds.split is None:  # no name to check it against: refuse, never ignore it
+            raise InputError(f"split {split!r}: {spec} is one dataset without split names; prepare it without split=NAME",
+                             param="split")
+        elif split is not None and str(ds.split) != split:
             raise InputError(f"split {split!r}: {spec} holds the split {ds.split} only", param="split")
         return SavedDataset(ds, f"{spec}[{split or ds.split or 'all'}]", field)
     if split is None:
         raise InputError(f"{spec}: name the split to read with split=NAME (e.g. split=train)")
+    stamp = None
     if local.is_dir():
-        path, config = str(local), None
+        path, config, stamp = str(local), None, folder_stamp(local)
     else:
         path, _, config = name.partition(":")
         config = config or None
@@ -231,7 +258,7 @@ def open_hf(spec: str, split: Optional[str], field: str, shard_bytes: int):
         raise InputError(_hf_failure(spec, path, config, e)) from None
     finally:
         quiet.setLevel(level)
-    return StreamedDataset(ds, f"{spec}[{split}]", field, shard_bytes)
+    return StreamedDataset(ds, f"{spec}[{split}]", field, shard_bytes, stamp)
 
 
 def _hf_failure(spec: str, path: str, config: Optional[str], e: Exception) -> str:

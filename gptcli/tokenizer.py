@@ -72,9 +72,15 @@ def get_tokenizer() -> tiktoken.Encoding:
     )
 
 
+# The one rule for an <|endoftext|> written in a text: it is the end-of-text token (50256), not
+# the 7 tokens of its characters, as the book's GPTDatasetV1 encodes (allowed_special={"<|endoftext|>"}).
+# Every reader of training text uses it: `encode` (train, loss, eval --data) and `gptcli prepare`'s shards.
+ALLOWED_SPECIAL = frozenset({END_OF_TEXT})
+
+
 def encode(text: str) -> list[int]:
     """Token ids of `text`; ``<|endoftext|>`` is allowed and maps to 50256, as in the book."""
-    return get_tokenizer().encode(text, allowed_special={END_OF_TEXT})
+    return get_tokenizer().encode(text, allowed_special=ALLOWED_SPECIAL)
 
 
 def decode(ids: list[int]) -> str:

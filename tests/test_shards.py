@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gptcli import shards
 from gptcli.shards import cut_text, is_validation, prepare, read_documents
-from gptcli.tokenizer import END_OF_TEXT_ID, get_tokenizer
+from gptcli.tokenizer import END_OF_TEXT_ID, encode, get_tokenizer
 
 from conftest import gptcli_cmd
 
@@ -61,13 +61,20 @@ def _split_of(text: str, val_ratio: float) -> str:
     return "val" if is_validation(hashlib.sha256(text.encode("utf-8")).digest(), val_ratio) else "train"
 
 
+def _documents_of(text: str) -> list[list[int]]:
+    """The token ids of a text's documents as the text reader has them: a written <|endoftext|> ends one."""
+    docs = [[]]
+    for t in encode(text):
+        docs.append([]) if t == END_OF_TEXT_ID else docs[-1].append(t)
+    return docs
+
+
 def test_prepare_reads_back_each_document_tokenized_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "TASK_CHARS", 97)  # many chunks per document: every cut must be exact
     docs = _corpus(tmp_path / "corpus", random.Random(0))
     result = prepare([tmp_path / "corpus"], tmp_path / "out", workers=3, val_ratio=0.3, shard_mb=0.004)
-    enc = get_tokenizer()
     for split in ("train", "val"):
-        expected = [enc.encode_ordinary(d) for d in docs if _split_of(d, 0.3) == split]
+        expected = [ids for d in docs if _split_of(d, 0.3) == split for ids in _documents_of(d)]
         got = [d.tolist() for d in read_documents(tmp_path / "out", split)]
         assert got == expected, split
         assert expected  # both splits hold documents
@@ -98,10 +105,11 @@ def test_cutting_at_safe_points_tokenizes_like_the_whole_text(text, size):
 def test_split_is_stable_when_a_file_is_added(tmp_path):
     rng = random.Random(1)
     (tmp_path / "corpus").mkdir()
-    old = [_text(rng, 20) + f" {i}" for i in range(60)]
+    plain = lambda n: _text(rng, n).replace("<|endoftext|>", "")  # one document each (a written marker ends one)
+    old = [plain(20) + f" {i}" for i in range(60)]
     (tmp_path / "corpus" / "m.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in old))
     prepare([tmp_path / "corpus"], tmp_path / "before", val_ratio=0.5)
-    new = [_text(rng, 20) + f" new {i}" for i in range(30)]
+    new = [plain(20) + f" new {i}" for i in range(30)]
     (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in new))
     prepare([tmp_path / "corpus"], tmp_path / "after", val_ratio=0.5)
 
@@ -276,3 +284,159 @@ def test_resume_on_shards_is_exact(prepared, tmp_path, sampling):
     straight = load_file(str(tmp_path / "run" / "step-000006" / "model.safetensors"))
     resumed = load_file(str(run / "step-000006" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ---------------------------------------------------------------- what prepare may touch, and what it reads
+
+
+def test_prepare_refuses_a_folder_whose_index_json_is_not_its_own_and_deletes_nothing(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    site = tmp_path / "site"
+    (site / ".partial").mkdir(parents=True)
+    files = {"index.json": '{"my": "site"}', "train-000003.bin": "precious", ".tmp-notes": "keep",
+             ".partial/file.part": "data"}
+    for name, text in files.items():
+        (site / name).write_text(text)
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", site), "site", "index.json", "not a gptcli shard index")
+    assert {name: (site / name).read_text() for name in files} == files
+
+
+def test_prepare_refuses_a_partial_folder_it_did_not_mark(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    out = tmp_path / "out"
+    (out / ".partial").mkdir(parents=True)
+    (out / ".partial" / "mine.txt").write_text("the user's")
+    (out / "train-000000.bin").write_text("the user's too")
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", out), ".partial", "not written by gptcli prepare")
+    assert (out / ".partial" / "mine.txt").read_text() == "the user's"
+    assert (out / "train-000000.bin").read_text() == "the user's too"
+
+
+def test_a_rerun_into_its_own_folder_deletes_only_what_prepare_wrote(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 2000)
+    prepare([tmp_path / "a.txt"], tmp_path / "out", val_ratio=0, shard_mb=0.004)
+    assert (tmp_path / "out" / "train-000005.bin").exists()
+    notes = {"notes.txt": "mine", ".tmp-notes": "mine", "train-000099.bin": "mine"}
+    for name, text in notes.items():
+        (tmp_path / "out" / name).write_text(text)
+    (tmp_path / "a.txt").write_text("hello world")  # one piece now: the pieces 1.. of the first run go
+    prepare([tmp_path / "a.txt"], tmp_path / "out", val_ratio=0, shard_mb=0.004)
+    assert not (tmp_path / "out" / "train-000005.bin").exists()
+    assert {name: (tmp_path / "out" / name).read_text() for name in notes} == notes
+
+
+def test_a_jsonl_record_with_a_lone_surrogate_is_an_input_error_naming_its_line(cli, tmp_path):
+    path = tmp_path / "sur.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "bad \\ud800"}\n')
+    for ratio in ("0.01", "0"):
+        _one_line_error(cli("prepare", path, "--out", tmp_path / "o", "--val-ratio", ratio), f"{path}:2", "surrogate")
+        assert not (tmp_path / "o").exists()
+
+
+def test_any_failure_removes_the_output_folder_prepare_created_but_never_an_earlier_one(cli, tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("hello world")
+
+    def broken(encoding, task):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(shards, "_encode_task", broken)
+    with pytest.raises(RuntimeError):
+        prepare([tmp_path / "a.txt"], tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError):
+        prepare([tmp_path / "a.txt"], tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir()
+
+
+def test_a_byte_order_mark_does_not_change_a_documents_split(tmp_path):
+    text = "A short story about a fox.\n"
+    (tmp_path / "plain.txt").write_bytes(text.encode())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    ratio = 0.7 if _split_of(text, 0.7) == "val" else 0.3  # the side the text's own hash picks
+    for name in ("plain.txt", "bom.txt", "doc.jsonl"):
+        splits = prepare([tmp_path / name], tmp_path / f"out-{name}", val_ratio=ratio).index["splits"]
+        assert (splits["train"]["documents"], splits["val"]["documents"]) == ((0, 1) if ratio == 0.7 else (1, 0)), name
+
+
+def test_a_literal_endoftext_gives_the_same_tokens_in_prepare_and_the_text_reader(tmp_path):
+    from gptcli.data import read_corpus
+    from gptcli.tokenizer import encode
+
+    text = "First story ends here.<|endoftext|>Second story begins and goes on for a while longer.\n"
+    (tmp_path / "s.txt").write_text(text)
+    (tmp_path / "s.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    for name in ("s.txt", "s.jsonl"):
+        prepare([tmp_path / name], tmp_path / f"out-{name}", val_ratio=0)
+        shard = np.fromfile(tmp_path / f"out-{name}" / "train-000000.bin", dtype=np.uint16).tolist()
+        assert shard == encode(read_corpus(tmp_path / name)) + [END_OF_TEXT_ID], name
+        assert shard.count(END_OF_TEXT_ID) == 2
+    # Every piece cut right after a marker (a space follows each): the .docs.npy starts are the token
+    # after every <|endoftext|>, which is what document_mask reads from a window.
+    (tmp_path / "many.txt").write_text("story<|endoftext|> " * 300)
+    result = prepare([tmp_path / "many.txt"], tmp_path / "out-many", val_ratio=0, shard_mb=0.0005)
+    assert len(result.index["pieces"]) > 5
+    stream, starts = [], []
+    for e in result.index["splits"]["train"]["shards"]:
+        starts += [len(stream) + int(x) for x in np.load(tmp_path / "out-many" / e["docs_file"])]
+        stream += np.fromfile(tmp_path / "out-many" / e["file"], dtype=np.uint16).tolist()
+    assert stream == encode(read_corpus(tmp_path / "many.txt")) + [END_OF_TEXT_ID]
+    assert starts == [0] + [i + 1 for i, t in enumerate(stream[:-1]) if t == END_OF_TEXT_ID]
+
+
+def test_prepare_refuses_options_that_cannot_apply(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "a.jsonl").write_text('{"text": "para one\\n\\npara two"}\n')
+    _one_line_error(cli("prepare", tmp_path / "a.txt", "--field", "body", "--out", tmp_path / "o1"), "--field", "text files")
+    _one_line_error(cli("prepare", tmp_path / "a.jsonl", "--split-docs", "blank-lines", "--out", tmp_path / "o2"),
+                    "--split-docs", "text files")
+    assert cli("prepare", tmp_path / "a.txt", tmp_path / "a.jsonl", "--split-docs", "blank-lines",
+               "--out", tmp_path / "o3").exit_code == 0
+
+
+def test_empty_split_advice_fits_the_inputs(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    index = prepare([tmp_path / "a.jsonl"], tmp_path / "o1", val_ratio=0).index
+    [warning] = shards.empty_split_warnings(index)
+    assert "split_docs" not in warning and "val_ratio" in warning
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    [warning] = shards.empty_split_warnings(prepare([tmp_path / "a.txt"], tmp_path / "o2", val_ratio=0).index)
+    assert "split_docs" in warning
+
+
+def test_files_skipped_in_a_folder_are_reported(cli, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.jsonl", "UP.TXT", "notes.md"):
+        (corpus / name).write_text('{"text": "x"}\n' if name.endswith("jsonl") else "some text")
+    result = cli("prepare", corpus, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert "2 file(s)" in line and "UP.TXT" in line
+
+
+def test_utf8_error_offsets_point_at_the_bad_byte(cli, tmp_path):
+    (tmp_path / "trunc.txt").write_bytes(b"ok text \xe2\x82")
+    _one_line_error(cli("prepare", tmp_path / "trunc.txt", "--out", tmp_path / "o1"), "truncated character at offset 8")
+    n = shards.READ_BLOCK
+    (tmp_path / "boundary.txt").write_bytes(b"a" * (n - 2) + "\u20ac".encode() + b"bcd" + b"\xff" + b"tail")
+    _one_line_error(cli("prepare", tmp_path / "boundary.txt", "--out", tmp_path / "o2"), f"invalid byte at offset {n + 4}")
+
+
+def test_the_summary_rate_counts_only_tokens_tokenized_in_this_run(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 100)
+    first = prepare([tmp_path / "a.txt"], tmp_path / "o", val_ratio=0)
+    assert first.tokens_done == first.index["splits"]["train"]["tokens"] > 0
+    assert prepare([tmp_path / "a.txt"], tmp_path / "o", val_ratio=0).tokens_done == 0
+
+
+def test_an_empty_split_of_a_prepared_folder_advises_prepare(tmp_path, verdict):
+    from gptcli.config import DataConfig
+    from gptcli.data import load_splits
+    from gptcli.errors import InputError
+
+    prepare([verdict], tmp_path / "nv", val_ratio=0, split_docs="blank-lines")
+    with pytest.raises(InputError, match="val_ratio") as e:
+        load_splits(DataConfig(path=str(tmp_path / "nv")), 32)
+    assert "smaller context_length" not in str(e.value)

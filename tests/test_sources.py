@@ -14,7 +14,7 @@ from gptcli import shards
 from gptcli.shards import prepare, read_documents
 from gptcli.tokenizer import get_tokenizer
 
-from test_shards import _one_line_error, _text
+from test_shards import _documents_of, _one_line_error, _text
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -58,9 +58,8 @@ def test_parquet_jsonl_and_text_holding_the_same_documents_give_byte_identical_s
     for name in ("jsonl", "parquet"):
         assert _shard_bytes(outs[name]) == reference, name
         assert _splits(outs[name]) == _splits(outs["txt"]), name
-    enc = get_tokenizer()
     got = [d.tolist() for s in ("train", "val") for d in read_documents(outs["parquet"], s)]
-    assert sorted(got) == sorted(enc.encode_ordinary(d) for d in docs)
+    assert sorted(got) == sorted(ids for d in docs for ids in _documents_of(d))
 
 
 def test_a_parquet_file_larger_than_a_piece_is_cut_at_row_groups_and_read_once(tmp_path, monkeypatch):
@@ -212,3 +211,46 @@ def test_a_vocabulary_beyond_uint32_is_refused(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "get_tokenizer", lambda: _WideVocabulary(2**32 + 1))
     (tmp_path / "a.txt").write_text("hello")
     _one_line_error(cli("prepare", tmp_path / "a.txt", "--out", tmp_path / "out"), str(2**32 + 1), "uint32")
+
+
+def test_a_text_leaf_nested_in_a_struct_column_is_not_the_text_column(cli, tmp_path):
+    path = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"meta": pa.array([{"text": "hello"}])}), path)
+    line = _one_line_error(cli("prepare", path, "--out", tmp_path / "o"), "nested.parquet", 'no column "text"', "meta")
+    assert "meta.text" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_local_hf_folder_changed_after_prepare_is_prepared_again(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "shards").mkdir()
+    given = [Path(f"hf:{tmp_path / 'shards'}")]
+    _write_parquet(tmp_path / "shards" / "a.parquet", ["one doc", "two doc"])
+    prepare(given, tmp_path / "out", val_ratio=0, split="train")
+    _write_parquet(tmp_path / "shards" / "a.parquet", ["an entirely different and much longer document about rivers"] * 3)
+    rerun = prepare(given, tmp_path / "out", val_ratio=0, split="train")
+    fresh = prepare(given, tmp_path / "fresh", val_ratio=0, split="train")
+    assert (rerun.pieces_done, rerun.pieces_kept) == (1, 0)
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "fresh")
+    assert _splits(tmp_path / "out") == _splits(tmp_path / "fresh")
+
+
+def test_split_on_a_saved_dataset_without_split_names_is_refused(cli, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "saved"))
+    _one_line_error(cli("prepare", f"hf:{tmp_path / 'saved'}", "--split", "test", "--out", tmp_path / "o"), "--split", "test")
+
+
+def test_parquet_and_jsonl_cut_into_several_pieces_give_the_same_token_streams(tmp_path):
+    """What the README claims across formats: the streams and splits, not the shard files, once pieces differ."""
+    docs = _documents(120, seed=4)
+    _write_parquet(tmp_path / "d.parquet", docs, row_group_size=5)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    streams = {}
+    for name in ("d.parquet", "d.jsonl"):
+        out = tmp_path / f"out-{name}"
+        result = prepare([tmp_path / name], out, val_ratio=0.2, shard_mb=0.005)
+        assert len(result.index["pieces"]) > 2
+        streams[name] = {s: b"".join((out / e["file"]).read_bytes() for e in result.index["splits"][s]["shards"])
+                         for s in ("train", "val")}
+    assert streams["d.parquet"] == streams["d.jsonl"]
