@@ -871,7 +871,7 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
         if isinstance(old, int) and len(range(0, max(old - ctx, 0), stride)) != len(splits.train):
             raise InputError(f"allow_data_change=True: the training split of {splits.source} has {len(splits.train)} "
                              f"windows, the run's corpus had {len(range(0, max(old - ctx, 0), stride))}; the epoch "
-                             "position cannot carry over (start a new run with init_from= instead)")
+                             "position cannot carry over (start a new run from its checkpoint with `init_from` instead)")
     per_epoch = len(splits.train) // (cfg.train.batch_size * info.world_size)  # the loader drops a partial batch
     total = _total_steps(cfg.train, per_epoch, cfg.train.batch_size * info.world_size * cfg.model.context_length)
     step = ckpt.train_state["step"]
