@@ -20,7 +20,8 @@ from typing import Any, Optional
 from gptcli.checkpoint import (CHECKPOINT_FILES, CONFIG, FORMAT, MANIFEST, STEP_DIR, TEMPORARY, Checkpoint,
                                find_latest, find_newest_anywhere, list_step_checkpoints, load_checkpoint, named_dir,
                                pointer_target, remove_dir)
-from gptcli.config import Config, ConfigError, Layer, build_config, config_from_dict, config_layers, map_paths
+from gptcli.config import (Config, ConfigError, Layer, build_config, config_from_dict, config_layers, load_config,
+                           map_paths)
 from gptcli.data import DEFAULT_CORPUS
 from gptcli.errors import InputError, RunError
 from gptcli.fsio import read_json_object
@@ -266,9 +267,14 @@ def resolve_train(
         if latest is None and skipped:  # damaged checkpoints are never deleted by a restart
             raise InputError(f"resume=True: no complete checkpoint in {run_dir} ({skipped[0]})", param="resume")
         if latest is None:
-            # Our own run, stopped before its first checkpoint: nothing to lose, start it again.
-            notes.append(f"{run_dir}: no checkpoint yet (the run stopped before its first save): starting it over")
-            cfg = build_config(layers)
+            # Our own run, stopped before its first step checkpoint: nothing to continue, start it again with
+            # its own config (a weights-only best/ holds no training state and is replaced by the new run's).
+            saved, where = _restart_config(run_dir, config)
+            cfg = build_config(layers, saved)
+            if saved is not None:
+                _refuse_changes(saved, cfg, layers)
+            notes.append(f"{run_dir}: no step checkpoint yet (the run stopped before its first save): starting it "
+                         f"over with {where}")
             return Plan(_absolute(cfg), "restart", run_dir=run_dir, notes=notes)
         saved = _saved_config(latest)
         cfg = build_config(layers, saved)
@@ -295,6 +301,30 @@ def resolve_train(
                          "starting it over")
             return Plan(cfg, "restart", run_dir=run_dir, init_from=init_from, notes=notes)
     return Plan(cfg, "new", run_dir=run_dir, init_from=init_from, notes=notes)
+
+
+def _restart_config(run_dir: Path, config: Optional[Path]) -> tuple[Optional[Config], str]:
+    """(the config a run without a step checkpoint is started over with, how a note names it).
+
+    Its own: the resolved config saved in its weights-only best/ checkpoint, else the config file its
+    run.json names (or the defaults it names). `config`, when given, goes on top (as in any resume).
+
+    Raises:
+        InputError: the run's config cannot be found and `config` is not given.
+    """
+    best = run_dir / "best"
+    if best.is_dir() and not best.is_symlink() and _checkpoint_kind(best) == "verified":
+        return _saved_config(best), f"its own config {best / CONFIG}"
+    if config is not None:
+        return None, f"config={config}"
+    source = read_json_object(run_dir / RUN_JSON).get("config_source")
+    if source == "<defaults>":
+        return None, f"its own config, the defaults ({run_dir / RUN_JSON}: config_source)"
+    if isinstance(source, str) and Path(source).is_file():
+        return _absolute(load_config(source)), f"its own config {source} ({run_dir / RUN_JSON}: config_source)"
+    raise InputError(f"resume=True: {run_dir} stopped before its first checkpoint and its config "
+                     f"({source or 'not recorded'}) cannot be found; pass config=FILE to start it over",
+                     param="resume")
 
 
 def resolve_config(config: Optional[Path], sets: Optional[list[str]], overrides: dict[str, Any]) -> Config:

@@ -203,6 +203,36 @@ def test_a_plain_restart_never_deletes_a_runs_best_weights(cli, verdict, tmp_pat
     assert r.exit_code == 0, r.stderr
 
 
+def test_resume_before_the_first_step_checkpoint_starts_over_with_the_runs_own_config(cli, verdict, tmp_path):
+    """Audit f1 defect 2: `--resume` of a run with only best/ restarted with the built-in 124M config."""
+    from gptcli.resolve import resolve_train
+
+    run = killed_after_its_first_evaluation(cli, verdict, tmp_path / "run")
+    plan = resolve_train(None, [], {"data.path": str(verdict), "train.max_steps": 1}, out=run, resume=True)
+    assert plan.mode == "restart" and plan.cfg.model.emb_dim == 32 and plan.cfg.train.max_steps == 1
+    r = cli("train", "--out", run, "--resume", "--data", verdict, "--max-steps", "1", *FAST)
+    assert r.exit_code == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "starting it over" in line]
+    assert len(said) == 1 and str(run / "best" / "config.yaml") in said[0], r.stderr
+    assert yaml.safe_load((run / "step-000001" / "config.yaml").read_text())["model"]["emb_dim"] == 32
+
+
+def test_resume_without_any_checkpoint_takes_the_config_run_json_names_or_asks_for_one(verdict, tmp_path):
+    """Audit f1 defect 2: with no best/ either, the run's config file (run.json config_source) is its config."""
+    from gptcli.resolve import resolve_train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = {"format": "gptcli-run", "config_source": str(TINY), "state": "running"}
+    (run / "run.json").write_text(json.dumps(manifest))
+    plan = resolve_train(None, [], {"data.path": str(verdict)}, out=run, resume=True)
+    assert plan.cfg.model.emb_dim == 32 and any(str(TINY) in n for n in plan.notes)
+    manifest["config_source"] = str(tmp_path / "gone.yaml")
+    (run / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="config=FILE"):
+        resolve_train(None, [], {"data.path": str(verdict)}, out=run, resume=True)
+
+
 # ---------------------------------------------------------------- finding 2: --config/--set with a checkpoint
 
 
