@@ -409,6 +409,7 @@ def resolve_model(
     """
     layers = config_layers(config, overrides, sets or ())
     notes: list[str] = []
+    named = checkpoint  # what the user named (a choice of ours is said where it is made)
     if checkpoint is None and config is not None:
         own = build_config(layers).train.out_dir
         run_dir = Path(own) if own else root / config.stem
@@ -431,7 +432,8 @@ def resolve_model(
     elif checkpoint is None:
         return Plan(build_config(layers), "model", notes=notes)
     ckpt = load_checkpoint(checkpoint)
-    notes += [f"warning: skipped a damaged checkpoint: {reason}" for reason in ckpt.skipped]
+    if named is not None and (note := _choice_note(named, ckpt)):
+        notes.append(note)
     cfg = build_config(layers, _from_checkpoint(ckpt.config, ckpt.path))
     for layer in reversed(layers):
         for key, value in (layer.values.get("model") or {}).items():
@@ -441,6 +443,21 @@ def resolve_model(
                                  "and math come from its checkpoint")
     ckpt.config = cfg
     return Plan(cfg, "model", checkpoint=ckpt.path, ckpt=ckpt, notes=notes)
+
+
+def _choice_note(named: Path, ckpt: Checkpoint) -> Optional[str]:
+    """The one line saying which checkpoint of run `named` is used, when it is neither `named` nor what its
+    `latest` names (`latest` dangling, a newer checkpoint damaged); None when it is."""
+    used = ckpt.path.resolve()
+    latest = pointer_target(named / "latest")
+    if used in {named.resolve(), *(t.resolve() for t in (pointer_target(named), latest) if t is not None)}:
+        return None
+    why = ("it has no latest" if latest is None else f"its latest names {latest.name}" +
+           ("" if latest.is_dir() else ", which is missing"))
+    if ckpt.skipped:
+        return (f"warning: model: {ckpt.path} (the newest checkpoint of {named} that verifies; {why}; skipped "
+                f"{len(ckpt.skipped)} damaged: {'; '.join(ckpt.skipped)})")
+    return f"model: {ckpt.path} (the newest checkpoint of {named} that verifies; {why})"
 
 
 def build_model(plan: Plan, seed: Optional[int]):
