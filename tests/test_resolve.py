@@ -406,6 +406,21 @@ def test_resuming_a_finished_run_says_so_and_how_to_extend_it(cli, verdict, tmp_
     assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
 
 
+def test_resuming_a_finished_run_leaves_it_untouched(cli, verdict, tmp_path):
+    """Audit f1 defect 5: a no-op resume said "resuming", added a phantom `resumes` entry and rewrote the metrics."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    before = tree(run)
+    r = cli("train", "--out", run, "--resume", "--json", *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert "already finished at step 2" in r.stderr, r.stderr
+    assert not any(line.startswith("resuming") for line in r.stderr.splitlines()), r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 2 and summary["checkpoint"] == str(run / "step-000002")
+    assert tree(run) == before
+    assert json.loads((run / "run.json").read_text())["resumes"] == []
+
+
 # ---------------------------------------------------------------- finding 9: paths
 
 
