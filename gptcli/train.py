@@ -535,10 +535,8 @@ def save(run: _Run, state: TrainState, metrics: Metrics, reason: str) -> Path | 
     if run.info.is_main:
         train_state = {**state.to_checkpoint(optim_sd, rng_state, metrics.elapsed()), **more_optim,
                        **({"grad_scaler": run.scaler.state_dict()} if run.scaler.enabled else {})}
-        meta = {"step": state.step, "epoch": state.position.epoch, "tokens_seen": state.tokens_seen, "reason": reason,
-                "val_loss": state.last_eval.get("val_loss"), "train_loss": state.last_eval.get("train_loss")}
         path = save_checkpoint(run.run_dir, step_dir_name(state.step), trim_vocab(model_sd, run.cfg.model), run.cfg,
-                               train_state, meta)
+                               train_state, _checkpoint_meta(state, reason))
         point(run.run_dir, "latest", path)
         if state.best_step == state.step:  # these are the weights of the lowest validation loss measured
             point(run.run_dir, "best", path)
@@ -554,10 +552,16 @@ def save_best(run: _Run, state: TrainState) -> None:
     run.guard.check(run, state)
     model_sd, _ = full_state(run.wrapped, optimizer_parts(run.optimizer)[0])
     if run.info.is_main:
-        meta = {"step": state.step, "epoch": state.epoch_number, "tokens_seen": state.tokens_seen, "reason": "best",
-                "val_loss": state.last_eval["val_loss"], "train_loss": state.last_eval["train_loss"]}
-        save_checkpoint(run.run_dir, "best", trim_vocab(model_sd, run.cfg.model), run.cfg, None, meta)
+        save_checkpoint(run.run_dir, "best", trim_vocab(model_sd, run.cfg.model), run.cfg, None,
+                        _checkpoint_meta(state, "best"))
     barrier(run.info)
+
+
+def _checkpoint_meta(state: TrainState, reason: str) -> dict[str, Any]:
+    """What every checkpoint's manifest (step-*, best/) says of itself; `epoch` counts the epochs completed
+    (0 during the first), as train_state's `epoch` and the summary's `epochs_completed` do."""
+    return {"step": state.step, "epoch": state.position.epoch, "tokens_seen": state.tokens_seen, "reason": reason,
+            "val_loss": state.last_eval.get("val_loss"), "train_loss": state.last_eval.get("train_loss")}
 
 
 # ---- the stages' parts
