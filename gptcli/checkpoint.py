@@ -46,6 +46,9 @@ TRAIN_STATE = "train_state.pt"
 CONFIG = "config.yaml"
 FORMAT = "gptcli-checkpoint"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+CHECKPOINT_FILES = (WEIGHTS, TRAIN_STATE, CONFIG, MANIFEST)  # every file a checkpoint directory may hold
+# What an interrupted write leaves: .tmp-NAME-PID (fsio.temp_path, a checkpoint being written), .old-NAME-PID.
+TEMPORARY = re.compile(r"^\.(tmp|old)-.+-\d+$")
 POINTER_MAX_BYTES = 64  # a pointer file holds one step directory name
 
 
@@ -398,7 +401,7 @@ def clean_temporaries(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
-        if p.name.startswith((".tmp-", ".old-")):
+        if TEMPORARY.match(p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gptcli.checkpoint import (CONFIG, MANIFEST, STEP_DIR, Checkpoint, find_latest, find_newest_anywhere,
-                               list_step_checkpoints, load_checkpoint, named_dir, remove_dir)
-from gptcli.config import Config, ConfigError, DataConfig, Layer, build_config, config_from_dict, config_layers, map_paths
+from gptcli.checkpoint import (CHECKPOINT_FILES, CONFIG, FORMAT, MANIFEST, STEP_DIR, TEMPORARY, Checkpoint,
+                               find_latest, find_newest_anywhere, list_step_checkpoints, load_checkpoint, named_dir,
+                               pointer_target, remove_dir)
+from gptcli.config import (Config, ConfigError, DataConfig, Layer, build_config, config_from_dict, config_layers,
+                           load_config, map_paths)
 from gptcli.data import DEFAULT_CORPUS
 from gptcli.errors import InputError, RunError
+from gptcli.fsio import read_json_object
 from gptcli.loggers import STATE_FILE as LOGGERS_FILE, read_state as read_loggers_state
 from gptcli.shards import is_prepared
 
@@ -51,11 +54,19 @@ RESUMABLE = (
 # Model keys that may differ from a checkpoint's when evaluating it: the same weights, the same math.
 EVAL_FREE_MODEL_KEYS = ("impl", "drop_rate", "init")
 
-# What a gptcli run directory holds (anything else is the user's, and never deleted).
+# What a gptcli run directory holds (anything else is the user's, and never deleted). A folder is a gptcli
+# run only when it holds one of gptcli's own markers, recognised by content, not by name: run.json carrying
+# RUN_FORMAT, or a checkpoint directory whose manifest carries checkpoint.FORMAT. Only then are the files
+# recognised by name and shape alone (metrics, plot, temporaries) taken as the run's.
 LOCK_FILES = (".lock", ".lock.pid")  # the run lock and its holder's pid (kept by --overwrite)
-RUN_FILES = ("run.json", "metrics.jsonl", "metrics.csv", "losses.png", LOGGERS_FILE, *LOCK_FILES)
+RUN_JSON = "run.json"
+RUN_FORMAT = "gptcli-run"  # run.json's "format": what marks a folder as a gptcli run
+RUN_FILES = (RUN_JSON, "metrics.jsonl", "metrics.csv", "losses.png", LOGGERS_FILE, *LOCK_FILES)
 RUN_LINKS = ("latest", "best")
-OUR_TEMPORARIES = (".tmp-", ".old-")
+# How each file gptcli writes into a run begins (b"": an empty file, as a crash may leave one).
+_OWN_HEADS = {"metrics.jsonl": (b'{"event"',), "metrics.csv": (b"event,",), "losses.png": (b"\x89PNG\r\n\x1a\n",)}
+# The legacy run.json (before RUN_FORMAT): these keys, all written by train at the run's start.
+_LEGACY_RUN_KEYS = ("started", "command", "config_source", "corpus", "resumes")
 
 
 @dataclass
@@ -78,38 +89,89 @@ class Plan:
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
-    """Names in `run_dir` that gptcli did not write (empty: the folder is a gptcli run or empty)."""
+    """Names in `run_dir` that gptcli did not write (empty: the folder is a gptcli run or empty).
+
+    Without one of gptcli's markers (a run.json of ours, a checkpoint directory whose manifest
+    verifies as ours) nothing in the folder is taken as gptcli's, whatever its name.
+    """
     if not run_dir.is_dir():
         return []
-    return sorted(p.name for p in run_dir.iterdir() if not _is_ours(p))
+    entries = list(run_dir.iterdir())
+    marked = any(_is_marker(p) for p in entries)
+    return sorted(p.name for p in entries if not _is_ours(p, marked))
 
 
-def _is_ours(p: Path) -> bool:
-    name = p.name
-    if name.startswith(OUR_TEMPORARIES):
-        return True
-    if name in RUN_LINKS:  # a symlink, a pointer file, or (best) a weights-only checkpoint of its own
-        return p.is_symlink() or p.is_file() or (p.is_dir() and _is_our_checkpoint(p))
-    if name in RUN_FILES:
-        return p.is_file() and not p.is_symlink()
-    if p.is_dir() and not p.is_symlink() and any(  # a tracker's folder (tensorboard/, wandb/, mlflow/)
-            isinstance(v, dict) and v.get("dir") == name for v in read_loggers_state(p.parent).values()):
-        return True
-    if STEP_DIR.match(name) and p.is_dir() and not p.is_symlink():
-        return _is_our_checkpoint(p)
+def is_run_manifest(path: Path) -> bool:
+    """Whether `path` is a run.json that gptcli wrote (its format marker, or the keys train always wrote)."""
+    data = read_json_object(path) if path.is_file() and not path.is_symlink() else {}
+    return data.get("format") == RUN_FORMAT or (
+        "format" not in data and all(k in data for k in _LEGACY_RUN_KEYS) and isinstance(data["corpus"], dict))
+
+
+def _is_marker(p: Path) -> bool:
+    """Whether `p` alone shows the folder is a gptcli run: our run.json, or a checkpoint of ours that verifies."""
+    if p.name == RUN_JSON:
+        return is_run_manifest(p)
+    if (p.name == "best" or STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink():
+        return _checkpoint_kind(p) == "verified"
     return False
 
 
-def _is_our_checkpoint(step_dir: Path) -> bool:
-    """A step directory holding only the files its manifest lists (and the manifest)."""
+def _is_ours(p: Path, marked: bool) -> bool:
+    """Whether gptcli wrote `p`, in a folder that holds (`marked`) or lacks one of its markers."""
+    name = p.name
+    if name == RUN_JSON or STEP_DIR.match(name):
+        return _is_marker(p) or (marked and p.is_dir() and not p.is_symlink() and _checkpoint_kind(p) == "damaged")
+    if name in RUN_LINKS:  # a pointer to a step directory, or (best) a weights-only checkpoint of its own
+        if p.is_dir() and not p.is_symlink():
+            return _is_marker(p) or (marked and _checkpoint_kind(p) == "damaged")
+        target = pointer_target(p)
+        return target is not None and target.parent == p.parent and STEP_DIR.match(target.name) is not None
+    if name == LOCK_FILES[0]:  # filelock creates it and writes nothing
+        return p.is_file() and not p.is_symlink() and p.stat().st_size == 0
+    if name == LOCK_FILES[1]:  # our pid
+        return _plain_file(p) and _head(p, 32).strip().isdigit()
+    if not marked:
+        return False
+    if TEMPORARY.match(name):  # what an interrupted write left: .tmp-NAME-PID, .old-NAME-PID
+        return True
+    if name in _OWN_HEADS:
+        return _plain_file(p) and (p.stat().st_size == 0 or _head(p, 16).startswith(_OWN_HEADS[name]))
+    if name == LOGGERS_FILE:
+        return _plain_file(p) and bool(read_loggers_state(p.parent))
+    if p.is_dir() and not p.is_symlink() and any(  # a tracker's folder (tensorboard/, wandb/, mlflow/)
+            isinstance(v, dict) and v.get("dir") == name for v in read_loggers_state(p.parent).values()):
+        return True
+    return False
+
+
+def _plain_file(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
+
+
+def _head(p: Path, n: int) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _checkpoint_kind(d: Path) -> Optional[str]:
+    """"verified": a checkpoint directory of ours (our manifest, and only the files it lists); "damaged": one
+    whose manifest is missing or unreadable but that holds nothing but the files a checkpoint holds; else None."""
     import json
 
+    entries = list(d.iterdir())
+    if not entries or not all(_plain_file(p) for p in entries):
+        return None
     try:
-        manifest = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))
-        listed = set(manifest["files"]) | {MANIFEST}
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all(p.name in listed and p.is_file() and not p.is_symlink() for p in step_dir.iterdir())
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") == FORMAT and isinstance(manifest["files"], dict):
+            return "verified" if all(p.name in set(manifest["files"]) | {MANIFEST} for p in entries) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return "damaged" if all(p.name in CHECKPOINT_FILES for p in entries) else None
 
 
 def clear_run(run_dir: Path) -> list[str]:
@@ -206,9 +268,14 @@ def resolve_train(
         if latest is None and skipped:  # damaged checkpoints are never deleted by a restart
             raise InputError(f"resume=True: no complete checkpoint in {run_dir} ({skipped[0]})", param="resume")
         if latest is None:
-            # Our own run, stopped before its first checkpoint: nothing to lose, start it again.
-            notes.append(f"{run_dir}: no checkpoint yet (the run stopped before its first save): starting it over")
-            cfg = build_config(layers)
+            # Our own run, stopped before its first step checkpoint: nothing to continue, start it again with
+            # its own config (a weights-only best/ holds no training state and is replaced by the new run's).
+            saved, where = _restart_config(run_dir, config)
+            cfg = build_config(layers, saved)
+            if saved is not None:
+                _refuse_changes(saved, cfg, layers)
+            notes.append(f"{run_dir}: no step checkpoint yet (the run stopped before its first save): starting it "
+                         f"over with {where}")
             return Plan(_absolute(cfg), "restart", run_dir=run_dir, notes=notes)
         saved = _saved_config(latest)
         cfg = build_config(layers, saved)
@@ -225,10 +292,40 @@ def resolve_train(
             if steps:
                 raise InputError(f"{run_dir}: a gptcli run with checkpoints (newest {steps[-1].name}); "
                                  "pass resume=True to continue it or overwrite=True to start it over")
+            if (run_dir / "best").is_dir() and not (run_dir / "best").is_symlink():
+                raise InputError(f"{run_dir}: a gptcli run with no step checkpoint but the weights-only "
+                                 f"{run_dir / 'best'} (its lowest validation loss); starting it over would delete "
+                                 "them: pass resume=True to start it over with its own config or overwrite=True "
+                                 f"with the one given (either replaces best/), or init_from={run_dir / 'best'} to "
+                                 "train a new run from those weights")
             notes.append(f"{run_dir}: a gptcli run with no checkpoint yet (it stopped before its first save): "
                          "starting it over")
             return Plan(cfg, "restart", run_dir=run_dir, init_from=init_from, notes=notes)
     return Plan(cfg, "new", run_dir=run_dir, init_from=init_from, notes=notes)
+
+
+def _restart_config(run_dir: Path, config: Optional[Path]) -> tuple[Optional[Config], str]:
+    """(the config a run without a step checkpoint is started over with, how a note names it).
+
+    Its own: the resolved config saved in its weights-only best/ checkpoint, else the config file its
+    run.json names (or the defaults it names). `config`, when given, goes on top (as in any resume).
+
+    Raises:
+        InputError: the run's config cannot be found and `config` is not given.
+    """
+    best = run_dir / "best"
+    if best.is_dir() and not best.is_symlink() and _checkpoint_kind(best) == "verified":
+        return _saved_config(best), f"its own config {best / CONFIG}"
+    if config is not None:
+        return None, f"config={config}"
+    source = read_json_object(run_dir / RUN_JSON).get("config_source")
+    if source == "<defaults>":
+        return None, f"its own config, the defaults ({run_dir / RUN_JSON}: config_source)"
+    if isinstance(source, str) and Path(source).is_file():
+        return _absolute(load_config(source)), f"its own config {source} ({run_dir / RUN_JSON}: config_source)"
+    raise InputError(f"resume=True: {run_dir} stopped before its first checkpoint and its config "
+                     f"({source or 'not recorded'}) cannot be found; pass config=FILE to start it over",
+                     param="resume")
 
 
 def resolve_config(config: Optional[Path], sets: Optional[list[str]], overrides: dict[str, Any]) -> Config:
@@ -313,6 +410,7 @@ def resolve_model(
     """
     layers = config_layers(config, overrides, sets or ())
     notes: list[str] = []
+    named = checkpoint  # what the user named (a choice of ours is said where it is made)
     if checkpoint is None and config is not None:
         own = build_config(layers).train.out_dir
         run_dir = Path(own) if own else root / config.stem
@@ -335,7 +433,8 @@ def resolve_model(
     elif checkpoint is None:
         return Plan(build_config(layers), "model", notes=notes)
     ckpt = load_checkpoint(checkpoint)
-    notes += [f"warning: skipped a damaged checkpoint: {reason}" for reason in ckpt.skipped]
+    if named is not None and (note := _choice_note(named, ckpt)):
+        notes.append(note)
     cfg = build_config(layers, _from_checkpoint(ckpt.config, ckpt.path))
     for layer in reversed(layers):
         for key, value in (layer.values.get("model") or {}).items():
@@ -345,6 +444,21 @@ def resolve_model(
                                  "and math come from its checkpoint")
     ckpt.config = cfg
     return Plan(cfg, "model", checkpoint=ckpt.path, ckpt=ckpt, notes=notes)
+
+
+def _choice_note(named: Path, ckpt: Checkpoint) -> Optional[str]:
+    """The one line saying which checkpoint of run `named` is used, when it is neither `named` nor what its
+    `latest` names (`latest` dangling, a newer checkpoint damaged); None when it is."""
+    used = ckpt.path.resolve()
+    latest = pointer_target(named / "latest")
+    if used in {named.resolve(), *(t.resolve() for t in (pointer_target(named), latest) if t is not None)}:
+        return None
+    why = ("it has no latest" if latest is None else f"its latest names {latest.name}" +
+           ("" if latest.is_dir() else ", which is missing"))
+    if ckpt.skipped:
+        return (f"warning: model: {ckpt.path} (the newest checkpoint of {named} that verifies; {why}; skipped "
+                f"{len(ckpt.skipped)} damaged: {'; '.join(ckpt.skipped)})")
+    return f"model: {ckpt.path} (the newest checkpoint of {named} that verifies; {why})"
 
 
 def build_model(plan: Plan, seed: Optional[int]):

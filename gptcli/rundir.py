@@ -24,9 +24,9 @@ import torch
 from gptcli.checkpoint import clean_temporaries
 from gptcli.errors import InputError, RunError, first_line
 from gptcli.fsio import atomic_write, read_json_object
-from gptcli.resolve import LOCK_FILES, clear_run, refuse_foreign
+from gptcli.resolve import LOCK_FILES, RUN_FORMAT, RUN_JSON, clear_run, refuse_foreign
 
-RUN_MANIFEST = "run.json"
+RUN_MANIFEST = RUN_JSON
 LOCK, LOCK_PID = LOCK_FILES  # the run lock, and its holder's pid beside it
 # Signals that save and stop: Ctrl-C, kill/SLURM/Kubernetes, a closed terminal or ssh session.
 # Windows has no SIGHUP: a signal this platform lacks is skipped.
@@ -106,6 +106,8 @@ def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_s
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if resumed_at is None or not manifest:
         manifest = {
+            "format": RUN_FORMAT,  # what marks the folder as a gptcli run (resolve.foreign_entries)
+            "version": 1,
             "started": now,
             "command": sys.argv,
             "config_source": cfg.source,
@@ -120,6 +122,7 @@ def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_s
             "resumes": [],
         }
     else:
+        manifest = {"format": RUN_FORMAT, "version": 1, **manifest}  # a run.json from before the marker gets it
         manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
                                                    "device": str(device), "world_size": world_size})
     manifest.update(state="running", ended_at=None)  # until record_end says how it ended

@@ -279,8 +279,10 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
         init_weights = load_checkpoint(init_from)
         _check_shapes(cfg, init_weights.config, f"init_from={init_from}")
     ckpt = _find_resume(run_dir, cfg) if resume and run_dir.is_dir() else None  # every rank reads it
-    if ckpt is not None:
-        _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events)
+    if ckpt is not None and _check_resume(run_dir, cfg, splits, ckpt, info, allow_data_change, events):
+        for reason in ckpt.skipped:
+            events.warn(f"skipped a damaged checkpoint: {reason}")
+        return _finished_summary(run_dir, ckpt)  # nothing to train: the run is left as it is
     defer = _defer_check(defer_nonfinite_check, t, device, precision)
     in_backward = _in_backward(t, info, precision, defer)
     lock = _on_main(info, lambda: prepare_run_dir(run_dir, resume, overwrite))
@@ -534,10 +536,8 @@ def save(run: _Run, state: TrainState, metrics: Metrics, reason: str) -> Path | 
     if run.info.is_main:
         train_state = {**state.to_checkpoint(optim_sd, rng_state, metrics.elapsed()), **more_optim,
                        **({"grad_scaler": run.scaler.state_dict()} if run.scaler.enabled else {})}
-        meta = {"step": state.step, "epoch": state.position.epoch, "tokens_seen": state.tokens_seen, "reason": reason,
-                "val_loss": state.last_eval.get("val_loss"), "train_loss": state.last_eval.get("train_loss")}
         path = save_checkpoint(run.run_dir, step_dir_name(state.step), trim_vocab(model_sd, run.cfg.model), run.cfg,
-                               train_state, meta)
+                               train_state, _checkpoint_meta(state, reason))
         point(run.run_dir, "latest", path)
         if state.best_step == state.step:  # these are the weights of the lowest validation loss measured
             point(run.run_dir, "best", path)
@@ -553,10 +553,16 @@ def save_best(run: _Run, state: TrainState) -> None:
     run.guard.check(run, state)
     model_sd, _ = full_state(run.wrapped, optimizer_parts(run.optimizer)[0])
     if run.info.is_main:
-        meta = {"step": state.step, "epoch": state.epoch_number, "tokens_seen": state.tokens_seen, "reason": "best",
-                "val_loss": state.last_eval["val_loss"], "train_loss": state.last_eval["train_loss"]}
-        save_checkpoint(run.run_dir, "best", trim_vocab(model_sd, run.cfg.model), run.cfg, None, meta)
+        save_checkpoint(run.run_dir, "best", trim_vocab(model_sd, run.cfg.model), run.cfg, None,
+                        _checkpoint_meta(state, "best"))
     barrier(run.info)
+
+
+def _checkpoint_meta(state: TrainState, reason: str) -> dict[str, Any]:
+    """What every checkpoint's manifest (step-*, best/) says of itself; `epoch` counts the epochs completed
+    (0 during the first), as train_state's `epoch` and the summary's `epochs_completed` do."""
+    return {"step": state.step, "epoch": state.position.epoch, "tokens_seen": state.tokens_seen, "reason": reason,
+            "val_loss": state.last_eval.get("val_loss"), "train_loss": state.last_eval.get("train_loss")}
 
 
 # ---- the stages' parts
@@ -711,13 +717,18 @@ def _stop_requested(run: _Run, stop: StopSignals, log_now: bool) -> bool:
 
 
 def _summary(run: _Run, state: TrainState, elapsed: float) -> dict[str, Any]:
+    return _run_summary(run.run_dir, state, run.run_dir / step_dir_name(state.step), elapsed)
+
+
+def _run_summary(run_dir: Path, state: TrainState, checkpoint: Path, elapsed: float) -> dict[str, Any]:
+    """What `train` returns (the CLI's --json): where the run stands, its losses, its final checkpoint."""
     return {
-        "run_dir": str(run.run_dir), "steps": state.step, "tokens_seen": state.tokens_seen,
+        "run_dir": str(run_dir), "steps": state.step, "tokens_seen": state.tokens_seen,
         "epochs_completed": state.position.epoch, "train_loss": state.last_eval.get("train_loss"),
         "val_loss": state.last_eval.get("val_loss"),
         **({"tasks": state.last_eval["tasks"]} if "tasks" in state.last_eval else {}),
         "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
-        "checkpoint": str(run.run_dir / step_dir_name(state.step)), "elapsed_s": elapsed,
+        "checkpoint": str(checkpoint), "elapsed_s": elapsed,
         "tokens_per_s": state.tokens_seen / elapsed if elapsed > 0 else None,
     }
 
@@ -840,8 +851,8 @@ def _total_steps(t, per_epoch: int, tokens_per_micro: int) -> int:
 
 
 def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, info: DistInfo,
-                  allow_data_change: bool, events) -> None:
-    """Refuse a resume that cannot continue the saved epoch exactly; say when the run is already done.
+                  allow_data_change: bool, events) -> bool:
+    """Refuse a resume that cannot continue the saved epoch exactly; say when the run is already done (True).
 
     The epoch's position is a count of windows in batches of the saved global batch over the saved
     corpus: another process count or another number of windows would skip or repeat windows.
@@ -879,6 +890,14 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
         events.warn(f"{run_dir}: the run already finished at step {step}; nothing to train. To extend it, "
                     f"resume with train.max_steps N or train.num_epochs N beyond it (now {cfg.train.num_epochs} epoch(s)"
                     f"{f', max_steps {cfg.train.max_steps}' if cfg.train.max_steps else ''})")
+        return True
+    return False
+
+
+def _finished_summary(run_dir: Path, ckpt: Checkpoint) -> dict[str, Any]:
+    """The summary of a run resumed at its end, from its newest checkpoint; this session trained nothing."""
+    state = TrainState.from_checkpoint(ckpt.train_state, epoch_windows=1)  # epoch_progress is not reported
+    return {**_run_summary(run_dir, state, ckpt.path, 0.0), "already_finished": True}
 
 
 def _check_batches(splits: Splits, batch_size: int, world_size: int) -> None:

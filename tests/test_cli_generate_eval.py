@@ -190,6 +190,29 @@ def test_eval_all_prints_loss_against_step_and_warns_about_damage(cli, tiny_conf
     assert [row["step"] for row in data["results"]] == [10, 30] and len(data["skipped"]) == 1
 
 
+@pytest.mark.parametrize("newest", ["removed", "damaged"])
+def test_a_checkpoint_other_than_the_named_or_latest_one_is_said_in_one_line(cli, tiny_config, tmp_path, newest):
+    """Audit f1 defect 4: `--checkpoint RUN` silently used step-10 when `latest` dangled or step-20 was damaged."""
+    from gptcli.checkpoint import point
+
+    run = tmp_path / "run"
+    for step in (10, 20):
+        save_model_checkpoint(run, tiny_config, step, seed=step)
+    point(run, "latest", run / "step-000020")
+    r = cli("generate", "Hi", "--checkpoint", run, "--max-new-tokens", "1")  # what latest names: nothing to say
+    assert r.exit_code == 0 and "step-000010" not in r.stderr, r.stderr
+    if newest == "removed":
+        import shutil
+        shutil.rmtree(run / "step-000020")
+    else:
+        (run / "step-000020" / "manifest.json").write_text("{garbage")
+    for command in (["generate", "Hi", "--max-new-tokens", "1"], ["eval", "--eval-iter", "1"]):
+        r = cli(*command, "--checkpoint", run)
+        assert r.exit_code == 0, r.stderr
+        said = [line for line in r.stderr.splitlines() if "step-000010" in line]
+        assert len(said) == 1 and "step-000020" in said[0], r.stderr
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_generate_decode_precision_prints_what_the_low_precision_model_decodes(cli, ckpt, precision):
     from gptcli.generate import lower_precision_for_decoding

@@ -118,6 +118,24 @@ def test_a_flipped_byte_is_caught_and_resume_uses_the_previous_checkpoint(cli, v
     assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, 9))  # 4..8 redone from step 3
 
 
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_resume_skips_a_step_checkpoint_whose_manifest_is_damaged(cli, verdict, tmp_path, damage):
+    """Audit f1 defect 3: a step folder with a corrupt or missing manifest.json blocked --resume as "not ours"."""
+    from gptcli.resolve import foreign_entries
+
+    run = tmp_path / "run"
+    _tiny_run(cli, verdict, run, "--max-steps", "4", "--set", "train.save_freq=2", "--set", "train.max_new_tokens=0")
+    manifest = run / "step-000004" / "manifest.json"
+    manifest.write_text("{garbage") if damage == "garbage" else manifest.unlink()
+    assert foreign_entries(run) == []  # a damaged checkpoint of ours is still ours
+    result = cli("train", "--out", run, "--resume", "--max-steps", "5")
+    assert result.exit_code == 0, result.stderr
+    assert "warning" in result.stderr and "step-000004" in result.stderr and "skipped" in result.stderr
+    run_json = json.loads((run / "run.json").read_text())
+    assert [r["at_step"] for r in run_json["resumes"]] == [2]
+    assert (run / "step-000005").is_dir()
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

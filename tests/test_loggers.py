@@ -324,5 +324,7 @@ def test_tracker_folders_are_gptcli_files_for_overwrite_and_foreign_checks(tmp_p
     assert foreign_entries(run) == ["notes", "tensorboard"]  # without loggers.json a folder is the user's
     (run / "notes").rmdir()
     (run / loggers.STATE_FILE).write_text(json.dumps({"tensorboard": {"dir": "tensorboard"}}))
+    assert foreign_entries(run) == [loggers.STATE_FILE, "tensorboard"]  # without run.json neither is a run's
+    (run / "run.json").write_text(json.dumps({"format": "gptcli-run"}))
     assert foreign_entries(run) == []
-    assert clear_run(run) == [loggers.STATE_FILE, "tensorboard"]
+    assert clear_run(run) == [loggers.STATE_FILE, "run.json", "tensorboard"]

@@ -131,9 +131,10 @@ def test_rerunning_a_run_killed_before_its_first_save_starts_it_over(cli, verdic
     """Issue 12 finding 1: a run killed before its first checkpoint dead-ended ("exists" / "nothing to resume")."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"format": "gptcli-run", "config_source": str(TINY)}))
     (run / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
-    (run / ".lock").write_text("12345")
+    (run / ".lock").write_text("")
+    (run / ".lock.pid").write_text("12345")
     r = train_tiny(cli, verdict, "--out", run, *(["--resume"] if with_resume else []))
     assert r.exit_code == 0, r.stderr
     assert "starting it over" in r.stderr
@@ -153,6 +154,83 @@ def test_starting_over_never_deletes_damaged_checkpoints(cli, verdict, tmp_path)
         r = train_tiny(cli, verdict, "--out", run, *extra)
         assert r.exit_code == 2 and "starting it over" not in r.stderr, r.stderr
     assert tree(run) == before
+
+
+@pytest.mark.parametrize("files", [
+    {"metrics.csv": "x\n", "run.json": '{"mine": 1}\n'},
+    {"latest": "my notes on the latest draft\n"},
+    {"losses.png": "my own plot"},
+    {".tmp-draft.txt": "a draft"},
+], ids=["metrics-and-run-json", "latest", "losses-png", "tmp-draft"])
+def test_a_folder_of_files_merely_named_like_gptclis_is_refused_and_kept(cli, verdict, tmp_path, files):
+    """Audit f1 defect 1: files named like a run's were taken for a run "with no checkpoint yet" and wiped."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    before = tree(folder)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        r = train_tiny(cli, verdict, "--out", folder, *extra)
+        assert r.exit_code == 2, (extra, r.stderr)
+        assert "not a gptcli run directory" in r.stderr and all(name in r.stderr for name in files), r.stderr
+        assert "starting it over" not in r.stderr
+        assert tree(folder) == before
+
+
+def killed_after_its_first_evaluation(cli, verdict, run: Path) -> Path:
+    """`run` as SIGKILL leaves it after its first evaluation and before its first step checkpoint:
+    run.json, metrics and a weights-only best/ (as train's save_best writes it), no step-*."""
+    from gptcli.checkpoint import load_checkpoint, save_checkpoint
+
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    ckpt = load_checkpoint(run / "step-000002")
+    for name in ("latest", "best"):
+        (run / name).unlink() if (run / name).is_symlink() else shutil.rmtree(run / name, ignore_errors=True)
+    shutil.rmtree(run / "step-000002")
+    save_checkpoint(run, "best", ckpt.weights, ckpt.config, None, {"step": 1, "reason": "best", "val_loss": 10.0})
+    return run
+
+
+def test_a_plain_restart_never_deletes_a_runs_best_weights(cli, verdict, tmp_path):
+    """Audit f1 defect 1: a run killed after its first evaluation lost its best/ to a plain `train --out RUN`."""
+    run = killed_after_its_first_evaluation(cli, verdict, tmp_path / "run")
+    before = tree(run)
+    r = train_tiny(cli, verdict, "--out", run)
+    assert r.exit_code == 2, r.stderr
+    assert "best" in r.stderr and "--resume" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert tree(run) == before
+    r = train_tiny(cli, verdict, "--out", run, "--overwrite")  # asked for: replaced
+    assert r.exit_code == 0, r.stderr
+
+
+def test_resume_before_the_first_step_checkpoint_starts_over_with_the_runs_own_config(cli, verdict, tmp_path):
+    """Audit f1 defect 2: `--resume` of a run with only best/ restarted with the built-in 124M config."""
+    from gptcli.resolve import resolve_train
+
+    run = killed_after_its_first_evaluation(cli, verdict, tmp_path / "run")
+    plan = resolve_train(None, [], {"data.path": str(verdict), "train.max_steps": 1}, out=run, resume=True)
+    assert plan.mode == "restart" and plan.cfg.model.emb_dim == 32 and plan.cfg.train.max_steps == 1
+    r = cli("train", "--out", run, "--resume", "--data", verdict, "--max-steps", "1", *FAST)
+    assert r.exit_code == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "starting it over" in line]
+    assert len(said) == 1 and str(run / "best" / "config.yaml") in said[0], r.stderr
+    assert yaml.safe_load((run / "step-000001" / "config.yaml").read_text())["model"]["emb_dim"] == 32
+
+
+def test_resume_without_any_checkpoint_takes_the_config_run_json_names_or_asks_for_one(verdict, tmp_path):
+    """Audit f1 defect 2: with no best/ either, the run's config file (run.json config_source) is its config."""
+    from gptcli.resolve import resolve_train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = {"format": "gptcli-run", "config_source": str(TINY), "state": "running"}
+    (run / "run.json").write_text(json.dumps(manifest))
+    plan = resolve_train(None, [], {"data.path": str(verdict)}, out=run, resume=True)
+    assert plan.cfg.model.emb_dim == 32 and any(str(TINY) in n for n in plan.notes)
+    manifest["config_source"] = str(tmp_path / "gone.yaml")
+    (run / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="config=FILE"):
+        resolve_train(None, [], {"data.path": str(verdict)}, out=run, resume=True)
 
 
 # ---------------------------------------------------------------- finding 2: --config/--set with a checkpoint
@@ -326,6 +404,21 @@ def test_resuming_a_finished_run_says_so_and_how_to_extend_it(cli, verdict, tmp_
     assert r.exit_code == 0, r.stderr
     assert "already finished at step 2" in r.stderr and re.search(r"(--max-steps|train\.max_steps) N", r.stderr)
     assert [p.name for p in list_step_checkpoints(run)] == ["step-000002"]
+
+
+def test_resuming_a_finished_run_leaves_it_untouched(cli, verdict, tmp_path):
+    """Audit f1 defect 5: a no-op resume said "resuming", added a phantom `resumes` entry and rewrote the metrics."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    before = tree(run)
+    r = cli("train", "--out", run, "--resume", "--json", *FAST)
+    assert r.exit_code == 0, r.stderr
+    assert "already finished at step 2" in r.stderr, r.stderr
+    assert not any(line.startswith("resuming") for line in r.stderr.splitlines()), r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 2 and summary["checkpoint"] == str(run / "step-000002")
+    assert tree(run) == before
+    assert json.loads((run / "run.json").read_text())["resumes"] == []
 
 
 # ---------------------------------------------------------------- finding 9: paths

@@ -136,6 +136,19 @@ def test_the_final_weights_are_evaluated_and_best_holds_the_lowest_validation_lo
     assert cli("export", run / "best", tmp_path / "hf").exit_code == 0
 
 
+def test_best_and_step_checkpoints_count_the_epoch_alike(cli, verdict, tmp_path):
+    """Audit f1 defect 6: best/'s manifest said epoch 1 (1-based) where step-* said 0 (epochs completed)."""
+    from gptcli.checkpoint import load_train_state, verify_checkpoint
+
+    run = tmp_path / "run"
+    r = cli("train", *END_RUN, "--data", verdict, "--out", run)
+    assert r.exit_code == 0, r.stderr
+    assert (run / "best").is_dir() and not (run / "best").is_symlink(), "the scenario needs a weights-only best/"
+    best, last = verify_checkpoint(run / "best"), verify_checkpoint(run / "step-000010")
+    saved_epoch = load_train_state(run / "step-000010" / "train_state.pt")["epoch"]  # what --resume reads
+    assert best["epoch"] == last["epoch"] == saved_epoch == 0  # all ten steps lie in the first epoch
+
+
 def test_a_run_extended_by_resume_trains_as_if_never_stopped_despite_the_final_evaluation(cli, verdict, tmp_path):
     """issue 12 finding 13: the end-of-run evaluation draws from the RNG; a resumed run must not notice."""
     from conftest import final_weights
