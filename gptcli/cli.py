@@ -966,7 +966,7 @@ def import_(
     path: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2 directory, an OpenAI checkpoint directory or a book .pth file.")],
     out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/<PATH's name>).")] = None,
     n_heads: Annotated[Optional[int], typer.Option(min=1, help="Attention heads of a book .pth whose width is not GPT-2's.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier import there (a folder holding anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert local GPT-2 weights into a gptcli checkpoint (OpenAI's files are read without TensorFlow)."""
@@ -988,7 +988,7 @@ def export_(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run directory (a run exports its newest valid step).")],
     out: Annotated[Path, typer.Argument(help="Directory to write.")],
     fmt: Annotated[ExportFormat, typer.Option("--format", help="hf: a Hugging Face GPT-2 directory.")] = ExportFormat.hf,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export there (a folder holding anything else is refused).")] = False,
 ) -> None:
     """Export a checkpoint for other tools (hf: config.json, model.safetensors and GPT-2's tokenizer files)."""
     from gptcli.weights import export_hf
