@@ -345,3 +345,22 @@ def test_import_overwrite_never_deletes_what_gptcli_did_not_write(cli, small_run
     assert r.exit_code == 2 and "--overwrite" in r.stderr
     assert cli("import", tmp_path / "hf", "--out", out, "--overwrite").exit_code == 0
     load_checkpoint(out)
+
+
+def test_a_padded_hf_vocabulary_imports_as_gpt2s_and_generate_never_draws_a_padding_row(cli, tmp_path):
+    """nanoGPT and llm.c pad GPT-2's 50257 rows to 50304; a padding row favoured by the head crashed generate."""
+    hf = random_hf_model(**{**SHAPES["ctx48-untied"], "vocab_size": 50304})
+    with torch.no_grad():
+        hf.lm_head.weight[50300] = 1000.0 * hf.transformer.ln_f.bias.sign()  # the padding row wins every argmax
+    hf.save_pretrained(tmp_path / "hf")
+    r = cli("import", tmp_path / "hf", "--out", tmp_path / "ckpt")
+    assert r.exit_code == 0, r.stderr
+    model = our_model(tmp_path / "ckpt")
+    assert (model.cfg.vocab_size, model.cfg.padded_vocab_size) == (50257, 50304)
+    x = tokens(16)
+    with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights, over the rows a token has
+        torch.testing.assert_close(model(x), hf(x).logits[..., :50257], atol=1e-4, rtol=0)
+    r = cli("generate", PROMPT, "--checkpoint", tmp_path / "ckpt", "--max-new-tokens", "3", "--no-eos", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert all(i < 50257 for i in json.loads(r.stdout)["samples"][0]["ids"])
