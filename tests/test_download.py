@@ -287,3 +287,8 @@ def test_offline_fails_at_once_with_one_line(cli, monkeypatch):
     assert "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors" in line
     assert "cannot connect" in line and "offline" in line
     assert not Path("checkpoints").exists()  # nothing written
+
+
+def test_revision_with_source_openai_is_refused_by_name(cli, no_network):
+    r = cli("download", "gpt2-small", "--source", "openai", "--revision", "v9")
+    assert r.exit_code == 2 and "--revision" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
