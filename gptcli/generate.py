@@ -99,7 +99,13 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits / temperature
+    scaled = logits / temperature
+    # A temperature below ~1e-38 overflows logits / temperature to inf (softmax: inf - inf = nan). Shift the best
+    # logit to 0 first: the best tokens keep 0, the rest -inf or a huge negative, i.e. (near-)greedy, never nan.
+    # Rows that did not overflow keep the book's plain division (the same draws).
+    gap = logits - logits.amax(dim=-1, keepdim=True)
+    shifted = torch.where(gap == 0, gap, gap / temperature)
+    logits = torch.where(torch.isfinite(scaled.amax(dim=-1, keepdim=True)), scaled, shifted)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
