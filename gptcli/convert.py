@@ -242,7 +242,7 @@ def gpt2_config(
 HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 GPTCLI_KEY = "gptcli"  # config.json: the model fields of a gptcli export that GPT-2's config has no name for
-GPTCLI_FIELDS = ("qkv_bias", "impl")
+GPTCLI_FIELDS = ("qkv_bias", "impl", "pad_vocab_multiple", "init")
 
 
 def _pad_multiple(padded: int) -> int:
@@ -316,7 +316,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "torch_dtype": "float32",
         # What GPT2Config cannot say, so that `gptcli import` gives back this model's config
         # (transformers keeps unknown keys as attributes and ignores them).
-        GPTCLI_KEY: {"qkv_bias": cfg.qkv_bias, "impl": cfg.impl},
+        GPTCLI_KEY: {name: getattr(cfg, name) for name in GPTCLI_FIELDS},
     }
 
 

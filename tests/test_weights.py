@@ -364,3 +364,19 @@ def test_a_padded_hf_vocabulary_imports_as_gpt2s_and_generate_never_draws_a_padd
     r = cli("generate", PROMPT, "--checkpoint", tmp_path / "ckpt", "--max-new-tokens", "3", "--no-eos", "--json")
     assert r.exit_code == 0, r.stderr
     assert all(i < 50257 for i in json.loads(r.stdout)["samples"][0]["ids"])
+
+
+def test_export_then_import_keeps_pad_vocab_multiple_and_init(cli, tiny_config, tmp_path):
+    """The round trip gave back pad_vocab_multiple 1 and init book, so the imported model's config was not its own."""
+    import dataclasses
+
+    from test_evaluate import save_model_checkpoint
+
+    cfg = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, pad_vocab_multiple=64, init="gpt2"))
+    ckpt = save_model_checkpoint(tmp_path / "run", cfg, 2, seed=1)
+    assert cli("export", ckpt, tmp_path / "hf").exit_code == 0
+    assert cli("import", tmp_path / "hf", "--out", tmp_path / "back").exit_code == 0
+    back = load_checkpoint(tmp_path / "back")
+    assert back.config.model == cfg.model
+    original = load_checkpoint(ckpt).weights
+    assert all(torch.equal(back.weights[k], original[k]) for k in original)
