@@ -611,6 +611,7 @@ def loss(
     from gptcli.evaluate import split_losses
     from gptcli.resolve import build_model, check_data_path, resolve_model
 
+    _refuse_training_keys(sets)
     plan = resolve_model(checkpoint, config, sets, {"train.device": device, "data.path": str(data) if data else None},
                          root=CHECKPOINTS_ROOT)
     check_data_path(plan.cfg, "--data" if data else None)
@@ -646,7 +647,7 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="Text to continue; - reads it from stdin.")] = None,
     checkpoint: CheckpointOpt = None,
     config: ConfigOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = 50,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate per sample (default: the config's train.max_new_tokens, 50).")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; higher = more random.")] = 0.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set of tokens with probability >= p, in (0, 1].")] = None,
@@ -667,9 +668,13 @@ def generate(
     from gptcli.generate import check_sampling, complete
     from gptcli.resolve import load_model
 
-    check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the (slow) model load
+    check_sampling(max_new_tokens or 0, temperature, top_k, top_p)  # before the (slow) model load
+    if stream and json_out:
+        raise InputError("--stream and --json: the JSON object is printed once the samples are complete; drop one")
     prompts = _read_prompts(prompt, prompts_file)
-    model, plan, where = load_model(checkpoint, config, sets, {"train.device": device}, seed, root=CHECKPOINTS_ROOT)
+    model, plan, where = load_model(checkpoint, config, sets, {"train.device": device, "train.max_new_tokens": max_new_tokens},
+                                    seed, root=CHECKPOINTS_ROOT)
+    max_new_tokens = plan.cfg.train.max_new_tokens  # flag > --set > --config > checkpoint > default
     _notes(plan.notes)
     if plan.cfg.data.document_mask and any("<|endoftext|>" in p for p in prompts):
         _warn("the model was trained with data.document_mask: true, but generation attends across the "
@@ -779,12 +784,13 @@ def eval_(
 
     checkpoint = _eval_checkpoint(checkpoint_arg, checkpoint)
     files = [str(p) for p in data or []]
+    _refuse_training_keys(sets)
     if task or harness_task or task_data or limit is not None or per_item or harness_tasks_dir:
         refused = {"--data": files, "--val/--no-val": val is not None, "--all": all_checkpoints, "--text": text,
-                   "--eval-iter": eval_iter, "--batch-size": batch_size}
+                   "--show-tokens": show_tokens, "--eval-iter": eval_iter, "--batch-size": batch_size}
         return _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, per_item, harness_task,
                            harness_tasks_dir, json_out, [k for k, v in refused.items() if v])
-    _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets)
+    _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets, eval_iter, batch_size)
     if all_checkpoints:
         run, notes = run_or_newest(checkpoint, CHECKPOINTS_ROOT)
         _notes(notes)
@@ -806,6 +812,19 @@ def eval_(
     _render_rows(rows, ["dataset", "loss", "ppl", "bpb", "tokens"], json_out, {"model": where})
 
 
+# Keys of training's own loop that a flag of eval and loss stands for (README "Evaluate and sample").
+_TRAINING_KEYS = {"train.eval_iter": "--eval-iter"}
+
+
+def _refuse_training_keys(sets: Optional[list[str]]) -> None:
+    """Refuse a --set of a key eval and loss do not read: the config's value paces training's periodic evaluation."""
+    for item in sets or []:
+        key = item.split("=", 1)[0].strip()
+        if key in _TRAINING_KEYS:
+            raise InputError(f"--set {key}: {key} is the training loop's estimate (batches per periodic evaluation), "
+                             f"which this command does not read; use {_TRAINING_KEYS[key]} N (default: every batch)")
+
+
 def _eval_checkpoint(argument: Optional[Path], option: Optional[Path]) -> Optional[Path]:
     """eval's checkpoint: --checkpoint, or the deprecated positional argument (with a warning)."""
     if argument is None:
@@ -816,12 +835,16 @@ def _eval_checkpoint(argument: Optional[Path], option: Optional[Path]) -> Option
     return argument
 
 
-def _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets) -> None:
+def _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets, eval_iter, batch_size) -> None:
     """Refuse eval's flag combinations that cannot all apply, naming them."""
     if show_tokens and text is None:
         raise InputError("--show-tokens: needs --text TEXT")
     if text is not None and (all_checkpoints or files):
         raise InputError("--text: cannot be combined with --all or --data")
+    unused = {"--eval-iter": eval_iter is not None, "--batch-size": batch_size is not None, "--val/--no-val": val is not None}
+    if text is not None and any(unused.values()):
+        flag = next(k for k, v in unused.items() if v)
+        raise InputError(f"--text and {flag}: --text scores the text alone, in windows of the context (drop {flag})")
     if val is False and not files and text is None:
         raise InputError("--no-val: nothing left to evaluate; add --data FILE")
     if all_checkpoints and (config is not None or sets):
@@ -840,6 +863,8 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
         raise InputError("--task-data/--limit/--per-item/--harness-tasks-dir: need --task NAME or --harness-task NAME")
     if (task_data or per_item) and not task:
         raise InputError(f"{'--task-data' if task_data else '--per-item'}: needs --task NAME")
+    if per_item and not json_out:
+        raise InputError("--per-item: the log-likelihoods are part of the --json output; add --json")
     if harness_tasks_dir and not harness_task:
         raise InputError("--harness-tasks-dir: needs --harness-task NAME")
     loaded = tk.load_task(task, task_data, limit) if task else None  # bad input fails before the model loads
@@ -956,6 +981,8 @@ def download_(
 
     if name == "hellaswag":
         return _download_hellaswag(source, out, revision, endpoint, overwrite, json_out)
+    if source != WeightSource.hf and revision != "main":
+        raise InputError("--revision: a Hugging Face hub revision; it does not apply to --source openai (one fixed release)")
     with Renderer() as renderer:
         result = download_pretrained(name, out or PRETRAINED_ROOT / name, source=source.value, revision=revision,
                                      endpoint=endpoint, overwrite=overwrite, progress=download_progress(renderer))
@@ -986,7 +1013,7 @@ def import_(
     path: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2 directory, an OpenAI checkpoint directory or a book .pth file.")],
     out: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: checkpoints/pretrained/<PATH's name>).")] = None,
     n_heads: Annotated[Optional[int], typer.Option(min=1, help="Attention heads of a book .pth whose width is not GPT-2's.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier import there (a folder holding anything else is refused).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert local GPT-2 weights into a gptcli checkpoint (OpenAI's files are read without TensorFlow)."""
@@ -1008,7 +1035,7 @@ def export_(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run directory (a run exports its newest valid step).")],
     out: Annotated[Path, typer.Argument(help="Directory to write.")],
     fmt: Annotated[ExportFormat, typer.Option("--format", help="hf: a Hugging Face GPT-2 directory.")] = ExportFormat.hf,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export there (a folder holding anything else is refused).")] = False,
 ) -> None:
     """Export a checkpoint for other tools (hf: config.json, model.safetensors and GPT-2's tokenizer files)."""
     from gptcli.weights import export_hf

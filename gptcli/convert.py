@@ -29,7 +29,7 @@ from gptcli.errors import InputError, RunError, first_line
 from gptcli.loading import key_mismatch, torch_load
 from gptcli.model import GPTModel, export_state_dict, load_state_dict
 from gptcli.tensorbundle import TensorBundle
-from gptcli.tokenizer import END_OF_TEXT_ID
+from gptcli.tokenizer import END_OF_TEXT_ID, VOCAB_SIZE
 
 
 # ---------------------------------------------------------------- the book's .pth
@@ -180,6 +180,8 @@ def from_gpt2_state_dict(
 
     def get(name: str) -> torch.Tensor:
         t = src[names[name]]
+        if name in ("wte.weight", "lm_head.weight") and t.dim() == 2 and t.shape[0] == cfg.padded_vocab_size:
+            t = t[: cfg.vocab_size]  # a padded vocabulary's rows beyond the tokenizer's: no token has them
         if tuple(t.shape) != expected[name]:
             raise InputError(f"{where}: {names[name]} has shape {tuple(t.shape)}, expected {expected[name]}")
         return t.float() if t.is_floating_point() else t
@@ -240,6 +242,12 @@ def gpt2_config(
 HF_GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 GPTCLI_KEY = "gptcli"  # config.json: the model fields of a gptcli export that GPT-2's config has no name for
+GPTCLI_FIELDS = ("qkv_bias", "impl", "pad_vocab_multiple", "init")
+
+
+def _pad_multiple(padded: int) -> int:
+    """The pad_vocab_multiple that rounds GPT-2's VOCAB_SIZE up to `padded`: a power of two if one does, else `padded`."""
+    return next((m for m in (2 ** k for k in range(1, 17)) if -(-VOCAB_SIZE // m) * m == padded), padded)
 
 
 def config_from_hf(hf: dict[str, Any], where: str) -> Config:
@@ -271,9 +279,12 @@ def config_from_hf(hf: dict[str, Any], where: str) -> Config:
             vocab_size=int(hf.get("vocab_size", 50257)), gelu=HF_GELU[act],
             drop_rate=float(hf.get("resid_pdrop", 0.1)),
         )
+        if cfg.model.vocab_size > VOCAB_SIZE:  # nanoGPT/llm.c pad GPT-2's vocabulary (50304): rows no token uses
+            cfg.model = dataclasses.replace(cfg.model, vocab_size=VOCAB_SIZE,
+                                            pad_vocab_multiple=_pad_multiple(cfg.model.vocab_size))
         ours = hf.get(GPTCLI_KEY) or {}
-        if not isinstance(ours, dict) or set(ours) - {"qkv_bias", "impl"}:
-            raise InputError(f"{where}: {GPTCLI_KEY!r} holds {ours!r}; expected qkv_bias and impl")
+        if not isinstance(ours, dict) or set(ours) - set(GPTCLI_FIELDS):
+            raise InputError(f"{where}: {GPTCLI_KEY!r} holds {ours!r}; expected some of {', '.join(GPTCLI_FIELDS)}")
         return Config(model=dataclasses.replace(cfg.model, **ours))
     except (TypeError, ValueError) as e:  # a malformed number, or ModelConfig's own checks
         raise InputError(f"{where}: {first_line(e)}") from None
@@ -305,7 +316,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "torch_dtype": "float32",
         # What GPT2Config cannot say, so that `gptcli import` gives back this model's config
         # (transformers keeps unknown keys as attributes and ignores them).
-        GPTCLI_KEY: {"qkv_bias": cfg.qkv_bias, "impl": cfg.impl},
+        GPTCLI_KEY: {name: getattr(cfg, name) for name in GPTCLI_FIELDS},
     }
 
 

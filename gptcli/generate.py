@@ -39,7 +39,7 @@ import torch
 
 from gptcli.errors import InputError
 from gptcli.model import GPTModel, KVCache, StaticKVCache
-from gptcli.tokenizer import get_tokenizer
+from gptcli.tokenizer import VOCAB_SIZE, get_tokenizer
 
 # With `eos_id` set and no `on_tokens` callback, look every this many steps whether all
 # sequences have ended: reading a device value stalls a GPU's queue of launched kernels.
@@ -99,7 +99,13 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits / temperature
+    scaled = logits / temperature
+    # A temperature below ~1e-38 overflows logits / temperature to inf (softmax: inf - inf = nan). Shift the best
+    # logit to 0 first: the best tokens keep 0, the rest -inf or a huge negative, i.e. (near-)greedy, never nan.
+    # Rows that did not overflow keep the book's plain division (the same draws).
+    gap = logits - logits.amax(dim=-1, keepdim=True)
+    shifted = torch.where(gap == 0, gap, gap / temperature)
+    logits = torch.where(torch.isfinite(scaled.amax(dim=-1, keepdim=True)), scaled, shifted)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
@@ -297,7 +303,8 @@ def generate(
     cfg = model.cfg
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("prompt: empty; every prompt needs at least one token")
-    check_sampling(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+    decodable = min(cfg.vocab_size, VOCAB_SIZE)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, decodable)
     low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
     if low < 0 or high >= cfg.vocab_size:
         raise InputError(f"prompt: token id {low if low < 0 else high} is outside the vocabulary (0..{cfg.vocab_size - 1})")
@@ -334,8 +341,9 @@ def generate(
             logits = _cached_logits(model, cache, seq, cur, pad, max_pad, prefill=step == 0)
         else:
             logits = _window_logits(model, seq, cur, pad, max_pad, context, last_only=use_cache)
-        # .float(): a low-precision model's logits are sampled in float32 (a no-op for the exact mode)
-        next_ids = sample_next(logits.float(), temperature, top_k, top_p, generator)[:, 0]  # (B,)
+        # .float(): a low-precision model's logits are sampled in float32 (a no-op for the exact mode);
+        # ids past the tokenizer's (a vocabulary padded beyond GPT-2's 50257) have no text: never drawn.
+        next_ids = sample_next(logits[:, :decodable].float(), temperature, top_k, top_p, generator)[:, 0]  # (B,)
         seq[:, cur] = next_ids
         steps = step + 1
         if eos_id is not None:

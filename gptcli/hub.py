@@ -19,7 +19,7 @@ from gptcli.convert import (OpenAITensors, read_json, check_fits, config_from_op
 from gptcli.errors import InputError, RunError
 from gptcli.fsio import fsync_dir
 from gptcli.tensorbundle import TensorBundle
-from gptcli.weights import DOWNLOADS, Imported, save_imported
+from gptcli.weights import DOWNLOADS, Imported, check_import_target, save_imported
 
 
 # ---------------------------------------------------------------- download
@@ -105,8 +105,12 @@ def download_pretrained(
     if (out / MANIFEST).is_file() and not overwrite:
         manifest = verify_checkpoint(out, check_hashes=False)
         return {"checkpoint": out, "name": name, "source": manifest.get("source"), "downloaded": False}
-    if out.is_dir() and any(p.name != DOWNLOADS for p in out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: exists and is not a checkpoint; pass overwrite=True to replace it")
+    check_import_target(out, overwrite)  # before any download: never replace what gptcli did not write
+    if endpoint is None and source == "hf" and os.environ.get("HF_ENDPOINT"):
+        if not re.match(r"https?://[^/]", os.environ["HF_ENDPOINT"]):
+            raise InputError(f"$HF_ENDPOINT {os.environ['HF_ENDPOINT']!r}: not an http(s) URL")
+    elif endpoint is not None and not re.match(r"https?://[^/]", endpoint):
+        raise InputError(f"endpoint {endpoint!r}: not an http(s) URL", param="endpoint")
     cache = out / DOWNLOADS
     cfg = spec.config()
     if source == "hf":

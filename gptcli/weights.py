@@ -19,7 +19,7 @@ import torch
 
 from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file
 from gptcli.config import Config
-from gptcli.convert import (HF_WEIGHT_FILES, OpenAITensors, read_json, check_fits, config_from_book_state_dict,
+from gptcli.convert import (GPTCLI_KEY, HF_WEIGHT_FILES, OpenAITensors, read_json, check_fits, config_from_book_state_dict,
                             config_from_hf, config_from_openai, from_book_state_dict, from_gpt2_state_dict, hf_config,
                             load_book_state_dict, read_hf_tensors, to_gpt2_state_dict)
 from gptcli.errors import InputError, RunError
@@ -95,6 +95,42 @@ def import_weights(path: Path, n_heads: int | None = None) -> Imported:
     return imported
 
 
+def check_import_target(out: Path, overwrite: bool = False) -> None:
+    """Refuse `out` unless writing an imported checkpoint there destroys nothing gptcli did not write.
+
+    An earlier import or download (a manifest naming the model it holds as ``pretrained``, and
+    only the files that manifest lists) is replaced with `overwrite`; an empty folder is taken;
+    anything else, a training run included, is refused and left untouched.
+
+    Raises:
+        InputError: `out` is not a directory, holds files an import did not write, or holds an
+            earlier import and `overwrite` is false.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    listed: set[str] = set()
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        if isinstance(manifest, dict) and "pretrained" in manifest and isinstance(manifest.get("files"), dict):
+            listed = set(manifest["files"]) | {MANIFEST}
+    except (OSError, ValueError):
+        pass
+    entries = [p for p in out.iterdir() if p.name != DOWNLOADS and not p.name.startswith(".tmp-")]
+    foreign = sorted(p.name for p in entries if p.name not in listed or not p.is_file() or p.is_symlink())
+    if foreign:
+        raise InputError(f"{out}: holds {_names(foreign)}, which no gptcli import wrote; "
+                         "choose another directory (nothing was deleted)")
+    if entries and not overwrite:
+        raise InputError(f"{out}: holds an imported checkpoint; pass overwrite=True to replace it")
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = False) -> Path:
     """Write `imported` as a gptcli checkpoint directory `out` (weights, config.yaml, manifest).
 
@@ -102,15 +138,14 @@ def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = Fa
         imported: what import_weights (or a download) produced.
         out: the directory; a download's DOWNLOADS folder inside it is left alone.
         name: recorded in the manifest as ``pretrained``, beside the source.
-        overwrite: replace what `out` holds (only after the conversion succeeded).
+        overwrite: replace an earlier import in `out` (only after the conversion succeeded).
 
     Raises:
-        InputError: `out` holds other files and `overwrite` is false.
+        InputError: `out` holds what check_import_target refuses.
     """
+    check_import_target(out, overwrite)
     existing = [p for p in out.iterdir() if p.name != DOWNLOADS] if out.is_dir() else []
-    if existing and not overwrite:
-        raise InputError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
-    for p in existing:  # the new weights are converted: only now is the old content given up
+    for p in existing:  # an earlier import's own files; the new weights are converted: only now are they given up
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return save_checkpoint(out, ".", imported.weights, imported.config, None,
                            {"pretrained": name, "source": imported.source})
@@ -129,6 +164,40 @@ HF_TOKENIZER_CONFIG = {
 }
 
 
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+                "special_tokens_map.json")
+
+
+def check_export_target(out: Path, overwrite: bool = False) -> None:
+    """Refuse `out` unless an export there destroys nothing gptcli did not write.
+
+    An earlier export (only EXPORT_FILES, its config.json carrying the ``gptcli`` entry) is
+    replaced with `overwrite`; a missing or empty folder is taken; anything else is refused.
+
+    Raises:
+        InputError: `out` is a file, holds anything an export did not write, or holds an
+            earlier export and `overwrite` is false.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; choose another name (nothing was deleted)")
+    entries = list(out.iterdir())
+    foreign = sorted(p.name for p in entries if p.name not in EXPORT_FILES or not p.is_file() or p.is_symlink())
+    if entries and not foreign:
+        try:
+            ours = isinstance(read_json(out / "config.json").get(GPTCLI_KEY), dict)
+        except InputError:
+            ours = False
+        if not ours:
+            foreign = [f"config.json (no {GPTCLI_KEY!r} entry)"]
+    if foreign:
+        raise InputError(f"{out}: holds {_names(foreign)}, which no gptcli export wrote; "
+                         "choose another directory (nothing was deleted)")
+    if entries and not overwrite:
+        raise InputError(f"{out}: holds an earlier export; pass overwrite=True to replace it")
+
+
 def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     """Write a checkpoint as a Hugging Face GPT-2 directory that transformers loads offline.
 
@@ -138,11 +207,10 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     directory is written beside `out` and renamed into place.
 
     Raises:
-        InputError: `out` exists and `overwrite` is false.
+        InputError: `out` is refused by check_export_target.
         RunError: the checkpoint is missing or damaged, or the disk fails.
     """
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: exists; pass overwrite=True to replace it")
+    check_export_target(out, overwrite)
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config.model
     try:
@@ -166,9 +234,13 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         write_synced(tmp / "tokenizer_config.json", json.dumps(tok, indent=2) + "\n")
         special = {k: END_OF_TEXT for k in ("bos_token", "eos_token", "unk_token")}
         write_synced(tmp / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+        check_export_target(out, overwrite)  # again: the folder may have changed while the weights were written
+        old = out.parent / f".old-export-{out.name}"
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
         fsync_dir(out.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -234,7 +234,7 @@ CASES = [
     ("ckpt-yaml-code", "generate hi --checkpoint {evil_config}", 1, ["config.yaml"]),
     ("ckpt-empty-run", "generate hi --checkpoint {empty_dir}", 1, ["empty_dir", "no complete checkpoint"]),
     ("export-corrupt", "export {flipped} {a}/out-hf", 1, ["sha256"]),
-    ("export-exists", "export {good} {exported}", 2, ["exported", "--overwrite"]),
+    ("export-exists", "export {good} {exported}", 2, ["exported", "keep.txt"]),  # not an export: --overwrite would not help
     ("export-format", "export {good} {a}/out-x --format onnx", 2, ["--format"]),
     ("init-from-missing", "train --config {tiny} --data {verdict} --init-from {a}/nope --out {a}/r1", 1, ["nope"]),
     ("init-from-other-shape", "train --config {tiny} --data {verdict} --init-from {other} --out {a}/r2", 2, ["n_layers 1 vs 2"]),

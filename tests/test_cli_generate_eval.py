@@ -225,3 +225,40 @@ def test_generate_decode_precision_prints_what_the_low_precision_model_decodes(c
     assert r.stdout == expected + "\n"
     r = cli("generate", "Hello", "--checkpoint", ckpt, "--max-new-tokens", "8", "--decode-precision", "fp16")
     assert r.exit_code == 2 and "--decode-precision" in r.stderr
+
+
+def test_generate_max_new_tokens_defaults_from_the_resolved_config(cli, ckpt):
+    """--max-new-tokens: flag > --set > the checkpoint's config (tiny.yaml: 10); it was always 50."""
+    def new_tokens(*args):
+        r = cli("generate", "Hi", "--checkpoint", ckpt, "--no-eos", "--json", *args)
+        assert r.exit_code == 0, r.stderr
+        return json.loads(r.stdout)["samples"][0]["new_tokens"]
+
+    assert new_tokens() == 10
+    assert new_tokens("--set", "train.max_new_tokens=3") == 3
+    assert new_tokens("--set", "train.max_new_tokens=3", "--max-new-tokens", "2") == 2
+
+
+@pytest.mark.parametrize("command", ["loss", "eval"])
+def test_eval_and_loss_refuse_a_set_of_train_eval_iter_naming_the_flag(cli, ckpt, command):
+    """They read --eval-iter only (every batch by default, the book's calc_loss_loader); the key was dropped silently."""
+    r = cli(command, "--checkpoint", ckpt, "--set", "train.eval_iter=1")
+    assert r.exit_code == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "train.eval_iter" in r.stderr and "--eval-iter" in r.stderr
+
+
+@pytest.mark.parametrize("args, names", [
+    (["eval", "--task", "choices", "--task-data", "{ch}", "--per-item"], ["--per-item", "--json"]),
+    (["eval", "--task", "choices", "--task-data", "{ch}", "--show-tokens"], ["--show-tokens"]),
+    (["eval", "--text", "Every effort moves you", "--eval-iter", "1"], ["--text", "--eval-iter"]),
+    (["eval", "--text", "Every effort moves you", "--batch-size", "3"], ["--text", "--batch-size"]),
+    (["eval", "--text", "Every effort moves you", "--no-val"], ["--text", "--no-val"]),
+    (["generate", "Hi", "--stream", "--json"], ["--stream", "--json"]),
+])
+def test_flags_that_cannot_apply_are_refused_by_name(cli, ckpt, tmp_path, args, names):
+    ch = tmp_path / "ch.jsonl"
+    ch.write_text('{"context": "The cat sat on the", "choices": ["mat", "moon"], "answer": 0}\n')
+    r = cli(*[a.format(ch=ch) for a in args], "--checkpoint", ckpt)
+    assert r.exit_code == 2, r.stderr
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(n in r.stderr for n in names), r.stderr

@@ -287,3 +287,16 @@ def test_offline_fails_at_once_with_one_line(cli, monkeypatch):
     assert "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors" in line
     assert "cannot connect" in line and "offline" in line
     assert not Path("checkpoints").exists()  # nothing written
+
+
+def test_revision_with_source_openai_is_refused_by_name(cli, no_network):
+    r = cli("download", "gpt2-small", "--source", "openai", "--revision", "v9")
+    assert r.exit_code == 2 and "--revision" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_endpoint_that_is_not_a_url_is_a_one_line_usage_error(cli, no_network, monkeypatch):
+    r = cli("download", "gpt2-small", "--endpoint", "notaurl")
+    assert r.exit_code == 2 and "--endpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    monkeypatch.setenv("HF_ENDPOINT", "notaurl")
+    r = cli("download", "gpt2-small")
+    assert r.exit_code == 2 and "HF_ENDPOINT" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -313,3 +313,14 @@ def test_text_stream_holds_a_character_split_across_tokens():
     broken = TextStream()
     emoji = encode("🤗")
     assert broken.push(emoji[0]) == "" and broken.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-320])
+def test_a_tiny_temperature_samples_the_best_token_instead_of_crashing(temperature):
+    """logits / 1e-39 overflowed float32 to inf, and softmax gave nan (RuntimeError in multinomial)."""
+    from gptcli.generate import sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -5.0], [10.0, -1.0, 10.0 - 1e-6, 0.0]])
+    for top_k in (None, 2):
+        ids = sample_next(logits, temperature, top_k, generator=torch.Generator().manual_seed(0))
+        assert ids[:, 0].tolist() == [1, 0]

@@ -269,3 +269,114 @@ def test_a_hf_config_our_model_rejects_is_reported_against_the_file():
         config_from_hf(bad, "hub/config.json")
     assert str(e.value).startswith("hub/config.json: model.n_layers")
     assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- --overwrite replaces only gptcli's own output
+
+
+@pytest.fixture
+def small_run(tiny_config, tmp_path):
+    """A run folder with two step checkpoints (random weights) and a metrics file."""
+    from test_evaluate import save_model_checkpoint
+
+    run = tmp_path / "run"
+    save_model_checkpoint(run, tiny_config, 5, seed=1)
+    save_model_checkpoint(run, tiny_config, 10, seed=2)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    return run
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_export_overwrite_never_deletes_what_gptcli_did_not_write(cli, small_run, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    victim = tmp_path / "victim"
+    import shutil
+
+    shutil.copytree(small_run, victim)
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    for target, found in ((mine, "notes.txt"), (victim, "step-000005"), (small_run, "metrics.jsonl"),
+                          (afile, "not a directory")):
+        before = _tree(target) if target.is_dir() else target.read_bytes()
+        r = cli("export", small_run / "step-000005", target, "--overwrite")
+        assert r.exit_code == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and found in r.stderr, r.stderr
+        assert (_tree(target) if target.is_dir() else target.read_bytes()) == before
+    # an earlier export is gptcli's own: --overwrite replaces it; an empty folder is taken as it is
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert cli("export", small_run / "step-000005", out).exit_code == 0
+    r = cli("export", small_run / "step-000010", out)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    r = cli("export", small_run / "step-000010", out, "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+         "special_tokens_map.json"])
+    # an export someone added a file to is no longer only ours
+    (out / "README.md").write_text("model card")
+    r = cli("export", small_run / "step-000005", out, "--overwrite")
+    assert r.exit_code == 2 and "README.md" in r.stderr and (out / "README.md").is_file()
+
+
+def test_import_overwrite_never_deletes_what_gptcli_did_not_write(cli, small_run, tmp_path):
+    assert cli("export", small_run / "step-000005", tmp_path / "hf").exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    for target, found in ((mine, "notes.txt"), (small_run, "step-000005"), (small_run / "step-000010", "step-000010"),
+                          (afile, "not a directory")):
+        before = _tree(target) if target.is_dir() else target.read_bytes()
+        for extra in ((), ("--overwrite",)):
+            r = cli("import", tmp_path / "hf", "--out", target, *extra)
+            assert r.exit_code == 2, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and found in r.stderr, r.stderr
+            assert (_tree(target) if target.is_dir() else target.read_bytes()) == before
+    out = tmp_path / "imp"
+    assert cli("import", tmp_path / "hf", "--out", out).exit_code == 0
+    r = cli("import", tmp_path / "hf", "--out", out)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    assert cli("import", tmp_path / "hf", "--out", out, "--overwrite").exit_code == 0
+    load_checkpoint(out)
+
+
+def test_a_padded_hf_vocabulary_imports_as_gpt2s_and_generate_never_draws_a_padding_row(cli, tmp_path):
+    """nanoGPT and llm.c pad GPT-2's 50257 rows to 50304; a padding row favoured by the head crashed generate."""
+    hf = random_hf_model(**{**SHAPES["ctx48-untied"], "vocab_size": 50304})
+    with torch.no_grad():
+        hf.lm_head.weight[50300] = 1000.0 * hf.transformer.ln_f.bias.sign()  # the padding row wins every argmax
+    hf.save_pretrained(tmp_path / "hf")
+    r = cli("import", tmp_path / "hf", "--out", tmp_path / "ckpt")
+    assert r.exit_code == 0, r.stderr
+    model = our_model(tmp_path / "ckpt")
+    assert (model.cfg.vocab_size, model.cfg.padded_vocab_size) == (50257, 50304)
+    x = tokens(16)
+    with torch.no_grad():
+        # our layers vs transformers' GPT-2 on the same weights, over the rows a token has
+        torch.testing.assert_close(model(x), hf(x).logits[..., :50257], atol=1e-4, rtol=0)
+    r = cli("generate", PROMPT, "--checkpoint", tmp_path / "ckpt", "--max-new-tokens", "3", "--no-eos", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert all(i < 50257 for i in json.loads(r.stdout)["samples"][0]["ids"])
+
+
+def test_export_then_import_keeps_pad_vocab_multiple_and_init(cli, tiny_config, tmp_path):
+    """The round trip gave back pad_vocab_multiple 1 and init book, so the imported model's config was not its own."""
+    import dataclasses
+
+    from test_evaluate import save_model_checkpoint
+
+    cfg = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, pad_vocab_multiple=64, init="gpt2"))
+    ckpt = save_model_checkpoint(tmp_path / "run", cfg, 2, seed=1)
+    assert cli("export", ckpt, tmp_path / "hf").exit_code == 0
+    assert cli("import", tmp_path / "hf", "--out", tmp_path / "back").exit_code == 0
+    back = load_checkpoint(tmp_path / "back")
+    assert back.config.model == cfg.model
+    original = load_checkpoint(ckpt).weights
+    assert all(torch.equal(back.weights[k], original[k]) for k in original)
