@@ -235,23 +235,25 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def find_newest_anywhere(root: Path) -> Path | None:
-    """The most recently written complete checkpoint below `root` (runs and imported models)."""
+def find_newest_anywhere(root: Path) -> tuple[Path | None, list[str]]:
+    """The most recently written complete checkpoint below `root` (runs and imported models), and why
+    newer ones were skipped."""
     if not root.is_dir():
-        return None
+        return None, []
     candidates = []
     for manifest in root.glob("**/" + MANIFEST):
         parent = manifest.parent
         if any(part.startswith(".") for part in parent.relative_to(root).parts):
             continue  # temporary directories of a write in progress
         candidates.append((manifest.stat().st_mtime, parent))
+    skipped = []
     for _, path in sorted(candidates, reverse=True):
         try:
             verify_checkpoint(path, check_hashes=False)
-            return path
-        except RunError:
-            continue
-    return None
+            return path, skipped
+        except RunError as e:
+            skipped.append(str(e))
+    return None, skipped
 
 
 def resolve_checkpoint(path: Path, check_hashes: bool = True) -> tuple[Path, list[str]]:

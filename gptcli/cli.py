@@ -1038,10 +1038,15 @@ def export_(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export there (a folder holding anything else is refused).")] = False,
 ) -> None:
     """Export a checkpoint for other tools (hf: config.json, model.safetensors and GPT-2's tokenizer files)."""
+    from gptcli.checkpoint import resolve_checkpoint
+    from gptcli.resolve import checkpoint_note
     from gptcli.weights import export_hf
 
+    path, skipped = resolve_checkpoint(checkpoint)  # a run: its newest step that verifies
+    if note := checkpoint_note(checkpoint, path, skipped):
+        _err(note)
     exporters = {ExportFormat.hf: export_hf}
-    print(exporters[fmt](checkpoint, out, overwrite))
+    print(exporters[fmt](path, out, overwrite))
 
 
 # ---------------------------------------------------------------- prepare

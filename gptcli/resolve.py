@@ -414,26 +414,36 @@ def resolve_model(
     if checkpoint is None and config is not None:
         own = build_config(layers).train.out_dir
         run_dir = Path(own) if own else root / config.stem
-        latest, _ = find_latest(run_dir) if run_dir.is_dir() else (None, [])
+        latest, skipped = find_latest(run_dir) if run_dir.is_dir() else (None, [])
+        damaged = f"; skipped {len(skipped)} damaged: {'; '.join(skipped)}" if skipped else ""
         if latest is not None:
             checkpoint = run_dir
-            notes.append(f"model: {latest} (the run of config={config}; `checkpoint` chooses another)")
+            notes.append(f"{'warning: ' if skipped else ''}model: {latest} (the run of config={config}; "
+                         f"`checkpoint` chooses another{damaged})")
+        elif skipped:  # a trained run whose every checkpoint is damaged: never an untrained model in its place
+            raise RunError(f"{run_dir} (the run of config={config}) holds no checkpoint that verifies{damaged}; "
+                           "`checkpoint` chooses another")
         else:
             notes.append(f"model: untrained, from config={config} (no checkpoint in {run_dir}; "
                          "`checkpoint` chooses one)")
             return Plan(build_config(layers), "model", notes=notes)
     elif checkpoint is None and search:
-        newest = find_newest_anywhere(root)
+        newest, skipped = find_newest_anywhere(root)
         if newest is not None:
             checkpoint = newest
-            notes.append(f"model: {newest} (the newest checkpoint under {root}/; `checkpoint` chooses another)")
+            damaged = f"; skipped {len(skipped)} newer damaged: {'; '.join(skipped)}" if skipped else ""
+            notes.append(f"{'warning: ' if skipped else ''}model: {newest} (the newest checkpoint under {root}/; "
+                         f"`checkpoint` chooses another{damaged})")
+        elif skipped:
+            raise RunError(f"{root}/ holds no checkpoint that verifies; skipped {len(skipped)} damaged: "
+                           f"{'; '.join(skipped)}; `checkpoint` chooses one")
         else:
             notes.append(f"model: untrained (no checkpoint under {root}/; `checkpoint` chooses one)")
             return Plan(build_config(layers), "model", notes=notes)
     elif checkpoint is None:
         return Plan(build_config(layers), "model", notes=notes)
     ckpt = load_checkpoint(checkpoint)
-    if named is not None and (note := _choice_note(named, ckpt)):
+    if named is not None and (note := checkpoint_note(named, ckpt.path, ckpt.skipped)):
         notes.append(note)
     cfg = build_config(layers, _from_checkpoint(ckpt.config, ckpt.path))
     for layer in reversed(layers):
@@ -446,19 +456,19 @@ def resolve_model(
     return Plan(cfg, "model", checkpoint=ckpt.path, ckpt=ckpt, notes=notes)
 
 
-def _choice_note(named: Path, ckpt: Checkpoint) -> Optional[str]:
-    """The one line saying which checkpoint of run `named` is used, when it is neither `named` nor what its
-    `latest` names (`latest` dangling, a newer checkpoint damaged); None when it is."""
-    used = ckpt.path.resolve()
+def checkpoint_note(named: Path, path: Path, skipped: list[str]) -> Optional[str]:
+    """The one line saying which checkpoint `path` of run `named` is used, when it is neither `named` nor what
+    its `latest` names (`latest` dangling, newer checkpoints damaged: `skipped`); None when it is."""
+    used = path.resolve()
     latest = pointer_target(named / "latest")
     if used in {named.resolve(), *(t.resolve() for t in (pointer_target(named), latest) if t is not None)}:
         return None
     why = ("it has no latest" if latest is None else f"its latest names {latest.name}" +
            ("" if latest.is_dir() else ", which is missing"))
-    if ckpt.skipped:
-        return (f"warning: model: {ckpt.path} (the newest checkpoint of {named} that verifies; {why}; skipped "
-                f"{len(ckpt.skipped)} damaged: {'; '.join(ckpt.skipped)})")
-    return f"model: {ckpt.path} (the newest checkpoint of {named} that verifies; {why})"
+    if skipped:
+        return (f"warning: model: {path} (the newest checkpoint of {named} that verifies; {why}; skipped "
+                f"{len(skipped)} damaged: {'; '.join(skipped)})")
+    return f"model: {path} (the newest checkpoint of {named} that verifies; {why})"
 
 
 def build_model(plan: Plan, seed: Optional[int]):
@@ -535,7 +545,7 @@ def newest_run(root: Path = CHECKPOINTS_ROOT) -> tuple[Path, str]:
     Raises:
         RunError: there is none.
     """
-    newest = find_newest_anywhere(root)
+    newest, _ = find_newest_anywhere(root)
     if newest is None:
         raise RunError(f"{root}: no checkpoint found; pass a run directory")
     run = newest.parent if STEP_DIR.match(newest.name) else newest

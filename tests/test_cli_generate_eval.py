@@ -262,3 +262,43 @@ def test_flags_that_cannot_apply_are_refused_by_name(cli, ckpt, tmp_path, args, 
     assert r.exit_code == 2, r.stderr
     assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert all(n in r.stderr for n in names), r.stderr
+
+
+def test_export_of_a_run_whose_newest_step_is_damaged_says_which_step_it_exports(cli, tiny_config, tmp_path):
+    """Audit w2 #2: `export RUN` exported step-10 in silence when step-20 was damaged."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    for step in (10, 20):
+        save_model_checkpoint(run, tiny_config, step, seed=step)
+    with open(run / "step-000020" / "model.safetensors", "ab") as f:
+        f.write(b"x")
+    r = cli("export", run, tmp_path / "hf")
+    assert r.exit_code == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "step-000010" in line]
+    assert len(said) == 1 and "step-000020" in said[0] and said[0].startswith("warning"), r.stderr
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    step10 = load_file(str(run / "step-000010" / "model.safetensors"))
+    assert torch.equal(exported["transformer.wte.weight"], step10["tok_emb.weight"])
+
+
+def test_a_model_chosen_by_the_tool_never_skips_damage_in_silence_nor_falls_back_to_an_untrained_one(
+        cli, tiny_config, tmp_path):
+    """Audit w2 #3: with a config whose run held only a damaged checkpoint, generate said "no checkpoint
+    in checkpoints/tiny" (false) and sampled an untrained model; a skipped newer one went unsaid."""
+    run = tmp_path / "checkpoints" / "tiny"
+    save_model_checkpoint(run, tiny_config, 10, seed=10)
+    (run / "step-000010" / "manifest.json").write_text("{garbage")
+    config = CONFIGS / "tiny.yaml"
+    for how in (["--config", config], []):  # the config's run; the newest under checkpoints/
+        r = cli("generate", "Hi", "--max-new-tokens", "1", *how)
+        assert r.exit_code == 1 and "untrained" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "step-000010" in r.stderr and "verifies" in r.stderr
+    save_model_checkpoint(run, tiny_config, 5, seed=5)
+    later = (run / "step-000005" / "manifest.json").stat().st_mtime + 60
+    os.utime(run / "step-000010" / "manifest.json", (later, later))  # the damaged one is the newest written
+    for how in (["--config", config], []):
+        r = cli("generate", "Hi", "--max-new-tokens", "1", *how)
+        assert r.exit_code == 0, r.stderr
+        said = [line for line in r.stderr.splitlines() if "step-000005" in line]
+        assert len(said) == 1 and said[0].startswith("warning") and "step-000010" in said[0], r.stderr
