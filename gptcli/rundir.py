@@ -117,17 +117,26 @@ def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_s
             "platform": platform.platform(),
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "world_size": world_size,
-            "corpus": {"path": splits.source, "sha256": splits.sha256,
-                       "train_tokens": splits.train_tokens, "val_tokens": splits.val_tokens},
+            "corpus": _corpus(splits),
             "resumes": [],
         }
     else:
         manifest = {"format": RUN_FORMAT, "version": 1, **manifest}  # a run.json from before the marker gets it
-        manifest.setdefault("resumes", []).append({"at_step": resumed_at, "time": now, "command": sys.argv,
-                                                   "device": str(device), "world_size": world_size})
+        resume = {"at_step": resumed_at, "time": now, "command": sys.argv, "device": str(device),
+                  "world_size": world_size}
+        corpus = _corpus(splits)
+        if (manifest.get("corpus") or {}).get("sha256") != corpus["sha256"]:  # allow_data_change: from here
+            resume["corpus"] = manifest["corpus"] = corpus  # on, the run trains on this one
+        manifest.setdefault("resumes", []).append(resume)
     manifest.update(state="running", ended_at=None)  # until record_end says how it ended
     atomic_write(run_dir / RUN_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _corpus(splits) -> dict[str, Any]:
+    """run.json's record of the corpus: what a resume checks its data against."""
+    return {"path": splits.source, "sha256": splits.sha256, "train_tokens": splits.train_tokens,
+            "val_tokens": splits.val_tokens}
 
 
 def git_commit() -> str | None:

@@ -81,7 +81,7 @@ from gptcli.optim import (
 )
 from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
-from gptcli.rundir import StopSignals, prepare_run_dir, read_manifest, record_end, write_run_manifest
+from gptcli.rundir import RUN_MANIFEST, StopSignals, prepare_run_dir, read_manifest, record_end, write_run_manifest
 from gptcli.tasks import evaluate_tasks, tasks_due, tasks_from_config
 from gptcli.tokenizer import decode, encode
 
@@ -872,6 +872,10 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
         raise InputError(f"resume=True: {ckpt.path} trained on a mixture (data.path was a list); data.path "
                          f"{splits.source} is a single source, on which the saved positions cannot continue")
     corpus = manifest.get("corpus") or {}
+    if not corpus.get("sha256") and (run_dir / RUN_MANIFEST).exists() and not allow_data_change:
+        raise InputError(f"resume=True: {run_dir / RUN_MANIFEST} is unreadable or names no corpus, so data.path "
+                         f"{splits.source} cannot be checked against the corpus this run trained on; pass "
+                         "allow_data_change=True to continue on it")
     if corpus.get("sha256") and corpus["sha256"] != splits.sha256:
         if not allow_data_change:
             raise InputError(f"resume=True: data.path {splits.source} (sha256 {splits.sha256[:12]}) is not the corpus "

@@ -396,6 +396,34 @@ def test_resume_on_another_corpus_needs_allow_data_change_and_a_shorter_one_is_a
     assert r.exit_code == 0, r.stderr
 
 
+def test_an_allowed_data_change_is_recorded_so_the_next_resume_checks_the_new_corpus(cli, verdict, tmp_path):
+    """Audit w1 #7: after --allow-data-change, run.json still named the old corpus: a plain --resume
+    of the run (its saved config names the new one) was refused, the old corpus passed silently,
+    and an unreadable run.json skipped the check without a word."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    changed = tmp_path / "changed.txt"
+    changed.write_text(verdict.read_text().replace("Gisburn", "Gisborn"))
+    r = cli("train", "--out", run, "--resume", "--data", changed, "--max-steps", "3", "--allow-data-change", *FAST)
+    assert r.exit_code == 0, r.stderr
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["corpus"]["path"] == str(changed) and manifest["resumes"][-1]["corpus"] == manifest["corpus"]
+    r = cli("train", "--out", run, "--resume", "--max-steps", "4", *FAST)  # the saved config's changed.txt
+    assert r.exit_code == 0, r.stderr
+    r = cli("train", "--out", run, "--resume", "--data", verdict, "--max-steps", "5", *FAST)  # no longer its corpus
+    assert r.exit_code == 2 and re.search(r"allow.data.change", r.stderr), r.stderr
+    # an unreadable run.json cannot vouch for the corpus: refused (it is not gptcli's any more), not skipped
+    (run / "run.json").write_text("{broken")
+    r = cli("train", "--out", run, "--resume", "--max-steps", "5", *FAST)
+    assert r.exit_code == 2 and "run.json" in r.stderr, r.stderr
+    manifest.pop("corpus")  # gptcli's, naming no corpus (hand-edited): refused unless the change is allowed
+    (run / "run.json").write_text(json.dumps(manifest))
+    r = cli("train", "--out", run, "--resume", "--max-steps", "5", *FAST)
+    assert r.exit_code == 2 and "run.json" in r.stderr and re.search(r"allow.data.change", r.stderr), r.stderr
+    r = cli("train", "--out", run, "--resume", "--max-steps", "5", "--allow-data-change", *FAST)
+    assert r.exit_code == 0, r.stderr
+
+
 def test_resuming_a_finished_run_says_so_and_how_to_extend_it(cli, verdict, tmp_path):
     """Issue 12 finding 5: a finished run printed "resuming ... 240 steps" and silently did nothing."""
     run = tmp_path / "run"
