@@ -297,7 +297,9 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
         raw = yaml.safe_load((ckpt_dir / CONFIG).read_text(encoding="utf-8"))
         config = config_from_dict(raw or {}, str(ckpt_dir / CONFIG))
     except (yaml.YAMLError, ConfigError, AttributeError) as e:
-        raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config ({first_line(e)})") from None
+        # our own ConfigError is one line, however long (the list of valid keys); YAML's may be several
+        raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config "
+                       f"({first_line(e, limit=None) if isinstance(e, ConfigError) else first_line(e)})") from None
     try:
         weights = load_file(str(ckpt_dir / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

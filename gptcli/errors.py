@@ -35,6 +35,6 @@ class RunError(GptcliError):
     exit_code = 1
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, for one-line reports."""
+def first_line(e: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message, for one-line reports (at most `limit` characters)."""
     return (str(e).strip().splitlines() or [""])[0][:limit]

@@ -211,6 +211,9 @@ def eval_datasets(cfg: Config, data: Sequence[str | Path] = (), val: bool = True
             datasets += [(f"val ({name})", windows, weight) for name, weight, windows in splits.sources]
         else:
             datasets.append((f"val ({Path(splits.source).name})", splits.val))
+    for path in data:
+        if not Path(path).exists():
+            raise InputError(f"{path}: data file not found (from `data`)")
     datasets += [(f"{path} (validation split)" if is_prepared(Path(path)) else str(path), file_windows(path, ctx))
                  for path in data]
     return datasets

@@ -155,7 +155,7 @@ def test_eval_files_table_and_usage_errors(cli, ckpt, tmp_path, verdict):
     assert [row["dataset"] for row in json.loads(r.stdout)["results"]] == ["notes.txt"]
     for args, message in ((["--no-val"], "--no-val"), (["--show-tokens"], "--show-tokens: needs --text"),
                           (["--text", "a b c", "--all"], "--text: cannot be combined"),
-                          (["--data", "missing.txt"], "missing.txt: data file not found")):
+                          (["--data", "missing.txt"], "missing.txt: data file not found (from --data)")):
         r = cli("eval", "--checkpoint", ckpt, *args)
         assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
 
@@ -302,3 +302,18 @@ def test_a_model_chosen_by_the_tool_never_skips_damage_in_silence_nor_falls_back
         assert r.exit_code == 0, r.stderr
         said = [line for line in r.stderr.splitlines() if "step-000005" in line]
         assert len(said) == 1 and said[0].startswith("warning") and "step-000010" in said[0], r.stderr
+
+
+def test_an_unknown_key_in_a_checkpoints_config_is_one_whole_line(cli, ckpt):
+    """Audit w2 #14: the list of valid keys was cut at 200 characters, mid-word, parenthesis unclosed."""
+    from gptcli.fsio import sha256_file
+
+    config = ckpt / "config.yaml"
+    config.write_text(config.read_text().replace("train:\n", "train:\n  bogus_key: 1\n", 1))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["config.yaml"] = {"sha256": sha256_file(config), "bytes": config.stat().st_size}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("generate", "hi", "--checkpoint", ckpt)
+    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    line = r.stderr.strip()
+    assert "train.bogus_key: unknown key" in line and line.endswith("))") and "weight_decay" in line
