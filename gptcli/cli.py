@@ -695,7 +695,8 @@ def generate(
 
 def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
     """The prompt argument (`-`: all of stdin, less one final newline), then each non-blank line of --prompts-file."""
-    if prompt == "-":
+    prompt_is_stdin = prompt == "-"
+    if prompt_is_stdin:
         try:
             prompt = sys.stdin.read()
         except (OSError, UnicodeDecodeError) as e:
@@ -715,6 +716,13 @@ def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[s
         prompts += lines
     if not prompts or "" in prompts:
         raise InputError("prompt: empty; give the text to continue (or --prompts-file)")
+    if prompt is not None:
+        try:  # argv and a C-locale stdin carry bytes that are not UTF-8 as lone surrogates
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = prompt[e.start].encode("utf-8", "surrogateescape")
+            raise InputError(f"prompt{' -' if prompt_is_stdin else ''}: not UTF-8 text "
+                             f"(byte {byte!r} at character {e.start})") from None
     return prompts
 
 

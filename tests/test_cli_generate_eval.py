@@ -317,3 +317,12 @@ def test_an_unknown_key_in_a_checkpoints_config_is_one_whole_line(cli, ckpt):
     assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     line = r.stderr.strip()
     assert "train.bogus_key: unknown key" in line and line.endswith("))") and "weight_decay" in line
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_as_a_prompts_file_would_be(cli, ckpt):
+    """Audit w2 #12: bytes that are not UTF-8 reach Python as lone surrogates (argv, a C-locale stdin);
+    they were accepted, echoed raw and written to --json as lone surrogates."""
+    r = cli("generate", "caf\udce9", "--checkpoint", ckpt, "--max-new-tokens", "1")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.strip() == "error: prompt: not UTF-8 text (byte b'\\xe9' at character 3)"
+    assert cli("generate", "café", "--checkpoint", ckpt, "--max-new-tokens", "1").exit_code == 0
