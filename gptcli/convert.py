@@ -96,6 +96,9 @@ def config_from_book_state_dict(sd: dict[str, torch.Tensor], n_heads: int | None
         if emb not in GPT2_HEADS:
             raise InputError(f"{where}: emb_dim {emb} is not a GPT-2 width; give n_heads=N (the file does not say)")
         n_heads = GPT2_HEADS[emb]
+    elif emb % n_heads:
+        raise InputError(f"n_heads {n_heads}: {where} is {emb} wide (emb_dim), which {n_heads} heads do not divide",
+                         param="n_heads")
     model = ModelConfig(
         vocab_size=vocab, context_length=sd["pos_emb.weight"].shape[0], emb_dim=emb, n_heads=n_heads,
         n_layers=len(layers), qkv_bias="trf_blocks.0.att.W_query.bias" in sd, gelu="tanh", impl="book",

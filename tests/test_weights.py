@@ -172,6 +172,10 @@ def test_book_pth_imports_and_gives_the_book_logits(cli, tmp_path):
     torch.save(book.state_dict(), tmp_path / "model.pth")
     r = cli("import", tmp_path / "model.pth")
     assert r.exit_code == 2 and "--n-heads" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # heads that do not divide the width: the error names the flag given, not model.* keys (audit w2 #15)
+    r = cli("import", tmp_path / "model.pth", "--n-heads", cfg.emb_dim + 1, "--out", tmp_path / "bad")
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: --n-heads {cfg.emb_dim + 1}:"), r.stderr
+    assert "model.n_heads" not in r.stderr and not (tmp_path / "bad").exists()
     r = cli("import", tmp_path / "model.pth", "--n-heads", cfg.n_heads, "--out", tmp_path / "ckpt")
     assert r.exit_code == 0, r.stderr
     ours = our_model(tmp_path / "ckpt")
