@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,16 @@ def torch_load(path: Path, what: str, error: type[GptcliError] = RunError) -> An
             the message names the file.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's multi-line notes (pickle protocol, ...): the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
     except OSError as e:
         raise error(f"{path}: cannot read {what} ({e.strerror or first_line(e)})") from None
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: the one thing not to do here
+        raise error(f"{path}: refused {what}: not a PyTorch file of plain tensors and containers (gptcli reads "
+                    "nothing else: unpickling other objects could run code)") from None
     except _BAD_FILE as e:
         reason = ": ".join(filter(None, (type(e).__name__, first_line(e))))
         raise error(f"{path}: refused or unreadable {what} ({reason}); only plain tensors and containers are read") from None

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import time
 from pathlib import Path
@@ -160,7 +161,14 @@ def test_code_in_pickles_is_never_run(cli, verdict, tmp_path):
 
     evil_pth = tmp_path / "model.pth"
     torch.save({"tok_emb.weight": torch.zeros(2, 2), "x": _Evil()}, evil_pth)
-    assert cli("import", evil_pth).exit_code == 2
+    r = cli("import", evil_pth)
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {evil_pth}: refused state_dict"), r.stderr
+    # one line, without torch's advice to pass weights_only=False or its escape codes (audit w2 #16)
+    assert len(r.stderr.splitlines()) == 1 and "weights_only" not in r.stderr and "\x1b" not in r.stderr
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(pickle.dumps({"a": 1}, protocol=4))  # not torch's format: torch warns about the protocol
+    r = cli("import", legacy)
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and "Warning" not in r.stderr, r.stderr
 
     hf = tmp_path / "hf"
     hf.mkdir()
