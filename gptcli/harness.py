@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from gptcli.errors import InputError
+from gptcli.errors import InputError, RunError, first_line
 
 try:
     import lm_eval.models  # noqa: F401 (lm-eval fills its registry lazily only while it is empty: fill it first)
@@ -136,8 +136,13 @@ def run_harness(model, tasks: list[str], tasks_dir: Optional[Path] = None, limit
     if unknown:
         raise InputError(f"--harness-task {', '.join(unknown)}: not an lm-eval task"
                          f"{' in ' + str(tasks_dir) if tasks_dir else ''} (lm-eval ls tasks lists them)")
-    results = simple_evaluate(model=GptcliLM(model=model, batch_size=batch_size, data=data), tasks=tasks, task_manager=manager,
-                              limit=limit, log_samples=False)
+    try:
+        results = simple_evaluate(model=GptcliLM(model=model, batch_size=batch_size, data=data), tasks=tasks,
+                                  task_manager=manager, limit=limit, log_samples=False)
+    except OSError as e:  # ConnectionError, the hub's HTTP and offline errors: the task's data could not be had
+        raise RunError(f"--harness-task {', '.join(tasks)}: lm-eval could not get the task's data "
+                       f"({type(e).__name__}: {first_line(e)}); it downloads it from the Hugging Face hub: connect "
+                       "once to cache it (HF_DATASETS_OFFLINE=1 then reads the cache)") from None
     out = {}
     for name, metrics in results["results"].items():
         out[name] = {k.replace(",none", ""): v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))}

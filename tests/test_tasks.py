@@ -452,3 +452,17 @@ def test_rows_sharing_an_input_share_one_forward_and_score_as_alone():
     alone = [score_tokens(model, [pair])[0] for pair in pairs]
     for (a, greedy_a), (b, greedy_b) in zip(together, alone):
         assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b  # other batch shapes: float rounding only
+
+
+def test_a_harness_task_whose_data_cannot_be_fetched_is_one_line_exit_1(cli, toy_ckpt, monkeypatch):
+    """Audit w2 #11: offline, --harness-task hellaswag ended in "internal error: ConnectionError"."""
+    import lm_eval
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    r = cli("eval", "--checkpoint", toy_ckpt, "--harness-task", "hellaswag")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--harness-task hellaswag: lm-eval could not get the task's data" in r.stderr
+    assert "internal error" not in r.stderr
