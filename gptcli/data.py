@@ -55,6 +55,15 @@ def ensure_default_corpus(path: Path, progress: Progress | None = None) -> None:
         ) from None
 
 
+def not_found(path: Path | str, origin: str = "") -> str:
+    """The message for a data path that does not exist, with where it came from (``origin``) and,
+    for a wildcard pattern, that only ``gptcli prepare`` expands them."""
+    where = f" ({origin})" if origin else ""
+    glob_hint = ("; wildcards are expanded by `gptcli prepare` only: prepare the files, or name their folder"
+                 if any(c in str(path) for c in "*?[") else "")
+    return f"{path}: data file not found{where}{glob_hint}"
+
+
 def read_corpus(path: Path, field: str = "text") -> str:
     """The text of a file or folder, its documents joined by <|endoftext|>.
 
@@ -67,7 +76,7 @@ def read_corpus(path: Path, field: str = "text") -> str:
         InputError: the path is missing, empty, not UTF-8, or a folder without such files.
     """
     if not path.exists():
-        raise InputError(f"{path}: data file not found")
+        raise InputError(not_found(path))
     text = END_OF_TEXT.join(read_document_texts(path, field))
     if not text.strip():
         raise InputError(f"{path}: data file is empty")

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from gptcli.checkpoint import list_step_checkpoints, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from gptcli.config import Config, DataConfig
-from gptcli.data import TokenWindows, WindowBatchSampler, load_splits, make_loader, read_corpus
+from gptcli.data import TokenWindows, WindowBatchSampler, load_splits, make_loader, not_found, read_corpus
 from gptcli.documents import as_trained
 from gptcli.errors import InputError, RunError
 from gptcli.loss import cross_entropy
@@ -213,7 +213,7 @@ def eval_datasets(cfg: Config, data: Sequence[str | Path] = (), val: bool = True
             datasets.append((f"val ({Path(splits.source).name})", splits.val))
     for path in data:
         if not Path(path).exists():
-            raise InputError(f"{path}: data file not found (from `data`)")
+            raise InputError(not_found(path, "from `data`"))
     datasets += [(f"{path} (validation split)" if is_prepared(Path(path)) else str(path), file_windows(path, ctx))
                  for path in data]
     return datasets

@@ -22,7 +22,7 @@ from gptcli.checkpoint import (CHECKPOINT_FILES, CONFIG, FORMAT, MANIFEST, STEP_
                                pointer_target, remove_dir)
 from gptcli.config import (Config, ConfigError, DataConfig, Layer, build_config, config_from_dict, config_layers,
                            load_config, map_paths)
-from gptcli.data import DEFAULT_CORPUS
+from gptcli.data import DEFAULT_CORPUS, not_found
 from gptcli.errors import InputError, RunError
 from gptcli.fsio import read_json_object
 from gptcli.loggers import STATE_FILE as LOGGERS_FILE, read_state as read_loggers_state
@@ -569,7 +569,7 @@ def check_data_path(cfg: Config, flag: Optional[str] = None) -> None:
     for i, path in enumerate(paths):
         if not (path.exists() or (not mixture and path.name == Path(DEFAULT_CORPUS).name)):
             key = f"data.path[{i}]" if mixture else "data.path"
-            raise InputError(f"{path}: data file not found ({key} from {flag or describe_origin(cfg, 'data.path')})")
+            raise InputError(not_found(path, f"{key} from {flag or describe_origin(cfg, 'data.path')}"))
     check_split_keys(cfg)
 
 

@@ -631,3 +631,13 @@ def test_tilde_in_a_path_flag_is_the_home_folder_never_a_folder_named_tilde(cli,
             "--eval-iter", "1", "--json")
     assert r.exit_code == 0, r.stderr
     assert not (tmp_path / "~").exists() and (home / "prepared" / "index.json").is_file()
+
+
+def test_a_wildcard_data_path_says_only_prepare_expands_them(cli, verdict, tmp_path):
+    """Audit w3 #19: `prepare 'pq/*.txt'` works; `train`/`eval --data 'pq/*.txt'` only said "not found"."""
+    for command in (["train", "--config", TINY, "--out", "r"], ["loss", "--config", TINY]):
+        r = cli(*command, "--data", "texts/*.txt")
+        assert r.exit_code == 2 and "texts/*.txt: data file not found" in r.stderr and "gptcli prepare" in r.stderr
+    assert train_tiny(cli, verdict, "--out", "run").exit_code == 0
+    r = cli("eval", "--checkpoint", "run", "--data", "texts/*.txt", "--no-val")
+    assert r.exit_code == 2 and "(from --data); wildcards are expanded by `gptcli prepare` only" in r.stderr
