@@ -24,7 +24,7 @@ from typing import Any, Optional
 from gptcli.checkpoint import CONFIG, MANIFEST, list_step_checkpoints
 from gptcli.errors import InputError
 from gptcli.fsio import read_json_object
-from gptcli.report import METRICS, read_metrics
+from gptcli.report import METRICS, read_metrics, render
 from gptcli.resolve import LOCK_FILES, RUN_FILES
 
 RUN_JSON = RUN_FILES[0]  # run.json, written by train
@@ -81,6 +81,15 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     steps = list_step_checkpoints(run_dir)
     reason = read_json_object(steps[-1] / MANIFEST).get("reason") if steps else None
     return {"state": {"end": "finished", "interrupt": "stopped"}.get(reason, "interrupted")}
+
+
+def redraw(run_dir: Path, baseline: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+    """A run's losses.png, and its metrics.csv unless the run is training (``report.render``'s paths).
+
+    A training run appends each record to its metrics.csv: a new file put in its place would
+    lose those rows, so while a process holds the run's lock the CSV is left to it (no "csv").
+    """
+    return render(run_dir, baseline, with_csv=not lock_held(run_dir))
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
