@@ -184,7 +184,8 @@ class StopSignals:
 
 
 def record_end(run_dir: Path, error: Optional[BaseException]) -> None:
-    """Record in RUN/run.json how the run ended: finished (`error` None), stopped by a signal, or failed.
+    """Record in RUN/run.json how the run ended: finished (`error` None), stopped by a signal after saving
+    (``Interrupted``), interrupted at once by a second Ctrl-C (KeyboardInterrupt), or failed.
 
     Called by train with the run lock held. Never raises: a disk that cannot take this
     record must not hide how the run really ended; `gptcli runs` then says interrupted.
@@ -196,8 +197,11 @@ def record_end(run_dir: Path, error: Optional[BaseException]) -> None:
     signum = getattr(error, "signum", None)
     if error is None:
         end: dict[str, Any] = {"state": "finished"}
-    elif signum is not None or isinstance(error, KeyboardInterrupt):
-        end = {"state": "stopped", "signal": signal.Signals(signum or signal.SIGINT).name}
+    elif isinstance(error, KeyboardInterrupt):
+        # A second Ctrl-C stops at once: nothing is saved at the stop (steps after the newest checkpoint are lost).
+        end = {"state": "interrupted", "signal": "SIGINT"}
+    elif signum is not None:
+        end = {"state": "stopped", "signal": signal.Signals(signum).name}
     else:
         end = {"state": "failed", "error": first_line(error) or type(error).__name__}
     manifest.pop("signal", None)

@@ -6,7 +6,8 @@ A run's state comes from its own files and its lock, never from guessing at proc
 - ``finished`` / ``stopped`` (by a signal) / ``failed``: the end-state that ``train`` records in
   RUN/run.json (``state``, ``ended_at``, and the signal or the error) when it returns or raises;
 - ``interrupted``: run.json still says ``running`` but nobody holds the lock: the process was
-  killed (SIGKILL, out of memory, power loss) before it could say how it ended.
+  killed (SIGKILL, out of memory, power loss) before it could say how it ended; or run.json says
+  ``interrupted`` (signal SIGINT): a second Ctrl-C stopped it at once, without saving.
 
 Runs written before the end-state existed are judged by their newest checkpoint's reason.
 Library code: nothing here prints or exits.
@@ -73,7 +74,7 @@ def run_state(run_dir: Path) -> dict[str, Any]:
         pid = _read_text(run_dir / LOCK_PID)
         return {"state": "running", **({"pid": int(pid)} if pid and pid.isdigit() else {})}
     state = manifest.get("state")
-    if state in ("finished", "stopped", "failed"):
+    if state in ("finished", "stopped", "failed", "interrupted"):
         return {k: manifest[k] for k in ("state", "signal", "error", "ended_at") if manifest.get(k) is not None}
     if state == "running":
         return {"state": "interrupted"}  # no end-state and no lock holder: killed

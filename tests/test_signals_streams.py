@@ -8,6 +8,7 @@ descriptor ends with one line on stderr and exit 1.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,9 +16,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import CONFIGS, gptcli_cmd
 from gptcli.checkpoint import find_latest, load_checkpoint
+from gptcli.runs import run_state
 
 TINY = ["--config", str(CONFIGS / "tiny.yaml")]
 CLOSED_PIPE = 141  # 128 + SIGPIPE, the README's exit-code table
@@ -182,3 +185,59 @@ def test_full_or_closed_stdout_is_one_line_and_exit_1(verdict, tmp_path, subproc
     # Warnings and the note naming the model the command chose (issue 12 build 1) may come first.
     errors = [line for line in done.stderr.splitlines() if not line.startswith(("warning: ", "model: "))]
     assert errors == [f"error: cannot write to stdout: {reason}"]
+
+
+# ---- signals at the edges of a run, injected at the exact moment (in-process, no timing)
+
+QUICK = ["--set", "train.max_new_tokens=0", "--set", "train.peak_flops=1e12"]
+
+
+def _train_in_process(cli, verdict, run, *extra):
+    return cli("train", *TINY, "--data", verdict, "--out", run, *QUICK, *extra)
+
+
+def _second_ctrl_c_inside_torch_save(monkeypatch, at_call: int) -> None:
+    """Ctrl-C twice while the `at_call`-th train_state is written: the first sets the stop flag, the
+    second lands in torch.save's write callback, where torch wraps the KeyboardInterrupt in a RuntimeError."""
+    real_save, calls = torch.save, []
+
+    class _Writer:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:
+                signal.raise_signal(signal.SIGINT)  # the second Ctrl-C: StopSignals raises KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != at_call:
+            return real_save(obj, f, *args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C
+        return real_save(obj, _Writer(f), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("at_call, newest", [(1, None), (2, "step-000002")])
+def test_a_second_ctrl_c_inside_a_checkpoint_write_is_an_interruption(cli, verdict, tmp_path, monkeypatch,
+                                                                       at_call, newest):
+    """Audit f2 defect 1: a second Ctrl-C inside torch.save ended in `internal error: RuntimeError: [enforce
+    fail at inline_container.cc:672] . unexpected pos`, exit 1, run.json "failed"; and a second Ctrl-C before
+    any checkpoint recorded "stopped" (which promises a checkpoint to resume). Now: exit 130, "interrupted"
+    (run.json says so, with the signal), no partial checkpoint left, the newest complete one intact."""
+    run = tmp_path / "run"
+    _second_ctrl_c_inside_torch_save(monkeypatch, at_call)
+    result = _train_in_process(cli, verdict, run, "--max-steps", "6", "--set", "train.save_freq=2")
+    assert result.exit_code == 130, result.stderr
+    _no_crash(result.stderr)
+    assert result.stderr.splitlines()[-1] == "interrupted"
+    assert run_state(run) == {"state": "interrupted", "signal": "SIGINT", "ended_at": run_state(run)["ended_at"]}
+    assert [p.name for p in run.iterdir() if p.name.startswith(".tmp-")] == []
+    latest, skipped = find_latest(run)
+    assert (latest.name if latest else None) == newest and not skipped
