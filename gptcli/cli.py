@@ -407,10 +407,15 @@ def train(
         if main and isinstance(e, InputError):
             raise
         if main:  # Interrupted: the checkpoint is saved, and the message says how to go on
+            if e.summary is not None:  # the signal came as the run finished: its result all the same
+                _print_train_result(e.summary, json_out)
             _err(str(e))
         raise typer.Exit(e.exit_code) from None
-    if not main:
-        return
+    if main:
+        _print_train_result(summary, json_out)
+
+
+def _print_train_result(summary: dict[str, Any], json_out: bool) -> None:
     if json_out:
         _print_json(summary)
     else:

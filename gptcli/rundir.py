@@ -8,6 +8,7 @@ and turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -152,24 +153,28 @@ class StopSignals:
     """Turn the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
 
     A second SIGINT stops at once (KeyboardInterrupt); the checkpoints already on
-    disk stay valid because every write is atomic. Handlers are installed only on the
-    main thread (Python allows no other) and restored on exit.
+    disk stay valid because every write is atomic. Inside ``held()`` (the final CSV and
+    plot, the record of how the run ended: a second or so) it waits like the others.
+    ``install()`` sets the handlers, only on the main thread (Python allows no other);
+    ``restore()`` puts the previous ones back. Train keeps them until the run's end is
+    recorded, so a signal during that teardown is a flag too, never the default action.
     """
 
     def __init__(self):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._held = False
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum is not None and signum == signal.SIGINT and not self._held:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __enter__(self):
+    def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 s = getattr(signal, name, None)
-                if s is None:
+                if s is None or s in self._old:
                     continue
                 try:
                     self._old[s] = signal.signal(s, self._handle)
@@ -177,9 +182,25 @@ class StopSignals:
                     continue
         return self
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
+        self._old = {}
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside, a second Ctrl-C also only sets the flag: for short work that must complete."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.restore()
         return False
 
 
