@@ -145,6 +145,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(e, "strerror", None) or first_line(e)
         raise RunError(f"{final}: cannot write checkpoint ({reason}); earlier checkpoints are intact") from None
+    except BaseException:  # a second Ctrl-C: stop at once, leaving no half-written checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)  # (one more Ctrl-C here leaves it for the next start to clean)
+        raise
     return final
 
 
@@ -165,16 +168,18 @@ def _umask() -> int:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    """torch.save, but a failing write (ENOSPC, EIO) surfaces as the OSError it is.
+    """torch.save, but a failing write (ENOSPC, EIO) surfaces as the OSError it is, and a Ctrl-C
+    during it as the KeyboardInterrupt it is.
 
-    torch reports write errors as a RuntimeError ("unexpected pos ...") whose
-    context holds the OSError raised by the file object.
+    torch reports an exception raised by the file object's write (an OSError, or the
+    KeyboardInterrupt a second Ctrl-C raises there) as a RuntimeError ("unexpected pos ...")
+    whose context holds it.
     """
     try:
         with open(path, "wb") as f:
             torch.save(obj, f)
     except RuntimeError as e:
-        if isinstance(e.__context__, OSError):
+        if isinstance(e.__context__, (OSError, KeyboardInterrupt)):
             raise e.__context__ from None
         raise
 

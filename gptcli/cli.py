@@ -418,10 +418,15 @@ def train(
         if main and isinstance(e, InputError):
             raise
         if main:  # Interrupted: the checkpoint is saved, and the message says how to go on
+            if e.summary is not None:  # the signal came as the run finished: its result all the same
+                _print_train_result(e.summary, json_out)
             _err(str(e))
         raise typer.Exit(e.exit_code) from None
-    if not main:
-        return
+    if main:
+        _print_train_result(summary, json_out)
+
+
+def _print_train_result(summary: dict[str, Any], json_out: bool) -> None:
     if json_out:
         _print_json(summary)
     else:
@@ -457,16 +462,19 @@ def plot(
     out: PlotOutOpt = None,
     baseline: Annotated[Optional[str], typer.Option(help="Draw this GPT-2 size's published figures (gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m) as horizontal lines (one run's own plot).")] = None,
 ) -> None:
-    """Redraw losses.png and metrics.csv of a run from its metrics.jsonl; several runs: their curves overlaid."""
+    """Redraw losses.png and metrics.csv (not while the run trains) of a run from its metrics.jsonl; several runs: their curves overlaid."""
     from gptcli import report
-    from gptcli.runs import plot_runs
+    from gptcli.runs import plot_runs, redraw
     from gptcli.tasks import baseline as load_baseline
 
     figures = load_baseline(baseline) if baseline is not None else None
     if len(runs) == 1 and out is None and x is None:  # today's plot: the book's, into the run
         if not (runs[0] / report.METRICS).is_file():
             raise InputError(f"{runs[0]}: no {report.METRICS} (not a run directory?)")
-        print(report.render(runs[0], figures)["plot"])
+        drawn = redraw(runs[0], figures)
+        if "csv" not in drawn:
+            _err(f"{runs[0]}: training now, which keeps {report.CSV} up to date itself; redrew {report.PLOT} only")
+        print(drawn["plot"])
         return
     if figures is not None:
         raise InputError("--baseline: draws on one run's own plot (not with several runs, --x or --out)")

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,12 @@ class LiveReport:
     `plot_interval_s` (and never more often than every 20 drawing times), and on close()
     when it missed an evaluation.
 
+    The CSV is the run's while it trains (``gptcli plot`` leaves it alone then). Should it be
+    replaced all the same (a new file at its path: an older gptcli's plot, a script), the next
+    record or close() finds out (one stat) and rewrites it from metrics.jsonl, whose first
+    ``rows_written`` events are exactly the rows written, instead of appending to a file no
+    longer there.
+
     ``rows_read`` and ``rows_written`` count metrics lines read and CSV rows written.
     """
 
@@ -104,14 +111,15 @@ class LiveReport:
         events = read_metrics(run_dir / METRICS) if (run_dir / METRICS).exists() else []
         self.rows_read = len(events)
         self.evals = [e for e in events if e.get("event") == "eval"]
-        write_csv(events, self.csv_path)
-        self.rows_written = len(events)
-        self._csv = open(self.csv_path, "a", encoding="utf-8", newline="")
+        self.metrics_path = run_dir / METRICS
+        self.rows_written = 0
+        self._csv = self._rewrite(events)
         # A new run plots its first evaluation at once; a resumed one has its plot, redrawn at the cadence.
         self._next_plot = time.perf_counter() + plot_interval_s if self.evals else 0.0
         self._stale = False
 
     def write(self, record: dict[str, Any]) -> None:
+        self._keep_csv()
         self._csv.write(_csv_text([record], header=False))
         self._csv.flush()
         self.rows_written += 1
@@ -122,9 +130,30 @@ class LiveReport:
                 self._plot()
 
     def close(self) -> None:
+        self._keep_csv()
         self._csv.close()
         if self._stale:
             self._plot()
+
+    def _rewrite(self, events: list[dict[str, Any]]):
+        """metrics.csv anew with `events`; returns it open for appending."""
+        write_csv(events, self.csv_path)
+        self.rows_written = len(events)
+        return open(self.csv_path, "a", encoding="utf-8", newline="")
+
+    def _keep_csv(self) -> None:
+        """Rewrite metrics.csv when the file we append to is no longer the one at its path."""
+        try:
+            here = os.stat(self.csv_path)
+        except FileNotFoundError:
+            here = None
+        ours = os.fstat(self._csv.fileno())
+        if here is not None and (here.st_ino, here.st_dev) == (ours.st_ino, ours.st_dev):
+            return
+        events = read_metrics(self.metrics_path)[:self.rows_written] if self.metrics_path.exists() else []
+        self.rows_read += len(events)
+        self._csv.close()
+        self._csv = self._rewrite(events)
 
     def _plot(self) -> None:
         t0 = time.perf_counter()
@@ -200,10 +229,15 @@ def _plot_tasks(ax, scored: list[dict[str, Any]], baseline: dict[str, Any] | Non
     ax.legend(loc="lower right", fontsize="small")
 
 
-def render(run_dir: Path, baseline: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Redraw metrics.csv and losses.png of a run from its metrics.jsonl (with `baseline`'s lines, if given)."""
+def render(run_dir: Path, baseline: dict[str, Any] | None = None, with_csv: bool = True) -> dict[str, Path]:
+    """Redraw metrics.csv and losses.png of a run from its metrics.jsonl (with `baseline`'s lines, if given).
+
+    Args:
+        with_csv: False leaves metrics.csv alone (a run that trains appends to it) and returns no "csv".
+    """
     events = read_metrics(run_dir / METRICS)
-    write_csv(events, run_dir / CSV)
+    if with_csv:
+        write_csv(events, run_dir / CSV)
     corpus = None
     if baseline is not None and (run_dir / "run.json").is_file():
         try:
@@ -211,7 +245,7 @@ def render(run_dir: Path, baseline: dict[str, Any] | None = None) -> dict[str, P
         except (OSError, ValueError):
             corpus = None
     plot_losses(events, run_dir / PLOT, baseline, corpus)
-    return {"metrics": run_dir / METRICS, "csv": run_dir / CSV, "plot": run_dir / PLOT}
+    return {"metrics": run_dir / METRICS, **({"csv": run_dir / CSV} if with_csv else {}), "plot": run_dir / PLOT}
 
 
 def _finite(x: Any) -> float:

@@ -8,6 +8,7 @@ and turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -164,24 +165,28 @@ class StopSignals:
     """Turn the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step.
 
     A second SIGINT stops at once (KeyboardInterrupt); the checkpoints already on
-    disk stay valid because every write is atomic. Handlers are installed only on the
-    main thread (Python allows no other) and restored on exit.
+    disk stay valid because every write is atomic. Inside ``held()`` (the final CSV and
+    plot, the record of how the run ended: a second or so) it waits like the others.
+    ``install()`` sets the handlers, only on the main thread (Python allows no other);
+    ``restore()`` puts the previous ones back. Train keeps them until the run's end is
+    recorded, so a signal during that teardown is a flag too, never the default action.
     """
 
     def __init__(self):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._held = False
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum is not None and signum == signal.SIGINT and not self._held:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __enter__(self):
+    def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 s = getattr(signal, name, None)
-                if s is None:
+                if s is None or s in self._old:
                     continue
                 try:
                     self._old[s] = signal.signal(s, self._handle)
@@ -189,14 +194,31 @@ class StopSignals:
                     continue
         return self
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
+        self._old = {}
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside, a second Ctrl-C also only sets the flag: for short work that must complete."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.restore()
         return False
 
 
 def record_end(run_dir: Path, error: Optional[BaseException]) -> None:
-    """Record in RUN/run.json how the run ended: finished (`error` None), stopped by a signal, or failed.
+    """Record in RUN/run.json how the run ended: finished (`error` None), stopped by a signal after saving
+    (``Interrupted``), interrupted at once by a second Ctrl-C (KeyboardInterrupt), or failed.
 
     Called by train with the run lock held. Never raises: a disk that cannot take this
     record must not hide how the run really ended; `gptcli runs` then says interrupted.
@@ -208,8 +230,11 @@ def record_end(run_dir: Path, error: Optional[BaseException]) -> None:
     signum = getattr(error, "signum", None)
     if error is None:
         end: dict[str, Any] = {"state": "finished"}
-    elif signum is not None or isinstance(error, KeyboardInterrupt):
-        end = {"state": "stopped", "signal": signal.Signals(signum or signal.SIGINT).name}
+    elif isinstance(error, KeyboardInterrupt):
+        # A second Ctrl-C stops at once: nothing is saved at the stop (steps after the newest checkpoint are lost).
+        end = {"state": "interrupted", "signal": "SIGINT"}
+    elif signum is not None:
+        end = {"state": "stopped", "signal": signal.Signals(signum).name}
     else:
         end = {"state": "failed", "error": first_line(error) or type(error).__name__}
     manifest.pop("signal", None)

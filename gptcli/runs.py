@@ -6,7 +6,8 @@ A run's state comes from its own files and its lock, never from guessing at proc
 - ``finished`` / ``stopped`` (by a signal) / ``failed``: the end-state that ``train`` records in
   RUN/run.json (``state``, ``ended_at``, and the signal or the error) when it returns or raises;
 - ``interrupted``: run.json still says ``running`` but nobody holds the lock: the process was
-  killed (SIGKILL, out of memory, power loss) before it could say how it ended.
+  killed (SIGKILL, out of memory, power loss) before it could say how it ended; or run.json says
+  ``interrupted`` (signal SIGINT): a second Ctrl-C stopped it at once, without saving.
 
 Runs written before the end-state existed are judged by their newest checkpoint's reason.
 Library code: nothing here prints or exits.
@@ -24,7 +25,7 @@ from typing import Any, Optional
 from gptcli.checkpoint import CONFIG, MANIFEST, list_step_checkpoints
 from gptcli.errors import InputError
 from gptcli.fsio import read_json_object
-from gptcli.report import METRICS, load_plotting, read_metrics
+from gptcli.report import METRICS, load_plotting, read_metrics, render
 from gptcli.resolve import LOCK_FILES, RUN_FILES
 
 RUN_JSON = RUN_FILES[0]  # run.json, written by train
@@ -73,7 +74,7 @@ def run_state(run_dir: Path) -> dict[str, Any]:
         pid = _read_text(run_dir / LOCK_PID)
         return {"state": "running", **({"pid": int(pid)} if pid and pid.isdigit() else {})}
     state = manifest.get("state")
-    if state in ("finished", "stopped", "failed"):
+    if state in ("finished", "stopped", "failed", "interrupted"):
         return {k: manifest[k] for k in ("state", "signal", "error", "ended_at") if manifest.get(k) is not None}
     if state == "running":
         return {"state": "interrupted"}  # no end-state and no lock holder: killed
@@ -81,6 +82,15 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     steps = list_step_checkpoints(run_dir)
     reason = read_json_object(steps[-1] / MANIFEST).get("reason") if steps else None
     return {"state": {"end": "finished", "interrupt": "stopped"}.get(reason, "interrupted")}
+
+
+def redraw(run_dir: Path, baseline: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+    """A run's losses.png, and its metrics.csv unless the run is training (``report.render``'s paths).
+
+    A training run appends each record to its metrics.csv: a new file put in its place would
+    lose those rows, so while a process holds the run's lock the CSV is left to it (no "csv").
+    """
+    return render(run_dir, baseline, with_csv=not lock_held(run_dir))
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:

@@ -99,14 +99,24 @@ class Events:
 
 
 class Interrupted(GptcliError):
-    """SIGINT/SIGTERM/SIGHUP: the current step finished, a checkpoint was saved."""
+    """SIGINT/SIGTERM/SIGHUP: the current step finished, a checkpoint was saved.
 
-    def __init__(self, signum: int, checkpoint: Path, run_dir: Path):
+    With `summary`: the signal came during the step that completed the run, or after it (the final
+    checkpoint, plot, teardown). The run finished (run.json says so) and `summary` is train's result;
+    the exit code is still the signal's, so that a caller (a shell's ``&&``, a scheduler) sees it honoured.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path, run_dir: Path, summary: dict[str, Any] | None = None):
         name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped after saving {checkpoint}; continue with: gptcli train --out {run_dir} --resume")
+        if summary is None:
+            message = f"{name}: stopped after saving {checkpoint}; continue with: gptcli train --out {run_dir} --resume"
+        else:
+            message = f"{name}: the run finished as it arrived (step {summary['steps']}, saved {checkpoint}); nothing to resume"
+        super().__init__(message)
         self.exit_code = 128 + signum
         self.checkpoint = checkpoint
-        self.signum = signum  # run.json records the signal that stopped the run
+        self.summary = summary
+        self.signum = signum
 
 
 @dataclass
@@ -224,7 +234,9 @@ def train(
     Raises:
         InputError: bad data, config or run directory (nothing is written then).
         RunError: a non-finite loss or a failing disk.
-        Interrupted: SIGINT/SIGTERM/SIGHUP after the checkpoint was written.
+        Interrupted: SIGINT/SIGTERM/SIGHUP after the checkpoint was written; also when the signal came
+            with the last step or after it (the run finished: its ``summary`` is the result).
+        KeyboardInterrupt: a second Ctrl-C, which stops at once (run.json: interrupted).
     """
     events = events or Events()
     device = resolve_device(cfg.train.device)
@@ -289,24 +301,37 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     # Experiment trackers (rank 0): closed however the run ends, so that a resume continues their runs.
     trackers = loggers.Trackers(t.loggers if info.is_main else [], run_dir, t.logger_timeout, events.warn, ckpt is not None)
     ended: BaseException | None = None  # how the run ended, recorded in run.json for `gptcli runs`
+    stop = StopSignals()  # installed by the loop; kept until run.json says how the run ended
     try:
         for reason in ckpt.skipped if ckpt is not None else []:
             events.warn(f"skipped a damaged checkpoint: {reason}")
         with _tf32(_tf32_wanted(cfg, device, events, info)):
-            return _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, in_backward,
-                               trackers), ckpt)
+            summary = _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, in_backward,
+                                  trackers), ckpt, stop)
     except BaseException as e:
         ended = e
         raise
     finally:
-        trackers.close()  # a stopped or failed run is marked so (the exception in flight); a no-op once closed
-        if lock is not None:
-            record_end(run_dir, ended)
-            lock.close()
+        try:
+            if lock is not None:
+                with stop.held():  # recorded even if a second Ctrl-C comes now
+                    record_end(run_dir, ended)
+            trackers.close()  # a stopped or failed run is marked so (the exception in flight); a no-op once closed
+        finally:
+            stop.restore()
+            if lock is not None:
+                lock.close()
+    if stop.signum is not None:  # it came with the last step or after it: every step is saved, the run finished
+        raise Interrupted(stop.signum, Path(summary["checkpoint"]), run_dir, summary)
+    return summary
 
 
-def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
-    """The training loop: lr -> accumulate -> optimizer step -> log -> evaluate -> sample -> save."""
+def _loop(run: _Run, ckpt: Checkpoint | None, stop: StopSignals) -> dict[str, Any]:
+    """The training loop: lr -> accumulate -> optimizer step -> log -> evaluate -> sample -> save.
+
+    A stop signal is checked after each step: the step finishes, a checkpoint is saved and
+    Interrupted raised, unless that step completed the run (then the run ends as finished).
+    """
     t, info = run.cfg.train, run.info
     state = restore(run, ckpt)
     stream = _micro_batches(run.train_loader, state.position, t.num_epochs, _rng_restorer(run, state))
@@ -324,34 +349,35 @@ def _loop(run: _Run, ckpt: Checkpoint | None) -> dict[str, Any]:
     })
     run.model.train()
     try:
-        with StopSignals() as stop:
-            while state.step < run.total_steps:
-                lr = _set_lr(run.optimizer, _lr_at(state.step, run.total_steps, t))
-                log_now = state.step + 1 in (1, run.total_steps) or (state.step + 1) % t.log_freq == 0
-                loss, micro_steps = accumulate(run, state, stream, metrics)
-                loss_value, grad_norm = optimizer_step(run, state, loss, log_now)
-                state.step += 1
-                state.tokens_seen += micro_steps * run.tokens_per_micro
-                if run.guard.defer and (log_now or (state.step - 1) % t.eval_freq == 0):
-                    run.guard.check(run, state)
-                if info.is_main and log_now:
-                    run.events.log(metrics.train_record(state.step, state.epoch_number, state.tokens_seen,
-                                                        loss_value, lr, grad_norm, run.scaler.scale))
-                with metrics.paused():  # throughput counts training time only
-                    final = state.step == run.total_steps and (state.step - 1) % t.eval_freq != 0
-                    if (state.step - 1) % t.eval_freq == 0 or final:
-                        evaluate(run, state, metrics, lr, final)
-                    sample(run, state)
-                    interrupted = _stop_requested(run, stop, log_now)
-                    if state.step == run.total_steps or interrupted or (t.save_freq and state.step % t.save_freq == 0):
-                        path = save(run, state, metrics, "interrupt" if interrupted else
-                                    "end" if state.step == run.total_steps else "cadence")
-                        if interrupted:
-                            raise Interrupted(stop.signum or signal.SIGTERM, path, run.run_dir)
+        stop.install()
+        while state.step < run.total_steps:
+            lr = _set_lr(run.optimizer, _lr_at(state.step, run.total_steps, t))
+            log_now = state.step + 1 in (1, run.total_steps) or (state.step + 1) % t.log_freq == 0
+            loss, micro_steps = accumulate(run, state, stream, metrics)
+            loss_value, grad_norm = optimizer_step(run, state, loss, log_now)
+            state.step += 1
+            state.tokens_seen += micro_steps * run.tokens_per_micro
+            if run.guard.defer and (log_now or (state.step - 1) % t.eval_freq == 0):
+                run.guard.check(run, state)
+            if info.is_main and log_now:
+                run.events.log(metrics.train_record(state.step, state.epoch_number, state.tokens_seen,
+                                                    loss_value, lr, grad_norm, run.scaler.scale))
+            with metrics.paused():  # throughput counts training time only
+                final = state.step == run.total_steps and (state.step - 1) % t.eval_freq != 0
+                if (state.step - 1) % t.eval_freq == 0 or final:
+                    evaluate(run, state, metrics, lr, final)
+                sample(run, state)
+                interrupted = _stop_requested(run, stop, log_now)
+                done = state.step == run.total_steps  # a signal with this step: the run ends finished
+                if done or interrupted or (t.save_freq and state.step % t.save_freq == 0):
+                    path = save(run, state, metrics, "end" if done else "interrupt" if interrupted else "cadence")
+                    if interrupted and not done:
+                        raise Interrupted(stop.signum or signal.SIGTERM, path, run.run_dir)
         if state.last_saved_step != state.step:
             save(run, state, metrics, "end")
     finally:
-        metrics.close()  # the CSV and the plot complete, also when the run stops on an error
+        with stop.held():
+            metrics.close()  # the CSV and the plot complete, also when the run stops on an error or a signal
     return _summary(run, state, metrics.elapsed())
 
 

@@ -99,3 +99,61 @@ def test_train_records_report_peak_memory_data_wait_and_eta(verdict, tmp_path):
     assert all(math.isfinite(r["tokens_per_s"]) for r in steps)
     header = (tmp_path / "run" / report.CSV).read_text().splitlines()[0].split(",")
     assert {"peak_host_mb", "peak_device_mb", "data_wait_s", "eta_s"} <= set(header)
+
+
+def _record(step: int) -> dict:
+    return {"event": "eval", "step": step, "epoch": 1, "epoch_progress": step / 10, "tokens_seen": 128 * step,
+            "train_loss": 5.0, "val_loss": 6.0}
+
+
+def _live_run(run, steps):
+    """A run's two metrics sinks, after `steps` records."""
+    log, live = report.MetricsLog(run), report.LiveReport(run, plot_interval_s=3600)
+    for step in steps:
+        log.write(_record(step))
+        live.write(_record(step))
+    return log, live
+
+
+def _csv_steps(run) -> list[int]:
+    import csv
+
+    return [int(row["step"]) for row in csv.DictReader((run / report.CSV).open())]
+
+
+def test_plot_of_a_running_run_leaves_its_live_metrics_csv_whole(cli, tmp_path):
+    """Audit f2 defect 2: `gptcli plot RUN` during training replaced metrics.csv (a new file) while the run
+    kept appending to the old, unlinked one: the CSV lost every later row for good (31 records, 20 lines).
+    The CSV of a run that holds its lock belongs to the run: plot redraws the PNG only and says so."""
+    from gptcli.rundir import lock_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = lock_run(run)
+    log, live = _live_run(run, range(1, 4))
+    result = cli("plot", run)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(run / report.PLOT)
+    assert "metrics.csv" in result.stderr and "training" in result.stderr
+    for step in range(4, 7):
+        log.write(_record(step))
+        live.write(_record(step))
+    log.close()
+    live.close()
+    lock.close()
+    assert _csv_steps(run) == list(range(1, 7))
+
+
+def test_a_live_csv_replaced_behind_its_writer_is_rewritten_whole(tmp_path):
+    """Audit f2 defect 2, the writer's side: whoever replaces metrics.csv during a run (an older gptcli's
+    plot, a script), the run's next record rewrites it from metrics.jsonl, so no row is lost for good."""
+    log, live = _live_run(tmp_path, range(1, 4))
+    report.write_csv([_record(1)], tmp_path / report.CSV)  # a new file, as of an earlier moment
+    for step in range(4, 6):
+        log.write(_record(step))
+        live.write(_record(step))
+    assert _csv_steps(tmp_path) == list(range(1, 6))
+    report.write_csv([], tmp_path / report.CSV)  # replaced once more, after the last record
+    log.close()
+    live.close()
+    assert _csv_steps(tmp_path) == list(range(1, 6))

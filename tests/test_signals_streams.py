@@ -8,6 +8,7 @@ descriptor ends with one line on stderr and exit 1.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,9 +16,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import CONFIGS, gptcli_cmd
 from gptcli.checkpoint import find_latest, load_checkpoint
+from gptcli.fsio import read_json_object
+from gptcli.runs import run_state
 
 TINY = ["--config", str(CONFIGS / "tiny.yaml")]
 CLOSED_PIPE = 141  # 128 + SIGPIPE, the README's exit-code table
@@ -182,3 +186,130 @@ def test_full_or_closed_stdout_is_one_line_and_exit_1(verdict, tmp_path, subproc
     # Warnings and the note naming the model the command chose (issue 12 build 1) may come first.
     errors = [line for line in done.stderr.splitlines() if not line.startswith(("warning: ", "model: "))]
     assert errors == [f"error: cannot write to stdout: {reason}"]
+
+
+# ---- signals at the edges of a run, injected at the exact moment (in-process, no timing)
+
+QUICK = ["--set", "train.max_new_tokens=0", "--set", "train.peak_flops=1e12"]
+
+
+def _train_in_process(cli, verdict, run, *extra):
+    return cli("train", *TINY, "--data", verdict, "--out", run, *QUICK, *extra)
+
+
+def _second_ctrl_c_inside_torch_save(monkeypatch, at_call: int) -> None:
+    """Ctrl-C twice while the `at_call`-th train_state is written: the first sets the stop flag, the
+    second lands in torch.save's write callback, where torch wraps the KeyboardInterrupt in a RuntimeError."""
+    real_save, calls = torch.save, []
+
+    class _Writer:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:
+                signal.raise_signal(signal.SIGINT)  # the second Ctrl-C: StopSignals raises KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != at_call:
+            return real_save(obj, f, *args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C
+        return real_save(obj, _Writer(f), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("at_call, newest", [(1, None), (2, "step-000002")])
+def test_a_second_ctrl_c_inside_a_checkpoint_write_is_an_interruption(cli, verdict, tmp_path, monkeypatch,
+                                                                       at_call, newest):
+    """Audit f2 defect 1: a second Ctrl-C inside torch.save ended in `internal error: RuntimeError: [enforce
+    fail at inline_container.cc:672] . unexpected pos`, exit 1, run.json "failed"; and a second Ctrl-C before
+    any checkpoint recorded "stopped" (which promises a checkpoint to resume). Now: exit 130, "interrupted"
+    (run.json says so, with the signal), no partial checkpoint left, the newest complete one intact."""
+    run = tmp_path / "run"
+    _second_ctrl_c_inside_torch_save(monkeypatch, at_call)
+    result = _train_in_process(cli, verdict, run, "--max-steps", "6", "--set", "train.save_freq=2")
+    assert result.exit_code == 130, result.stderr
+    _no_crash(result.stderr)
+    assert result.stderr.splitlines()[-1] == "interrupted"
+    assert run_state(run) == {"state": "interrupted", "signal": "SIGINT", "ended_at": run_state(run)["ended_at"]}
+    assert [p.name for p in run.iterdir() if p.name.startswith(".tmp-")] == []
+    latest, skipped = find_latest(run)
+    assert (latest.name if latest else None) == newest and not skipped
+
+
+def _signal_inside(monkeypatch, owner, name: str, signum: int) -> None:
+    """Send this process `signum` when `owner.name` is called (then run it)."""
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        signal.raise_signal(signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.fixture
+def sigterm_kills():
+    """SIGTERM that reaches no handler of gptcli's ends the test with an error (in a real process it kills it, -15)."""
+    def die(signum, frame):
+        raise AssertionError("SIGTERM reached the default action: the process would have died (-15)")
+
+    old = signal.signal(signal.SIGTERM, die)
+    yield
+    signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_final_checkpoint_leaves_the_run_finished(cli, verdict, tmp_path, monkeypatch,
+                                                                     sigterm_kills, name):
+    """Audit f2 defect 3: a signal during the final plot (after the last checkpoint) was not handled:
+    SIGTERM killed the process silently (run.json "running", `gptcli runs` "interrupted"), SIGINT recorded
+    "stopped" and its resume said "already finished". Now the teardown completes, the run is recorded
+    finished, its result printed, and the exit code is the signal's (a shell's `&&` chain stops)."""
+    from gptcli import report
+
+    run = tmp_path / "run"
+    _signal_inside(monkeypatch, report.LiveReport, "close", getattr(signal, name))
+    result = _train_in_process(cli, verdict, run, "--max-steps", "3", "--json")
+    code = 128 + getattr(signal, name)
+    assert result.exit_code == code, result.stderr
+    _no_crash(result.stderr)
+    assert json.loads(result.stdout)["steps"] == 3
+    assert "--resume" not in result.stderr and "finished" in result.stderr.splitlines()[-1]
+    assert run_state(run)["state"] == "finished"
+    assert len((run / "metrics.csv").read_text().splitlines()) == 1 + len((run / "metrics.jsonl").read_text().splitlines())
+    _assert_finished(run, 3)
+
+
+def test_a_signal_during_the_last_step_finishes_the_run(cli, verdict, tmp_path, monkeypatch):
+    """Audit f2 defect 4: SIGTERM during the step that completes the run reported "stopped, continue with:
+    gptcli train --out RUN --resume" (exit 143, no --json summary, run.json "stopped", checkpoint reason
+    "interrupt"), and the resume then said the run already finished. Now that step ends the run: finished,
+    reason "end", the summary printed, exit 143, and no hint to resume."""
+    from gptcli import train as train_module
+
+    run = tmp_path / "run"
+    real = train_module.optimizer_step
+
+    def step(run_, state, *args, **kwargs):
+        if state.step + 1 == run_.total_steps:  # the last step: SIGTERM arrives while it computes
+            signal.raise_signal(signal.SIGTERM)
+        return real(run_, state, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", step)
+    result = _train_in_process(cli, verdict, run, "--max-steps", "3", "--json")
+    assert result.exit_code == 143, result.stderr
+    _no_crash(result.stderr)
+    assert json.loads(result.stdout)["checkpoint"] == str(run / "step-000003")
+    assert "--resume" not in result.stderr and "finished" in result.stderr.splitlines()[-1]
+    assert run_state(run)["state"] == "finished"
+    assert read_json_object(run / "step-000003" / "manifest.json")["reason"] == "end"
+    resumed = _train_in_process(cli, verdict, run, "--resume")
+    assert resumed.exit_code == 0 and "already finished" in resumed.stderr
