@@ -61,12 +61,11 @@ def test_a_failing_fsync_keeps_the_old_file_and_no_temporary(tmp_path, monkeypat
 
 
 def test_temporaries_carry_the_prefix_run_directories_recognise_as_ours(tmp_path):
-    from gptcli.checkpoint import clean_temporaries
-    from gptcli.resolve import OUR_TEMPORARIES
+    from gptcli.checkpoint import TEMPORARY, clean_temporaries
 
     leftover = fsio.temp_path(tmp_path / "metrics.csv")
     leftover.write_text("half", encoding="utf-8")
-    assert leftover.name.startswith(OUR_TEMPORARIES)
+    assert TEMPORARY.match(leftover.name)  # the pattern run directories recognise as gptcli's own
     clean_temporaries(tmp_path)
     assert not leftover.exists()
 
