@@ -106,10 +106,6 @@ def check_import_target(out: Path, overwrite: bool = False) -> None:
         InputError: `out` is not a directory, holds files an import did not write, or holds an
             earlier import and `overwrite` is false.
     """
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
     listed: set[str] = set()
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -117,13 +113,28 @@ def check_import_target(out: Path, overwrite: bool = False) -> None:
             listed = set(manifest["files"]) | {MANIFEST}
     except (OSError, ValueError):
         pass
-    entries = [p for p in out.iterdir() if p.name != DOWNLOADS and not p.name.startswith(".tmp-")]
-    foreign = sorted(p.name for p in entries if p.name not in listed or not p.is_file() or p.is_symlink())
+    _check_target(out, overwrite, "an imported checkpoint", "import", listed, lambda: bool(listed),
+                  ignore=lambda p: p.name == DOWNLOADS or p.name.startswith(".tmp-"))
+
+
+def _check_target(out: Path, overwrite: bool, held: str, command: str, own_files, is_ours,
+                  ignore=lambda p: False) -> None:
+    """The one rule of import and export targets: missing or empty is taken; only files `command`
+    writes (`own_files`, and `is_ours()` true of them) are replaced, and only with `overwrite`;
+    anything else is refused, naming it, and nothing is deleted."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; choose another name (nothing was deleted)")
+    entries = [p for p in out.iterdir() if not ignore(p)]
+    foreign = sorted(p.name for p in entries if p.name not in own_files or not p.is_file() or p.is_symlink())
+    if entries and not foreign and not is_ours():
+        foreign = [f"{' and '.join(sorted(p.name for p in entries))} (not marked as gptcli's)"]
     if foreign:
-        raise InputError(f"{out}: holds {_names(foreign)}, which no gptcli import wrote; "
+        raise InputError(f"{out}: holds {_names(foreign)}, which no gptcli {command} wrote; "
                          "choose another directory (nothing was deleted)")
     if entries and not overwrite:
-        raise InputError(f"{out}: holds an imported checkpoint; pass overwrite=True to replace it")
+        raise InputError(f"{out}: holds {held}; pass overwrite=True to replace it")
 
 
 def _names(names: list[str], limit: int = 5) -> str:
@@ -178,24 +189,13 @@ def check_export_target(out: Path, overwrite: bool = False) -> None:
         InputError: `out` is a file, holds anything an export did not write, or holds an
             earlier export and `overwrite` is false.
     """
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_symlink() or not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; choose another name (nothing was deleted)")
-    entries = list(out.iterdir())
-    foreign = sorted(p.name for p in entries if p.name not in EXPORT_FILES or not p.is_file() or p.is_symlink())
-    if entries and not foreign:
+    def is_ours() -> bool:
         try:
-            ours = isinstance(read_json(out / "config.json").get(GPTCLI_KEY), dict)
+            return isinstance(read_json(out / "config.json").get(GPTCLI_KEY), dict)
         except InputError:
-            ours = False
-        if not ours:
-            foreign = [f"config.json (no {GPTCLI_KEY!r} entry)"]
-    if foreign:
-        raise InputError(f"{out}: holds {_names(foreign)}, which no gptcli export wrote; "
-                         "choose another directory (nothing was deleted)")
-    if entries and not overwrite:
-        raise InputError(f"{out}: holds an earlier export; pass overwrite=True to replace it")
+            return False
+
+    _check_target(out, overwrite, "an earlier export", "export", EXPORT_FILES, is_ours)
 
 
 def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
