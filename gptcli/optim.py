@@ -55,9 +55,7 @@ def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer | "MuonA
     adamw = _adamw(rest, t)
     if t.optimizer != "muon":
         return adamw
-    if any(type(p).__name__ == "DTensor" for p in muon_params):
-        raise InputError("train.optimizer muon: needs whole matrices; it does not run on FSDP-sharded weights "
-                         "(train.distributed fsdp): use ddp")
+    check_optimizer(t, fsdp=any(type(p).__name__ == "DTensor" for p in muon_params))
     m = {**MUON_DEFAULTS, **(t.muon or {})}
     lr = m["lr"] if m["lr"] is not None else t.learning_rate
     muon = torch.optim.Muon(
@@ -65,6 +63,17 @@ def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer | "MuonA
         weight_decay=m["weight_decay"] if m["weight_decay"] is not None else t.weight_decay,
         adjust_lr_fn=m["adjust_lr_fn"])
     return MuonAdamW(muon, adamw, lr / t.learning_rate)
+
+
+def check_optimizer(t, fsdp: bool) -> None:
+    """Refuse train.optimizer where it cannot run; called before the run directory is touched.
+
+    Raises:
+        InputError: train.optimizer muon with FSDP-sharded weights (Muon orthogonalises whole matrices).
+    """
+    if t.optimizer == "muon" and fsdp:
+        raise InputError("train.optimizer muon: needs whole matrices; it does not run on FSDP-sharded weights "
+                         "(train.distributed fsdp): use ddp")
 
 
 def _adamw(params: list[torch.Tensor], t) -> torch.optim.AdamW:

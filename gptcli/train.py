@@ -73,6 +73,7 @@ from gptcli.loss import training_loss
 from gptcli.hostmem import set_host_memory
 from gptcli.optim import (
     build_optimizer,
+    check_optimizer,
     full_optimizer_states,
     in_backward_blocker,
     load_optimizer_states,
@@ -284,6 +285,8 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     _check_batches(splits, t.batch_size, info.world_size)
     precision = resolve_precision(t.precision, device)[0]  # a precision this device cannot train in: refused here
     _loss_chunk(cfg, info)
+    check_optimizer(t, fsdp=info.enabled and t.distributed == "fsdp")
+    eval_tasks = tasks_from_config(t.eval_tasks)  # read and checked here: a bad task file must not cost the run
 
     # Everything that can be wrong with the inputs is checked before the run directory is touched.
     init_weights = None
@@ -307,7 +310,7 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
             events.warn(f"skipped a damaged checkpoint: {reason}")
         with _tf32(_tf32_wanted(cfg, device, events, info)):
             summary = _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, in_backward,
-                                  trackers), ckpt, stop)
+                                  trackers, eval_tasks), ckpt, stop)
     except BaseException as e:
         ended = e
         raise
@@ -385,7 +388,8 @@ def _loop(run: _Run, ckpt: Checkpoint | None, stop: StopSignals) -> dict[str, An
 
 
 def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint | None, events: Events,
-          device: torch.device, info: DistInfo, defer: bool, in_backward: bool, trackers: loggers.Trackers) -> _Run:
+          device: torch.device, info: DistInfo, defer: bool, in_backward: bool, trackers: loggers.Trackers,
+          eval_tasks: list) -> _Run:
     """The model (book order: seed, build, move, then the optimizer), its wrappers, the loaders."""
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -431,7 +435,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
                 guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision,
-                eval_tasks=tasks_from_config(t.eval_tasks), trackers=trackers, in_backward=in_backward)
+                eval_tasks=eval_tasks, trackers=trackers, in_backward=in_backward)
 
 
 def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:

@@ -130,6 +130,22 @@ def test_nproc_exits_with_the_processes_code_and_one_line(tmp_path, subprocess_e
 
 
 @pytest.mark.slow
+def test_muon_under_fsdp_is_refused_before_an_overwrite_deletes_the_run(tmp_path, subprocess_env):
+    run = tmp_path / "run"
+    train(load_config(CONFIGS / "tiny.yaml", {"data.path": str(VERDICT), "train.device": "cpu",
+                                              "train.max_steps": 2, "train.max_new_tokens": 0}), run)
+    before = sorted(p.name for p in run.iterdir())
+    cmd = gptcli_cmd() + ["train", "--nproc", "2", *_common(VERDICT, run, 2), "--overwrite",
+                          "--set", "train.optimizer=muon", "--set", "train.distributed=fsdp"]
+    result = subprocess.run(cmd, env=subprocess_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: train.optimizer muon: needs whole matrices; it does not run on FSDP-sharded weights "
+        "(train.distributed fsdp): use ddp"]
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing deleted for a refused config
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path, subprocess_env):
     """SIGTERM to rank 1 alone: every rank stops after the same step, one checkpoint, exit 143."""
     out = tmp_path / "run"

@@ -330,6 +330,21 @@ def test_eval_tasks_cadence_and_bad_entries(verdict, tmp_path):
         train(tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": ["winogrande"]}), tmp_path / "bad")
 
 
+def test_bad_eval_tasks_are_refused_before_an_overwrite_deletes_the_run(verdict, tmp_path):
+    """A refused config costs nothing: the run --overwrite would have replaced keeps every file."""
+    from gptcli.errors import InputError
+    from gptcli.train import train
+
+    run = tmp_path / "run"
+    train(tiny_run_config(verdict, tmp_path, False, **{"train.max_steps": 3}), run)
+    before = sorted(p.name for p in run.iterdir())
+    bad = tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": [{"name": "hellaswag",
+                                                                            "data": str(tmp_path / "none.jsonl")}]})
+    with pytest.raises(InputError, match=r"train.eval_tasks\[0\].data"):
+        train(bad, run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "step-000003").is_dir()
+
+
 def test_plot_draws_the_task_panel_and_baseline_lines(tmp_path, monkeypatch):
     from gptcli import report
     from gptcli.tasks import baseline
