@@ -889,7 +889,11 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
     """
     manifest = read_manifest(run_dir)
     runs = [manifest] + list(manifest.get("resumes") or [])
-    world = next((r["world_size"] for r in reversed(runs) if isinstance(r.get("world_size"), int)), info.world_size)
+    step = ckpt.train_state["step"]
+    # The session that saved the checkpoint: the last one started before its step (a resume stopped before
+    # its first checkpoint, perhaps at another process count, saved nothing of what is resumed now).
+    world = next((r["world_size"] for r in reversed(runs)
+                  if isinstance(r.get("world_size"), int) and (r.get("at_step") or 0) < step), info.world_size)
     saved_batch, batch = ckpt.config.train.batch_size, cfg.train.batch_size
     if world * saved_batch != info.world_size * batch:
         raise InputError(
@@ -919,7 +923,6 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
                              "position cannot carry over (start a new run from its checkpoint with `init_from` instead)")
     per_epoch = len(splits.train) // (cfg.train.batch_size * info.world_size)  # the loader drops a partial batch
     total = _total_steps(cfg.train, per_epoch, cfg.train.batch_size * info.world_size * cfg.model.context_length)
-    step = ckpt.train_state["step"]
     if step >= total:
         events.warn(f"{run_dir}: the run already finished at step {step}; nothing to train. To extend it, "
                     f"resume with train.max_steps N or train.num_epochs N beyond it (now {cfg.train.num_epochs} epoch(s)"

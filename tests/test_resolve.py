@@ -380,6 +380,22 @@ def test_resume_with_another_process_count_is_refused(cli, verdict, tmp_path):
     assert r.exit_code == 2 and re.search(r"(--batch-size|train\.batch_size) 4", r.stderr) and "2 process" in r.stderr
 
 
+def test_resume_checks_the_process_count_of_the_session_that_saved_the_checkpoint(cli, verdict, tmp_path):
+    """A resume at 2 processes killed before its first checkpoint must not change the global batch the run
+    resumes at: the checkpoint was saved by 1 process at batch 4."""
+    run = tmp_path / "run"
+    assert train_tiny(cli, verdict, "--out", run).exit_code == 0
+    manifest = json.loads((run / "run.json").read_text())
+    step = json.loads((run / "latest" / "manifest.json").read_text())["step"]
+    manifest["resumes"].append({"at_step": step, "time": manifest["started"], "command": [], "device": "cpu",
+                                "world_size": 2})  # batch 2 x 2 processes, SIGKILLed before it saved
+    (run / "run.json").write_text(json.dumps(manifest))
+    r = cli("train", "--out", run, "--resume", "--batch-size", "8", "--max-steps", str(step + 1))
+    assert r.exit_code == 2 and "the run's is 4 x 1 = 4" in r.stderr, r.stderr
+    r = cli("train", "--out", run, "--resume", "--max-steps", str(step + 1), *FAST)
+    assert r.exit_code == 0, r.stderr
+
+
 def test_resume_on_another_corpus_needs_allow_data_change_and_a_shorter_one_is_a_clear_error(cli, verdict, tmp_path):
     """Issue 12 finding 5: another corpus was accepted without a word; a shorter one gave StopIteration."""
     run = tmp_path / "run"
