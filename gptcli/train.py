@@ -512,13 +512,14 @@ def evaluate(run: _Run, state: TrainState, metrics: Metrics, lr: float, final: b
     # The final evaluation leaves the RNG as it found it: its training-loader draws would
     # otherwise change what a run extended by resume=True trains on.
     rng_before = _get_rng(run.device, run.info) if final else None
-    train_eval = evaluate_loss(run.scorer, run.train_eval_loader, run.device, t.eval_iter, run.autocast, run.reduce)
+    batches = _eval_batches(run)
+    train_eval = evaluate_loss(run.scorer, run.train_eval_loader, run.device, batches, run.autocast, run.reduce)
     by_source = _source_losses(run)
     if by_source:  # a mixture: the overall loss weighs each source's as the mixture does
         sources = run.splits.sources
         val_eval = {"loss": weighted_mean([by_source[n] for n, _, _ in sources], [w for _, w, _ in sources])}
     else:
-        val_eval = evaluate_loss(run.scorer, run.val_loader, run.device, t.eval_iter, run.autocast, run.reduce)
+        val_eval = evaluate_loss(run.scorer, run.val_loader, run.device, batches, run.autocast, run.reduce)
     if rng_before is not None:
         _set_rng(rng_before, run.device, run.info, t.seed + state.step)
     # Multiple-choice accuracy (train.eval_tasks): eval mode, no RNG draws, so training is unchanged.
@@ -770,8 +771,16 @@ def _source_losses(run: _Run) -> dict[str, float]:
     for name, _, windows in run.splits.sources:
         loader = make_loader(windows, t.batch_size, False, False, info.rank, info.world_size, "stride",
                              run.device.type == "cuda")
-        out[name] = evaluate_loss(run.scorer, loader, run.device, t.eval_iter, run.autocast, run.reduce)["loss"]
+        out[name] = evaluate_loss(run.scorer, loader, run.device, _eval_batches(run), run.autocast, run.reduce)["loss"]
     return out
+
+
+def _eval_batches(run: _Run) -> int | None:
+    """Batches of the per-process batch size that train.eval_iter means: the evaluation loaders give whole
+    batches to the ranks in turn, so N processes score eval_iter x N of them, the windows one process with
+    batch N x b scores in eval_iter batches (the same estimate at any process count, also across a resume)."""
+    eval_iter = run.cfg.train.eval_iter
+    return eval_iter * run.info.world_size if eval_iter is not None else None
 
 
 def _nonfinite(value: float, at_step: int, run_dir: Path, last_saved_step: int, what: str) -> RunError:

@@ -88,6 +88,18 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(reference, ddp
     assert sum('"event": "train"' in line for line in lines) == STEPS
 
 
+def test_ddp_evaluations_score_the_windows_of_one_process_with_twice_the_batch(reference, ddp_run):
+    """train.eval_iter batches of batch 4 in one process are 2 x eval_iter batches of 2 across two processes:
+    the same windows, so the same validation loss (and the same `best`) at any process count."""
+    def evals(run: Path) -> list[tuple[int, float, float]]:
+        return [(e["step"], e["train_loss"], e["val_loss"]) for e in map(json.loads,
+                (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
+
+    one, two = evals(reference), evals(ddp_run)
+    assert [s for s, _, _ in one] == [s for s, _, _ in two]
+    assert [x for _, t, v in two for x in (t, v)] == pytest.approx([x for _, t, v in one for x in (t, v)], abs=1e-4)
+
+
 def test_checkpoint_of_two_processes_resumes_in_one(reference, ddp_run, tmp_path):
     run = keep_checkpoints_up_to(ddp_run, tmp_path / "resumed", 3)
     cfg = load_config(run / "step-000003" / "config.yaml", {"train.batch_size": 4})
