@@ -278,6 +278,9 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     if info.is_main and t.host_memory not in ("default", _HOST_MEMORY_APPLIED):
         events.warn(f"train.host_memory {t.host_memory}: not applied in this process (the program applies it at "
                     "its start: gptcli.train.apply_host_memory)")
+    if not info.enabled and t.distributed == "fsdp":  # a one-process resume of an FSDP run included
+        events.warn("train.distributed fsdp: one process has nothing to shard; it trains unsharded (FSDP applies "
+                    "under torchrun: gptcli train --nproc N)")
     # Rank 0 first: a missing default corpus is downloaded once, not by every process at the same time.
     splits = _on_main(info, lambda: load_splits(cfg.data, cfg.model.context_length, progress=events.download))
     if not info.is_main:

@@ -270,3 +270,18 @@ def test_a_nonfinite_loss_under_ddp_stops_every_rank_with_one_line_and_keeps_the
     assert lines and "at step 2" in lines[-1] and "step-000001" in lines[-1]
     assert [p.name for p in list_step_checkpoints(run)] == ["step-000001"]
     verify_checkpoint(run / "step-000001")
+
+
+def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path):
+    """train.distributed fsdp without torchrun cannot shard anything: said in one line, never dropped silently."""
+    warnings = []
+
+    class Warnings(Events):
+        def warn(self, message):
+            warnings.append(message)
+
+    train(_cfg(train__distributed="fsdp", train__max_steps=1, train__peak_flops=1e12), tmp_path / "run",
+          events=Warnings())
+    assert [w for w in warnings if w.startswith("train.distributed fsdp")] == [
+        "train.distributed fsdp: one process has nothing to shard; it trains unsharded (FSDP applies under "
+        "torchrun: gptcli train --nproc N)"]
