@@ -177,3 +177,17 @@ def test_plot_never_overwrites_a_metrics_csv_or_losses_png_that_gptcli_did_not_w
     assert (run / "metrics.csv").read_text() == "my,own,csv\n" and not (run / "losses.png").exists()
     (run / "metrics.csv").unlink()
     assert cli("plot", run).exit_code == 0 and (run / "metrics.csv").read_text().startswith("event,")
+
+
+def test_a_damaged_metrics_line_is_skipped_by_runs_compare_plot_and_resume(cli, tmp_path):
+    from gptcli.report import MetricsLog, read_metrics
+
+    good = [{"event": "train", "step": s, "epoch": 1, "tokens_seen": 8 * s, "loss": 3.0 / s} for s in (1, 2)]
+    runs = [_hand_made_run(tmp_path / name, good) for name in ("a", "b")]
+    with open(runs[0] / "metrics.jsonl", "ab") as f:  # a block of garbage after a crash, and a line that is no object
+        f.write(b'\xff\xfe{"event": "train", "step": 3\n[1, 2]\n')
+    assert [r["steps"] for r in _runs_json(cli, tmp_path)["runs"]] == [2, 2]
+    assert cli("compare", *runs, "--out", tmp_path / "cmp.png").exit_code == 0
+    assert cli("plot", runs[0]).exit_code == 0
+    MetricsLog(runs[0], resume_step=1).close()  # --resume from step 1 keeps the records up to it
+    assert read_metrics(runs[0] / "metrics.jsonl") == good[:1]
