@@ -254,11 +254,17 @@ def refuse_foreign_plot(out: Path) -> None:
 def default_plot_path(run_dirs: list[Path]) -> Path:
     """Where the comparison plot goes without --out: beside the first run, named after the runs."""
     names = "-vs-".join(_unique_names(run_dirs))[:120]
-    return run_dirs[0].parent / f"compare-{names}.png"
+    return _named(run_dirs[0]).parent / f"compare-{names}.png"
+
+
+def _named(path: Path) -> Path:
+    """`path` spelled so that its last part is the folder's own name (`.`, `..`, `run/.`: made absolute)."""
+    normal = Path(os.path.normpath(path))
+    return normal if normal.name not in ("", "..") else Path(os.path.abspath(path))
 
 
 def _unique_names(runs: list[Path]) -> list[str]:
-    names = [p.name or str(p) for p in runs]
+    names = [_named(p).name or str(p) for p in runs]
     if len(set(names)) == len(names):
         return names
     return [str(p) for p in runs]

@@ -191,3 +191,14 @@ def test_a_damaged_metrics_line_is_skipped_by_runs_compare_plot_and_resume(cli, 
     assert cli("plot", runs[0]).exit_code == 0
     MetricsLog(runs[0], resume_step=1).close()  # --resume from step 1 keeps the records up to it
     assert read_metrics(runs[0] / "metrics.jsonl") == good[:1]
+
+
+def test_compare_from_inside_a_run_names_it_and_draws_beside_it_not_into_it(cli, tmp_path, monkeypatch):
+    a, b = _hand_made_run(tmp_path / "a"), _hand_made_run(tmp_path / "b")
+    monkeypatch.chdir(a)
+    result = cli("compare", ".", "../b", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [r["name"] for r in data["runs"]] == ["a", "b"]
+    assert data["plot"] == str(tmp_path / "compare-a-vs-b.png") and (tmp_path / "compare-a-vs-b.png").is_file()
+    assert sorted(p.name for p in a.iterdir()) == ["metrics.jsonl", "run.json"]  # the run holds only its own files
