@@ -202,3 +202,12 @@ def test_compare_from_inside_a_run_names_it_and_draws_beside_it_not_into_it(cli,
     assert [r["name"] for r in data["runs"]] == ["a", "b"]
     assert data["plot"] == str(tmp_path / "compare-a-vs-b.png") and (tmp_path / "compare-a-vs-b.png").is_file()
     assert sorted(p.name for p in a.iterdir()) == ["metrics.jsonl", "run.json"]  # the run holds only its own files
+
+
+def test_plot_json_names_the_files_it_drew(cli, tmp_path):
+    a, b = _hand_made_run(tmp_path / "a"), _hand_made_run(tmp_path / "b")
+    one = cli("plot", a, "--json")
+    assert one.exit_code == 0, one.stderr
+    assert json.loads(one.stdout) == {"plot": str(a / "losses.png"), "csv": str(a / "metrics.csv")}
+    several = cli("plot", a, b, "--out", tmp_path / "both.png", "--json")
+    assert several.exit_code == 0 and json.loads(several.stdout) == {"plot": str(tmp_path / "both.png")}
