@@ -461,6 +461,7 @@ def plot(
     x: Annotated[Optional[XAxis], typer.Option("--x", help="Overlaid curves against step, tokens (default) or time; one run without --x or --out: its own losses.png.")] = None,
     out: PlotOutOpt = None,
     baseline: Annotated[Optional[str], typer.Option(help="Draw this GPT-2 size's published figures (gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m) as horizontal lines (one run's own plot).")] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Redraw losses.png and metrics.csv (not while the run trains) of a run from its metrics.jsonl; several runs: their curves overlaid."""
     from gptcli import report
@@ -474,11 +475,11 @@ def plot(
         drawn = redraw(runs[0], figures)
         if "csv" not in drawn:
             _err(f"{runs[0]}: training now, which keeps {report.CSV} up to date itself; redrew {report.PLOT} only")
-        print(drawn["plot"])
-        return
+        return _print_json({"plot": drawn["plot"], "csv": drawn.get("csv")}) if json_out else print(drawn["plot"])
     if figures is not None:
         raise InputError("--baseline: draws on one run's own plot (not with several runs, --x or --out)")
-    print(plot_runs(runs, _plot_out(runs, out), (x or XAxis.tokens).value))
+    drawn = plot_runs(runs, _plot_out(runs, out), (x or XAxis.tokens).value)
+    _print_json({"plot": drawn}) if json_out else print(drawn)
 
 
 @app.command("runs")
@@ -1052,6 +1053,7 @@ def export_(
     out: Annotated[Path, typer.Argument(help="Directory to write.")],
     fmt: Annotated[ExportFormat, typer.Option("--format", help="hf: a Hugging Face GPT-2 directory.")] = ExportFormat.hf,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export there (a folder holding anything else is refused).")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Export a checkpoint for other tools (hf: config.json, model.safetensors and GPT-2's tokenizer files)."""
     from gptcli.checkpoint import resolve_checkpoint
@@ -1062,7 +1064,11 @@ def export_(
     if note := checkpoint_note(checkpoint, path, skipped):
         _err(note)
     exporters = {ExportFormat.hf: export_hf}
-    print(exporters[fmt](path, out, overwrite))
+    written = exporters[fmt](path, out, overwrite)
+    if json_out:  # the checkpoint exported: a run's newest step that verifies
+        _print_json({"out": written, "checkpoint": path, "format": fmt.value})
+    else:
+        print(written)
 
 
 # ---------------------------------------------------------------- prepare

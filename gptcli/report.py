@@ -57,17 +57,19 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Events of a metrics.jsonl; a last line cut short by a crash is ignored."""
+    """Events of a metrics.jsonl; a line that is no JSON object (cut short by a crash, a damaged block) is ignored."""
     events = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bytes that are not UTF-8 fail as JSON, below
         for line in f:
             line = line.strip()
             if not line:
                 continue
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(event, dict):
+                events.append(event)
     return events
 
 

@@ -96,9 +96,14 @@ def foreign_entries(run_dir: Path) -> list[str]:
     """
     if not run_dir.is_dir():
         return []
-    entries = list(run_dir.iterdir())
-    marked = any(_is_marker(p) for p in entries)
-    return sorted(p.name for p in entries if not _is_ours(p, marked))
+    marked = is_run_dir(run_dir)
+    return sorted(p.name for p in run_dir.iterdir() if not _is_ours(p, marked))
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a gptcli run: a folder holding one of gptcli's markers (a run.json of ours, a
+    checkpoint directory whose manifest verifies as ours), whatever else it holds or its files are named."""
+    return path.is_dir() and any(_is_marker(p) for p in path.iterdir())
 
 
 def is_run_manifest(path: Path) -> bool:

@@ -25,8 +25,8 @@ from typing import Any, Optional
 from gptcli.checkpoint import CONFIG, MANIFEST, list_step_checkpoints
 from gptcli.errors import InputError
 from gptcli.fsio import read_json_object
-from gptcli.report import METRICS, load_plotting, read_metrics, render
-from gptcli.resolve import LOCK_FILES, RUN_FILES
+from gptcli.report import CSV, METRICS, PLOT, load_plotting, read_metrics, render
+from gptcli.resolve import LOCK_FILES, RUN_FILES, foreign_entries, is_run_dir
 
 RUN_JSON = RUN_FILES[0]  # run.json, written by train
 LOCK, LOCK_PID = LOCK_FILES
@@ -42,8 +42,11 @@ PLOT_MARK = "gptcli compare"  # in the PNG's Software field: a plot we may redra
 
 
 def is_run(path: Path) -> bool:
-    """Whether `path` is a gptcli run directory (it holds run.json or metrics.jsonl)."""
-    return path.is_dir() and ((path / RUN_JSON).is_file() or (path / METRICS).is_file())
+    """Whether `path` is a gptcli run directory: gptcli's own markers, never a file's name (``resolve.is_run_dir``)."""
+    return is_run_dir(path)
+
+
+NOT_A_RUN = f"not a gptcli run (no {RUN_JSON} written by gptcli, no checkpoint of its own)"
 
 
 def lock_held(run_dir: Path) -> Optional[bool]:
@@ -89,7 +92,17 @@ def redraw(run_dir: Path, baseline: Optional[dict[str, Any]] = None) -> dict[str
 
     A training run appends each record to its metrics.csv: a new file put in its place would
     lose those rows, so while a process holds the run's lock the CSV is left to it (no "csv").
+
+    Raises:
+        InputError: `run_dir` is not a gptcli run, or its metrics.csv or losses.png is a file gptcli
+            did not write (neither is ever overwritten).
     """
+    if not is_run(run_dir):
+        raise InputError(f"{run_dir}: {NOT_A_RUN}; gptcli plot writes {CSV} and {PLOT} only into its own runs")
+    foreign = [name for name in (CSV, PLOT) if name in foreign_entries(run_dir)]
+    if foreign:
+        raise InputError(f"{run_dir / foreign[0]}: not a file gptcli wrote; gptcli never overwrites it "
+                         f"(move it away, or draw with --out FILE.png)")
     return render(run_dir, baseline, with_csv=not lock_held(run_dir))
 
 
@@ -100,7 +113,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         InputError: `run_dir` is not a gptcli run directory.
     """
     if not is_run(run_dir):
-        raise InputError(f"{run_dir}: not a gptcli run (no {RUN_JSON} or {METRICS})")
+        raise InputError(f"{run_dir}: {NOT_A_RUN}")
     events = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
     trains = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval" and _finite(e.get("val_loss"))]
@@ -241,11 +254,17 @@ def refuse_foreign_plot(out: Path) -> None:
 def default_plot_path(run_dirs: list[Path]) -> Path:
     """Where the comparison plot goes without --out: beside the first run, named after the runs."""
     names = "-vs-".join(_unique_names(run_dirs))[:120]
-    return run_dirs[0].parent / f"compare-{names}.png"
+    return _named(run_dirs[0]).parent / f"compare-{names}.png"
+
+
+def _named(path: Path) -> Path:
+    """`path` spelled so that its last part is the folder's own name (`.`, `..`, `run/.`: made absolute)."""
+    normal = Path(os.path.normpath(path))
+    return normal if normal.name not in ("", "..") else Path(os.path.abspath(path))
 
 
 def _unique_names(runs: list[Path]) -> list[str]:
-    names = [p.name or str(p) for p in runs]
+    names = [_named(p).name or str(p) for p in runs]
     if len(set(names)) == len(names):
         return names
     return [str(p) for p in runs]

@@ -127,9 +127,12 @@ def test_plot_of_a_running_run_leaves_its_live_metrics_csv_whole(cli, tmp_path):
     The CSV of a run that holds its lock belongs to the run: plot redraws the PNG only and says so."""
     from gptcli.rundir import lock_run
 
+    from gptcli.resolve import RUN_FORMAT
+
     run = tmp_path / "run"
     run.mkdir()
     lock = lock_run(run)
+    (run / "run.json").write_text('{"format": "%s", "state": "running"}' % RUN_FORMAT)  # train writes it first
     log, live = _live_run(run, range(1, 4))
     result = cli("plot", run)
     assert result.exit_code == 0, result.stderr

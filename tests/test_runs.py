@@ -136,3 +136,78 @@ def test_plot_of_several_runs_overlays_them_and_one_run_keeps_its_own_plot(cli, 
 def test_paths_that_are_not_runs_exit_2(cli, args):
     result = cli(*args)
     assert result.exit_code == 2 and "nowhere" in result.stderr
+
+
+def _hand_made_run(run, events=({"event": "train", "step": 1, "epoch": 1, "tokens_seen": 8, "loss": 3.0},)):
+    """A run as train leaves it, without training: gptcli's run.json (its format marker) and metrics.jsonl."""
+    from gptcli.resolve import RUN_FORMAT
+
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "state": "finished"}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def test_runs_lists_only_folders_that_carry_gptcli_markers_not_files_merely_named_like_its_own(cli, tmp_path):
+    root = tmp_path / "root"
+    _hand_made_run(root / "a")
+    (root / "notes").mkdir()
+    (root / "notes" / "run.json").write_text('{"my": "data"}')  # a user's run.json
+    (root / "other").mkdir()
+    (root / "other" / "metrics.jsonl").write_text("another tool's log\n")
+    assert [r["name"] for r in _runs_json(cli, root)["runs"]] == ["a"]
+    refused = cli("compare", root / "notes", root / "a")
+    assert refused.exit_code == 2 and "notes: not a gptcli run" in refused.stderr
+
+
+def test_plot_never_overwrites_a_metrics_csv_or_losses_png_that_gptcli_did_not_write(cli, tmp_path):
+    event = '{"event": "train", "step": 1, "epoch": 1, "tokens_seen": 8, "loss": 3.0}\n'
+    foreign = tmp_path / "foreign"  # not a run: another tool's folder whose files merely carry our names
+    foreign.mkdir()
+    (foreign / "metrics.jsonl").write_text(event)
+    (foreign / "metrics.csv").write_text("my,own,csv\n")
+    (foreign / "losses.png").write_bytes(b"my picture")
+    result = cli("plot", foreign)
+    assert result.exit_code == 2 and "not a gptcli run" in result.stderr
+    assert (foreign / "metrics.csv").read_text() == "my,own,csv\n" and (foreign / "losses.png").read_bytes() == b"my picture"
+    run = _hand_made_run(tmp_path / "run")  # a run of ours holding a CSV of the user's
+    (run / "metrics.csv").write_text("my,own,csv\n")
+    result = cli("plot", run)
+    assert result.exit_code == 2 and "metrics.csv: not a file gptcli wrote" in result.stderr
+    assert (run / "metrics.csv").read_text() == "my,own,csv\n" and not (run / "losses.png").exists()
+    (run / "metrics.csv").unlink()
+    assert cli("plot", run).exit_code == 0 and (run / "metrics.csv").read_text().startswith("event,")
+
+
+def test_a_damaged_metrics_line_is_skipped_by_runs_compare_plot_and_resume(cli, tmp_path):
+    from gptcli.report import MetricsLog, read_metrics
+
+    good = [{"event": "train", "step": s, "epoch": 1, "tokens_seen": 8 * s, "loss": 3.0 / s} for s in (1, 2)]
+    runs = [_hand_made_run(tmp_path / name, good) for name in ("a", "b")]
+    with open(runs[0] / "metrics.jsonl", "ab") as f:  # a block of garbage after a crash, and a line that is no object
+        f.write(b'\xff\xfe{"event": "train", "step": 3\n[1, 2]\n')
+    assert [r["steps"] for r in _runs_json(cli, tmp_path)["runs"]] == [2, 2]
+    assert cli("compare", *runs, "--out", tmp_path / "cmp.png").exit_code == 0
+    assert cli("plot", runs[0]).exit_code == 0
+    MetricsLog(runs[0], resume_step=1).close()  # --resume from step 1 keeps the records up to it
+    assert read_metrics(runs[0] / "metrics.jsonl") == good[:1]
+
+
+def test_compare_from_inside_a_run_names_it_and_draws_beside_it_not_into_it(cli, tmp_path, monkeypatch):
+    a, b = _hand_made_run(tmp_path / "a"), _hand_made_run(tmp_path / "b")
+    monkeypatch.chdir(a)
+    result = cli("compare", ".", "../b", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [r["name"] for r in data["runs"]] == ["a", "b"]
+    assert data["plot"] == str(tmp_path / "compare-a-vs-b.png") and (tmp_path / "compare-a-vs-b.png").is_file()
+    assert sorted(p.name for p in a.iterdir()) == ["metrics.jsonl", "run.json"]  # the run holds only its own files
+
+
+def test_plot_json_names_the_files_it_drew(cli, tmp_path):
+    a, b = _hand_made_run(tmp_path / "a"), _hand_made_run(tmp_path / "b")
+    one = cli("plot", a, "--json")
+    assert one.exit_code == 0, one.stderr
+    assert json.loads(one.stdout) == {"plot": str(a / "losses.png"), "csv": str(a / "metrics.csv")}
+    several = cli("plot", a, b, "--out", tmp_path / "both.png", "--json")
+    assert several.exit_code == 0 and json.loads(several.stdout) == {"plot": str(tmp_path / "both.png")}

@@ -370,7 +370,10 @@ def test_plot_draws_the_task_panel_and_baseline_lines(tmp_path, monkeypatch):
 
 
 def test_plot_baseline_flag_names_unknown_sizes(cli, tmp_path):
+    from gptcli.resolve import RUN_FORMAT
+
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text('{"format": "%s"}' % RUN_FORMAT)  # gptcli's marker of a run
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     r = cli("plot", tmp_path / "run", "--baseline", "gpt2-9m")
     assert r.exit_code == 2 and "--baseline gpt2-9m: unknown; known: gpt2-124m" in r.stderr

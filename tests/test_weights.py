@@ -294,6 +294,14 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def test_export_json_names_the_folder_written_and_the_step_it_exported(cli, small_run, tmp_path):
+    r = cli("export", small_run, tmp_path / "hf", "--json")  # a run: its newest step that verifies
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout) == {"out": str(tmp_path / "hf"), "checkpoint": str(small_run / "step-000010"),
+                                    "format": "hf"}
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
 def test_export_overwrite_never_deletes_what_gptcli_did_not_write(cli, small_run, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
