@@ -104,6 +104,10 @@ def download_pretrained(
         raise InputError(f"source {source!r}: choose one of {', '.join(SOURCES)}", param="source")
     if (out / MANIFEST).is_file() and not overwrite:
         manifest = verify_checkpoint(out, check_hashes=False)
+        if manifest.get("pretrained") != name:  # another model, an import or a training run: not this download
+            held = f"the pretrained {manifest['pretrained']}, not {name}" if manifest.get("pretrained") else \
+                f"a checkpoint that is not a download of {name}"
+            raise InputError(f"{out}: holds {held}; choose another directory (nothing was changed)")
         return {"checkpoint": out, "name": name, "source": manifest.get("source"), "downloaded": False}
     check_import_target(out, overwrite)  # before any download: never replace what gptcli did not write
     if endpoint is None and source == "hf" and os.environ.get("HF_ENDPOINT"):

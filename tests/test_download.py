@@ -300,3 +300,17 @@ def test_an_endpoint_that_is_not_a_url_is_a_one_line_usage_error(cli, no_network
     monkeypatch.setenv("HF_ENDPOINT", "notaurl")
     r = cli("download", "gpt2-small")
     assert r.exit_code == 2 and "HF_ENDPOINT" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_download_into_a_folder_holding_another_checkpoint_is_refused_not_reported_done(cli, tiny_hub, tmp_path):
+    # A checkpoint of another model (or a training run's step) is not this download: never "already downloaded".
+    assert cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url).exit_code == 0
+    other = hub.Pretrained("gpt2-other", "other", 32, 2, 4, "test-org/gpt2-other")
+    hub.PRETRAINED[other.name] = other
+    try:
+        r = cli("download", "gpt2-other", "--out", "checkpoints/pretrained/gpt2-tiny", "--endpoint", tiny_hub.url, "--json")
+    finally:
+        del hub.PRETRAINED[other.name]
+    line = one_line_error(r, 2)
+    assert "the pretrained gpt2-tiny, not gpt2-other" in line
+    assert len(tiny_hub.gets()) == 2  # nothing fetched for the refused one
