@@ -124,10 +124,14 @@ def download_pretrained(
     else:
         base = (endpoint or OPENAI_URL).rstrip("/")
         facts = _download_from_openai(base, spec, cache, progress)
-        got = config_from_openai(read_json(cache / "hparams.json"), str(cache / "hparams.json"))
-        if got.model.shape() != cfg.model.shape():
-            raise RunError(f"{base}/{spec.params}/hparams.json: describes {got.model.shape()}, not {name}")
-        weights = from_gpt2_state_dict(OpenAITensors(TensorBundle(cache / "model.ckpt")), cfg.model, str(cache))
+        try:  # their sizes matched; what fails now (a tensor's CRC-32C, hparams) is a bad download: never kept for reuse
+            got = config_from_openai(read_json(cache / "hparams.json"), str(cache / "hparams.json"))
+            if got.model.shape() != cfg.model.shape():
+                raise RunError(f"{base}/{spec.params}/hparams.json: describes {got.model.shape()}, not {name}")
+            weights = from_gpt2_state_dict(OpenAITensors(TensorBundle(cache / "model.ckpt")), cfg.model, str(cache))
+        except (InputError, RunError) as e:
+            shutil.rmtree(cache, ignore_errors=True)
+            raise RunError(f"{e}; the downloaded files were removed (run again to fetch them anew)") from None
     check_fits(weights, cfg.model, name)
     saved = save_imported(Imported(weights, cfg, facts), out, name, overwrite=True)
     shutil.rmtree(cache, ignore_errors=True)

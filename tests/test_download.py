@@ -314,3 +314,22 @@ def test_download_into_a_folder_holding_another_checkpoint_is_refused_not_report
     line = one_line_error(r, 2)
     assert "the pretrained gpt2-tiny, not gpt2-other" in line
     assert len(tiny_hub.gets()) == 2  # nothing fetched for the refused one
+
+
+def test_openai_file_failing_its_crc_is_deleted_and_fetched_again(cli, server, monkeypatch):
+    # Sizes match, a tensor's CRC-32C does not: the files must not stay to be reused by every rerun.
+    spec = hub.Pretrained("gpt2-tf-tiny", "tiny", 8, 3, 2, "unused/repo", vocab_size=64, context_length=16)
+    monkeypatch.setitem(hub.PRETRAINED, spec.name, spec)
+    for name in hub.OPENAI_FILES:
+        server.files[f"/models/tiny/{name}"] = (FIXTURES / "openai-tiny" / name).read_bytes()
+    data = "/models/tiny/model.ckpt.data-00000-of-00001"
+    good = server.files[data]
+    server.files[data] = good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]
+    args = ("download", "gpt2-tf-tiny", "--source", "openai", "--endpoint", f"{server.url}/models")
+    line = one_line_error(cli(*args), 1)
+    assert "CRC-32C mismatch" in line and "removed" in line
+    assert not Path("checkpoints/pretrained/gpt2-tf-tiny/.download").exists()
+    server.files[data] = good
+    r = cli(*args)
+    assert r.exit_code == 0, r.stderr
+    assert [p for p, _ in server.gets()].count(data) == 2  # fetched anew, not the corrupt copy reused
