@@ -380,6 +380,9 @@ def _absolute(cfg: Config) -> Config:
     cfg.data.path = map_paths(cfg.data.path, lambda p: str(Path(p).expanduser().absolute()))
     if cfg.train.out_dir:
         cfg.train.out_dir = str(Path(cfg.train.out_dir).expanduser().absolute())
+    for spec in cfg.train.eval_tasks:  # a task file of --set, like data.path: resumed from any folder
+        if spec.get("data"):
+            spec["data"] = str(Path(spec["data"]).expanduser().absolute())
     return cfg
 
 

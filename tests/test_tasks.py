@@ -432,6 +432,21 @@ def test_eval_task_data_in_a_config_file_is_relative_to_that_file(tmp_path):
                                     {"name": "choices", "data": str(tmp_path / "cfg" / "mine.jsonl"), "limit": 5}]
 
 
+def test_eval_task_data_of_set_is_saved_absolute_so_a_run_resumes_from_any_folder(cli, verdict, tmp_path, monkeypatch):
+    from conftest import CONFIGS
+
+    write_jsonl(tmp_path / "mine.jsonl", toy_items(4))
+    r = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--max-steps", "1", "--out", "run",
+            "--set", "train.eval_tasks=[{name: choices, data: mine.jsonl}]", "--set", "train.max_new_tokens=0")
+    assert r.exit_code == 0, r.stderr
+    saved = (tmp_path / "run" / "step-000001" / "config.yaml").read_text()
+    assert f"data: {tmp_path / 'mine.jsonl'}" in saved
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = cli("train", "--out", tmp_path / "run", "--resume", "--max-steps", "2")
+    assert r.exit_code == 0, r.stderr
+
+
 def test_rows_sharing_an_input_share_one_forward_and_score_as_alone():
     """One-token choices after a shared context have the same input (the context): one forward serves them,
     and each scores exactly what it scores alone; so does a row whose input equals another's by coincidence."""
