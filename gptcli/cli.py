@@ -830,12 +830,19 @@ def eval_(
 
 # Keys of training's own loop that a flag of eval and loss stands for (README "Evaluate and sample").
 _TRAINING_KEYS = {"train.eval_iter": "--eval-iter"}
+# Keys only eval's loss reads (the batches, the corpus of the validation split): --task and --text refuse their
+# flags (--batch-size, --data, --val), and so a --set of them.
+_LOSS_ONLY_KEYS = ("train.batch_size", "data.path")
+
+
+def _set_keys(sets: Optional[list[str]]) -> list[str]:
+    """The dotted keys that --set items name, in order."""
+    return [item.split("=", 1)[0].strip() for item in sets or []]
 
 
 def _refuse_training_keys(sets: Optional[list[str]]) -> None:
     """Refuse a --set of a key eval and loss do not read: the config's value paces training's periodic evaluation."""
-    for item in sets or []:
-        key = item.split("=", 1)[0].strip()
+    for key in _set_keys(sets):
         if key in _TRAINING_KEYS:
             raise InputError(f"--set {key}: {key} is the training loop's estimate (batches per periodic evaluation), "
                              f"which this command does not read; use {_TRAINING_KEYS[key]} N (default: every batch)")
@@ -858,6 +865,7 @@ def _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, se
     if text is not None and (all_checkpoints or files):
         raise InputError("--text: cannot be combined with --all or --data")
     unused = {"--eval-iter": eval_iter is not None, "--batch-size": batch_size is not None, "--val/--no-val": val is not None}
+    unused.update({f"--set {key}": True for key in _set_keys(sets) if key in _LOSS_ONLY_KEYS})
     if text is not None and any(unused.values()):
         flag = next(k for k, v in unused.items() if v)
         raise InputError(f"--text and {flag}: --text scores the text alone, in windows of the context (drop {flag})")
@@ -873,6 +881,7 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
     """gptcli eval --task / --harness-task: accuracy of multiple-choice tasks, GPT-2's figures beside."""
     from gptcli import tasks as tk
 
+    refused += [f"--set {key}" for key in _set_keys(sets) if key in _LOSS_ONLY_KEYS]  # their flags' keys: refused alike
     if refused:
         raise InputError(f"{refused[0]}: does not apply to --task/--harness-task (they score tasks, not loss)")
     if not task and not harness_task:

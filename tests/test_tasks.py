@@ -198,6 +198,10 @@ def test_accuracy_and_loglikelihoods_equal_lm_eval_hf_and_our_adapter(cli, toy_c
     (["--task", "choices", "--task-data", "{good}", "--limit", "0"], "--limit"),
     (["--task", "choices"], "--task choices: needs --task-data FILE"),
     (["--task", "choices", "--task-data", "{good}", "--text", "hi"], "--text"),
+    # the keys of refused flags (--batch-size, --data/--val): refused through --set too, not ignored
+    (["--task", "choices", "--task-data", "{good}", "--set", "train.batch_size=1"], "--set train.batch_size: does not apply"),
+    (["--task", "choices", "--task-data", "{good}", "--set", "data.path=x.txt"], "--set data.path: does not apply"),
+    (["--text", "hi", "--set", "train.batch_size=1"], "--text and --set train.batch_size"),
 ])
 def test_bad_task_input_is_one_line_and_exit_2(cli, toy_ckpt, tmp_path, args, message):
     files = {"{bad}": write_jsonl(tmp_path / "bad.jsonl", [{"context": "a", "choices": ["b", "c"], "answer": 5}]),
