@@ -893,6 +893,8 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
     if harness_tasks_dir and not harness_task:
         raise InputError("--harness-tasks-dir: needs --harness-task NAME")
     loaded = tk.load_task(task, task_data, limit) if task else None  # bad input fails before the model loads
+    if loaded is not None and task_data is None:  # the tool chose the file: say which
+        _err(f"task data: {loaded.path} (the default of --task {task}; --task-data chooses another)")
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: must be at least 1")
     if harness_task:

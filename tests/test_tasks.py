@@ -225,6 +225,17 @@ def test_hellaswag_eval_prints_gpt2_baselines_beside_the_result(cli, toy_ckpt, t
     assert r.exit_code == 0 and "GPT-2 124M" in r.stdout and "0.3114" in r.stdout, r.stdout
 
 
+def test_eval_task_says_which_data_file_it_chose_by_default(cli, toy_ckpt, tmp_path):
+    default = tmp_path / "data" / "hellaswag" / "hellaswag_val.jsonl"
+    default.parent.mkdir(parents=True)
+    write_jsonl(default, HELLASWAG_LINES)
+    r = cli("eval", "--checkpoint", toy_ckpt, "--task", "hellaswag", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "task data: data/hellaswag/hellaswag_val.jsonl (the default of --task hellaswag" in r.stderr
+    r = cli("eval", "--checkpoint", toy_ckpt, "--task", "hellaswag", "--task-data", default, "--json")
+    assert r.exit_code == 0 and "task data" not in r.stderr, r.stderr  # given, not chosen: nothing to say
+
+
 # ---------------------------------------------------------------- gptcli download hellaswag
 
 
