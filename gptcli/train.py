@@ -82,7 +82,7 @@ from gptcli.optim import (
 from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
 from gptcli.rundir import RUN_MANIFEST, StopSignals, prepare_run_dir, read_manifest, record_end, write_run_manifest
-from gptcli.tasks import evaluate_tasks, tasks_due, tasks_from_config
+from gptcli.tasks import Task, evaluate_tasks, tasks_due, tasks_from_config
 from gptcli.tokenizer import VOCAB_SIZE, decode, encode
 
 
@@ -296,6 +296,7 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
         for reason in ckpt.skipped:
             events.warn(f"skipped a damaged checkpoint: {reason}")
         return _finished_summary(run_dir, ckpt)  # nothing to train: the run is left as it is
+    eval_tasks = tasks_from_config(t.eval_tasks)  # a bad task name or file: refused before the run directory is touched
     defer = _defer_check(defer_nonfinite_check, t, device, precision)
     in_backward = _in_backward(t, info, precision, defer)
     lock = _on_main(info, lambda: prepare_run_dir(run_dir, resume, overwrite))
@@ -308,7 +309,7 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
             events.warn(f"skipped a damaged checkpoint: {reason}")
         with _tf32(_tf32_wanted(cfg, device, events, info)):
             summary = _loop(build(cfg, run_dir, splits, init_weights, events, device, info, defer, in_backward,
-                                  trackers), ckpt, stop)
+                                  trackers, eval_tasks), ckpt, stop)
     except BaseException as e:
         ended = e
         raise
@@ -386,7 +387,8 @@ def _loop(run: _Run, ckpt: Checkpoint | None, stop: StopSignals) -> dict[str, An
 
 
 def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint | None, events: Events,
-          device: torch.device, info: DistInfo, defer: bool, in_backward: bool, trackers: loggers.Trackers) -> _Run:
+          device: torch.device, info: DistInfo, defer: bool, in_backward: bool, trackers: loggers.Trackers,
+          eval_tasks: list[Task]) -> _Run:
     """The model (book order: seed, build, move, then the optimizer), its wrappers, the loaders."""
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -432,7 +434,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
                 epoch_windows=per_epoch * global_batch, tokens_per_micro=global_batch * cfg.model.context_length,
                 total_micro=t.num_epochs * per_epoch, reduce=all_reduce_sum if info.enabled else None,
                 guard=_NonFiniteGuard(defer, device), scaler=LossScaler(device, precision), precision=precision,
-                eval_tasks=tasks_from_config(t.eval_tasks), trackers=trackers, in_backward=in_backward)
+                eval_tasks=eval_tasks, trackers=trackers, in_backward=in_backward)
 
 
 def restore(run: _Run, ckpt: Checkpoint | None) -> TrainState:

@@ -343,6 +343,7 @@ def test_eval_tasks_cadence_and_bad_entries(verdict, tmp_path):
         tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": [{"name": "choices", "limit": 0}]})
     with pytest.raises(InputError, match=r"train.eval_tasks\[0\].name winogrande: unknown task; known: hellaswag"):
         train(tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": ["winogrande"]}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before the run directory (its lock) was made
 
 
 def test_plot_draws_the_task_panel_and_baseline_lines(tmp_path, monkeypatch):
