@@ -111,10 +111,9 @@ def download_pretrained(
         return {"checkpoint": out, "name": name, "source": manifest.get("source"), "downloaded": False}
     check_import_target(out, overwrite)  # before any download: never replace what gptcli did not write
     if endpoint is None and source == "hf" and os.environ.get("HF_ENDPOINT"):
-        if not re.match(r"https?://[^/]", os.environ["HF_ENDPOINT"]):
-            raise InputError(f"$HF_ENDPOINT {os.environ['HF_ENDPOINT']!r}: not an http(s) URL")
-    elif endpoint is not None and not re.match(r"https?://[^/]", endpoint):
-        raise InputError(f"endpoint {endpoint!r}: not an http(s) URL", param="endpoint")
+        dl.check_base_url(os.environ["HF_ENDPOINT"], "$HF_ENDPOINT")
+    elif endpoint is not None:
+        dl.check_base_url(endpoint, "endpoint", "endpoint")
     cache = out / DOWNLOADS
     cfg = spec.config()
     if source == "hf":

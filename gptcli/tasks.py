@@ -382,6 +382,7 @@ def download_hellaswag(folder: Optional[Path] = None, *, endpoint: Optional[str]
     dest = Path(folder if folder is not None else HELLASWAG_DIR) / HELLASWAG_VAL["filename"]
     url = HELLASWAG_VAL["url"]
     if endpoint:
+        dl.check_base_url(endpoint, "endpoint", "endpoint")
         url = endpoint.rstrip("/") + url[len("https://raw.githubusercontent.com"):]
     had = dest.is_file() and dl.git_blob_sha1_file(dest) == HELLASWAG_VAL["git_blob_sha1"]
     dl.download(url, dest, git_blob_sha1=HELLASWAG_VAL["git_blob_sha1"],

@@ -297,6 +297,9 @@ def test_revision_with_source_openai_is_refused_by_name(cli, no_network):
 def test_an_endpoint_that_is_not_a_url_is_a_one_line_usage_error(cli, no_network, monkeypatch):
     r = cli("download", "gpt2-small", "--endpoint", "notaurl")
     assert r.exit_code == 2 and "--endpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("download", "hellaswag", "--endpoint", "notaurl")  # the task's file: the same check, not a ValueError
+    assert r.exit_code == 2 and "--endpoint 'notaurl': not an http(s) URL" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not Path("data").exists(), r.stderr
     monkeypatch.setenv("HF_ENDPOINT", "notaurl")
     r = cli("download", "gpt2-small")
     assert r.exit_code == 2 and "HF_ENDPOINT" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
