@@ -99,7 +99,8 @@ def load_task(name: str, data: Optional[Path] = None, limit: Optional[int] = Non
         raise InputError(f"{what} {name}: needs {data_what} FILE (JSON Lines: context, choices, answer)")
     if not Path(path).is_file():
         hint = "; `gptcli download hellaswag` fetches it" if name == "hellaswag" and data is None else ""
-        raise InputError(f"{data_what} {path}: no such file{hint}")
+        what_it_is = "a folder, not a JSON Lines file" if Path(path).is_dir() else "no such file"
+        raise InputError(f"{data_what} {path}: {what_it_is}{hint}")
     parse = parse_hellaswag if name == "hellaswag" else parse_choices
     items = parse(Path(path), limit, data_what)
     if not items:
@@ -154,6 +155,8 @@ def _read_jsonl(path: Path, limit, what: str, item: Callable[[dict, str], Item])
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{where}: not JSON ({e.msg})") from None
+                except RecursionError:
+                    raise InputError(f"{where}: not a task item (JSON nested too deeply)") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{where}: expected a JSON object")
                 items.append(item(obj, where))

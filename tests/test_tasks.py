@@ -202,11 +202,14 @@ def test_accuracy_and_loglikelihoods_equal_lm_eval_hf_and_our_adapter(cli, toy_c
     (["--task", "choices", "--task-data", "{good}", "--set", "train.batch_size=1"], "--set train.batch_size: does not apply"),
     (["--task", "choices", "--task-data", "{good}", "--set", "data.path=x.txt"], "--set data.path: does not apply"),
     (["--text", "hi", "--set", "train.batch_size=1"], "--text and --set train.batch_size"),
+    (["--task", "choices", "--task-data", "{deep}"], "line 1: not a task item (JSON nested too deeply)"),
+    (["--task", "choices", "--task-data", "{folder}"], "a folder, not a JSON Lines file"),
 ])
 def test_bad_task_input_is_one_line_and_exit_2(cli, toy_ckpt, tmp_path, args, message):
     files = {"{bad}": write_jsonl(tmp_path / "bad.jsonl", [{"context": "a", "choices": ["b", "c"], "answer": 5}]),
              "{empty}": write_jsonl(tmp_path / "empty.jsonl", []),
-             "{good}": write_jsonl(tmp_path / "good.jsonl", toy_items(3))}
+             "{good}": write_jsonl(tmp_path / "good.jsonl", toy_items(3)),
+             "{deep}": write_jsonl(tmp_path / "deep.jsonl", ["[" * 100_000 + "]" * 100_000]), "{folder}": tmp_path}
     r = cli("eval", "--checkpoint", toy_ckpt, *[str(files.get(a, a)) for a in args])
     assert r.exit_code == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
