@@ -455,14 +455,17 @@ def test_eval_task_data_of_set_is_saved_absolute_so_a_run_resumes_from_any_folde
     from conftest import CONFIGS
 
     write_jsonl(tmp_path / "mine.jsonl", toy_items(4))
+    tasks = "train.eval_tasks=[{name: choices, data: mine.jsonl}]"
     r = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--max-steps", "1", "--out", "run",
-            "--set", "train.eval_tasks=[{name: choices, data: mine.jsonl}]", "--set", "train.max_new_tokens=0")
+            "--set", tasks, "--set", "train.max_new_tokens=0")
     assert r.exit_code == 0, r.stderr
     saved = (tmp_path / "run" / "step-000001" / "config.yaml").read_text()
     assert f"data: {tmp_path / 'mine.jsonl'}" in saved
+    r = cli("train", "--out", "run", "--resume", "--max-steps", "2", "--set", tasks)  # the same file: no change
+    assert r.exit_code == 0, r.stderr
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    r = cli("train", "--out", tmp_path / "run", "--resume", "--max-steps", "2")
+    r = cli("train", "--out", tmp_path / "run", "--resume", "--max-steps", "3")
     assert r.exit_code == 0, r.stderr
 
 
