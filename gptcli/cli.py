@@ -1026,7 +1026,7 @@ def _download_hellaswag(source, out, revision, endpoint, overwrite, json_out) ->
 
     if source != WeightSource.hf or revision != "main" or overwrite:
         flag = "--source" if source != WeightSource.hf else "--revision" if revision != "main" else "--overwrite"
-        raise InputError(f"{flag}: does not apply to hellaswag (one pinned, verified file; a bad copy is fetched again)")
+        raise InputError(f"{flag}: does not apply to hellaswag (one pinned file, kept once verified)")
     with Renderer() as renderer:
         result = download_hellaswag(out, endpoint=endpoint, progress=download_progress(renderer))
     if not result["downloaded"]:

@@ -378,6 +378,7 @@ def download_hellaswag(folder: Optional[Path] = None, *, endpoint: Optional[str]
         progress: called with (label, bytes done, total).
 
     Raises:
+        InputError: `folder` already holds another hellaswag_val.jsonl (it is left as it is).
         RunError: the network fails, or the file does not match the repository's git blob id (it is removed).
     """
     from gptcli import download as dl
@@ -388,6 +389,9 @@ def download_hellaswag(folder: Optional[Path] = None, *, endpoint: Optional[str]
         dl.check_base_url(endpoint, "endpoint", "endpoint")
         url = endpoint.rstrip("/") + url[len("https://raw.githubusercontent.com"):]
     had = dest.is_file() and dl.git_blob_sha1_file(dest) == HELLASWAG_VAL["git_blob_sha1"]
+    if (dest.exists() or dest.is_symlink()) and not had:  # gptcli lands only the verified file there: not ours
+        raise InputError(f"{dest}: exists and is not the official {dest.name} (its git blob id differs); gptcli "
+                         "never replaces a file it did not write: move it away or choose another folder")
     dl.download(url, dest, git_blob_sha1=HELLASWAG_VAL["git_blob_sha1"],
                 progress=(lambda d, t: progress(dest.name, d, t)) if progress else None)
     return {"path": str(dest), "url": url, "git_blob_sha1": HELLASWAG_VAL["git_blob_sha1"], "downloaded": not had}

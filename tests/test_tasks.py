@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -281,6 +282,20 @@ def test_download_hellaswag_verifies_resumes_and_removes_a_bad_copy(cli, server,
     r = cli("download", "hellaswag", "--endpoint", server.url)
     assert r.exit_code == 1 and "git blob id" in r.stderr and not dest.exists()
     assert not list(Path("data/hellaswag").glob("*.part"))
+
+
+def test_download_hellaswag_never_replaces_a_file_it_did_not_write(cli, server, monkeypatch):
+    from gptcli import tasks
+
+    body = "".join(json.dumps(r) + "\n" for r in HELLASWAG_LINES).encode()
+    monkeypatch.setitem(tasks.HELLASWAG_VAL, "git_blob_sha1", hashlib.sha1(f"blob {len(body)}\0".encode() + body).hexdigest())
+    server.files[tasks.HELLASWAG_VAL["url"].removeprefix("https://raw.githubusercontent.com")] = body
+    mine = Path("mine/hellaswag_val.jsonl")
+    mine.parent.mkdir()
+    mine.write_text("my own filtered copy\n")
+    r = cli("download", "hellaswag", "--endpoint", server.url, "--out", "mine")
+    assert r.exit_code == 2 and "never replaces a file it did not write" in r.stderr, r.stderr
+    assert mine.read_text() == "my own filtered copy\n" and server.gets() == []
 
 
 # ---------------------------------------------------------------- in training
