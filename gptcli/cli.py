@@ -312,10 +312,24 @@ def _json_safe(x: Any) -> Any:
 
 # ---------------------------------------------------------------- shared options
 
+def _existing(kind: str):
+    """A Typer parser for a flag naming an existing file or dir that expands a leading ``~`` before checking it
+    (``--config=~/c.yaml``, which the shell leaves alone, was 'does not exist'; README: ~ is expanded in path flags)."""
+
+    def parse(value: str) -> Path:
+        path = Path(value).expanduser()
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            why = "does not exist" if not path.exists() else "is a directory" if kind == "file" else "is not a directory"
+            raise typer.BadParameter(f"{kind} {value!r} {why}")
+        return path
+
+    return parse
+
+
 ConfigOpt = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="YAML config (default: the book's GPT-2 124M, context 256).",
-                 exists=True, dir_okay=False, readable=True),
+                 parser=_existing("file"), metavar="FILE"),
 ]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable); beside a checkpoint a model key is refused.")
@@ -791,7 +805,7 @@ def eval_(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N items of the task.")] = None,
     per_item: Annotated[bool, typer.Option("--per-item", help="With --task --json: each choice's log-likelihood.")] = False,
     harness_task: Annotated[Optional[list[str]], typer.Option(help="Run this lm-evaluation-harness task on the model (repeatable; needs pip install 'gptcli[eval]').")] = None,
-    harness_tasks_dir: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAML files for --harness-task.", exists=True, file_okay=False)] = None,
+    harness_tasks_dir: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAML files for --harness-task.", parser=_existing("dir"), metavar="DIR")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
