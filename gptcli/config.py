@@ -262,9 +262,10 @@ def _check_muon(muon: dict, optimizer: str) -> None:
     for key in ("lr", "ns_steps"):
         if muon.get(key) is not None and muon[key] <= 0:
             raise ConfigError(f"train.muon.{key}: must be positive, got {muon[key]}")
-    for key in ("momentum", "weight_decay"):
-        if muon.get(key) is not None and muon[key] < 0:
-            raise ConfigError(f"train.muon.{key}: must not be negative, got {muon[key]}")
+    if muon.get("weight_decay") is not None and muon["weight_decay"] < 0:
+        raise ConfigError(f"train.muon.weight_decay: must not be negative, got {muon['weight_decay']}")
+    if "momentum" in muon and not 0 <= muon["momentum"] < 1:  # as train.beta1: a momentum of 1 or more never decays
+        raise ConfigError(f"train.muon.momentum: must be in [0, 1), got {muon['momentum']}")
     if muon.get("adjust_lr_fn", "original") not in ("original", "match_rms_adamw"):
         raise ConfigError(f"train.muon.adjust_lr_fn: must be original or match_rms_adamw, got {muon['adjust_lr_fn']!r}")
 
