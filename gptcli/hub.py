@@ -153,10 +153,9 @@ def _download_from_hub(base: str, spec: Pretrained, revision: str, cache: Path, 
     etag = re.sub(r'^(W/)?"|"$', "", headers.get("x-linked-etag") or headers.get("etag") or "")
     if not re.fullmatch(r"[0-9a-f]{64}", etag):
         raise RunError(f"{url}: the hub published no sha256 for the file (ETag {etag!r}); refusing an unverified download")
-    size = headers.get("x-linked-size") or (headers.get("content-length") if status == 200 else None)
+    size = _stated_size(headers.get("x-linked-size") or (headers.get("content-length") if status == 200 else None), url)
     pinned = f"{base}/{spec.hub_repo}/resolve/{commit or revision}/{filename}"
-    dest = dl.download(pinned, cache / filename, sha256=etag, size=int(size) if size else None,
-                       progress=_labelled(progress, filename))
+    dest = dl.download(pinned, cache / filename, sha256=etag, size=size, progress=_labelled(progress, filename))
     return dest, {"format": "huggingface", "repo": spec.hub_repo, "revision": commit or revision,
                   "url": pinned, "sha256": etag}
 
@@ -167,13 +166,22 @@ def _download_from_openai(base: str, spec: Pretrained, cache: Path, progress) ->
     for filename in OPENAI_FILES:
         url = f"{base}/{spec.params}/{filename}"
         _, headers = dl.head(url)
-        size = headers.get("content-length")
+        size = _stated_size(headers.get("content-length"), url)
         if size is None:
             raise RunError(f"{url}: the server states no size; refusing an unverifiable download")
-        dl.download(url, cache / filename, size=int(size), progress=_labelled(progress, filename))
-        sizes[filename] = int(size)
+        dl.download(url, cache / filename, size=size, progress=_labelled(progress, filename))
+        sizes[filename] = size
     return {"format": "openai-tensorflow", "url": f"{base}/{spec.params}/", "bytes": sizes,
             "verified": "size, per-tensor CRC-32C"}
+
+
+def _stated_size(value: str | None, url: str) -> int | None:
+    """A size header in bytes (None: not stated); a value that is no number is a broken server's, refused."""
+    if not value:
+        return None
+    if not value.strip().isdigit():
+        raise RunError(f"{url}: the server stated a size that is not a number ({value!r}); refusing an unverifiable download")
+    return int(value)
 
 
 def _labelled(progress: FileProgress | None, label: str):

@@ -253,6 +253,10 @@ def test_hub_errors_are_one_line_failures(cli, tiny_hub):
     for headers in tiny_hub.headers.values():  # a file the hub keeps in git, not LFS: no sha256
         del headers["X-Linked-Etag"]
     assert "no sha256" in one_line_error(cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url), 1)
+    for headers in tiny_hub.headers.values():  # a broken mirror: a size that is no number
+        headers["X-Linked-Etag"] = f'"{hashlib.sha256(tiny_hub.data).hexdigest()}"'
+        headers["X-Linked-Size"] = "abc"
+    assert "size that is not a number ('abc')" in one_line_error(cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url), 1)
     tiny_hub.fail["/test-org/gpt2-tiny/resolve/main/model.safetensors"] = 500
     assert "HTTP 500" in one_line_error(cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url), 1)
 
