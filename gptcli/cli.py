@@ -312,10 +312,24 @@ def _json_safe(x: Any) -> Any:
 
 # ---------------------------------------------------------------- shared options
 
+def _existing(kind: str):
+    """A Typer parser for a flag naming an existing file or dir that expands a leading ``~`` before checking it
+    (``--config=~/c.yaml``, which the shell leaves alone, was 'does not exist'; README: ~ is expanded in path flags)."""
+
+    def parse(value: str) -> Path:
+        path = Path(value).expanduser()
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            why = "does not exist" if not path.exists() else "is a directory" if kind == "file" else "is not a directory"
+            raise typer.BadParameter(f"{kind} {value!r} {why}")
+        return path
+
+    return parse
+
+
 ConfigOpt = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="YAML config (default: the book's GPT-2 124M, context 256).",
-                 exists=True, dir_okay=False, readable=True),
+                 parser=_existing("file"), metavar="FILE"),
 ]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable); beside a checkpoint a model key is refused.")
@@ -792,7 +806,7 @@ def eval_(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N items of the task.")] = None,
     per_item: Annotated[bool, typer.Option("--per-item", help="With --task --json: each choice's log-likelihood.")] = False,
     harness_task: Annotated[Optional[list[str]], typer.Option(help="Run this lm-evaluation-harness task on the model (repeatable; needs pip install 'gptcli[eval]').")] = None,
-    harness_tasks_dir: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAML files for --harness-task.", exists=True, file_okay=False)] = None,
+    harness_tasks_dir: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAML files for --harness-task.", parser=_existing("dir"), metavar="DIR")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
@@ -831,12 +845,19 @@ def eval_(
 
 # Keys of training's own loop that a flag of eval and loss stands for (README "Evaluate and sample").
 _TRAINING_KEYS = {"train.eval_iter": "--eval-iter"}
+# Keys only eval's loss reads (the batches, the corpus of the validation split): --task and --text refuse their
+# flags (--batch-size, --data, --val), and so a --set of them.
+_LOSS_ONLY_KEYS = ("train.batch_size", "data.path")
+
+
+def _set_keys(sets: Optional[list[str]]) -> list[str]:
+    """The dotted keys that --set items name, in order."""
+    return [item.split("=", 1)[0].strip() for item in sets or []]
 
 
 def _refuse_training_keys(sets: Optional[list[str]]) -> None:
     """Refuse a --set of a key eval and loss do not read: the config's value paces training's periodic evaluation."""
-    for item in sets or []:
-        key = item.split("=", 1)[0].strip()
+    for key in _set_keys(sets):
         if key in _TRAINING_KEYS:
             raise InputError(f"--set {key}: {key} is the training loop's estimate (batches per periodic evaluation), "
                              f"which this command does not read; use {_TRAINING_KEYS[key]} N (default: every batch)")
@@ -859,6 +880,7 @@ def _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, se
     if text is not None and (all_checkpoints or files):
         raise InputError("--text: cannot be combined with --all or --data")
     unused = {"--eval-iter": eval_iter is not None, "--batch-size": batch_size is not None, "--val/--no-val": val is not None}
+    unused.update({f"--set {key}": True for key in _set_keys(sets) if key in _LOSS_ONLY_KEYS})
     if text is not None and any(unused.values()):
         flag = next(k for k, v in unused.items() if v)
         raise InputError(f"--text and {flag}: --text scores the text alone, in windows of the context (drop {flag})")
@@ -874,6 +896,7 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
     """gptcli eval --task / --harness-task: accuracy of multiple-choice tasks, GPT-2's figures beside."""
     from gptcli import tasks as tk
 
+    refused += [f"--set {key}" for key in _set_keys(sets) if key in _LOSS_ONLY_KEYS]  # their flags' keys: refused alike
     if refused:
         raise InputError(f"{refused[0]}: does not apply to --task/--harness-task (they score tasks, not loss)")
     if not task and not harness_task:
@@ -885,6 +908,8 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
     if harness_tasks_dir and not harness_task:
         raise InputError("--harness-tasks-dir: needs --harness-task NAME")
     loaded = tk.load_task(task, task_data, limit) if task else None  # bad input fails before the model loads
+    if loaded is not None and task_data is None:  # the tool chose the file: say which
+        _err(f"task data: {loaded.path} (the default of --task {task}; --task-data chooses another)")
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: must be at least 1")
     if harness_task:
@@ -1016,7 +1041,7 @@ def _download_hellaswag(source, out, revision, endpoint, overwrite, json_out) ->
 
     if source != WeightSource.hf or revision != "main" or overwrite:
         flag = "--source" if source != WeightSource.hf else "--revision" if revision != "main" else "--overwrite"
-        raise InputError(f"{flag}: does not apply to hellaswag (one pinned, verified file; a bad copy is fetched again)")
+        raise InputError(f"{flag}: does not apply to hellaswag (one pinned file, kept once verified)")
     with Renderer() as renderer:
         result = download_hellaswag(out, endpoint=endpoint, progress=download_progress(renderer))
     if not result["downloaded"]:

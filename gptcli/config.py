@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -201,12 +202,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_seed(self.seed, "train.seed")
         self.eval_tasks = _eval_task_specs(self.eval_tasks)
-        if self.eval_tasks_every is not None and (self.eval_tasks_every <= 0 or self.eval_tasks_every % self.eval_freq):
-            raise ConfigError(f"train.eval_tasks_every: must be a positive multiple of train.eval_freq ({self.eval_freq}) "
-                              f"or null, got {self.eval_tasks_every}")
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "eval_freq", "log_freq", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
+        if self.eval_tasks_every is not None and (self.eval_tasks_every <= 0 or self.eval_tasks_every % self.eval_freq):
+            raise ConfigError(f"train.eval_tasks_every: must be a positive multiple of train.eval_freq ({self.eval_freq}) "
+                              f"or null, got {self.eval_tasks_every}")
         for name in ("max_steps", "max_tokens", "eval_iter", "save_freq", "num_threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -261,9 +262,10 @@ def _check_muon(muon: dict, optimizer: str) -> None:
     for key in ("lr", "ns_steps"):
         if muon.get(key) is not None and muon[key] <= 0:
             raise ConfigError(f"train.muon.{key}: must be positive, got {muon[key]}")
-    for key in ("momentum", "weight_decay"):
-        if muon.get(key) is not None and muon[key] < 0:
-            raise ConfigError(f"train.muon.{key}: must not be negative, got {muon[key]}")
+    if muon.get("weight_decay") is not None and muon["weight_decay"] < 0:
+        raise ConfigError(f"train.muon.weight_decay: must not be negative, got {muon['weight_decay']}")
+    if "momentum" in muon and not 0 <= muon["momentum"] < 1:  # as train.beta1: a momentum of 1 or more never decays
+        raise ConfigError(f"train.muon.momentum: must be in [0, 1), got {muon['momentum']}")
     if muon.get("adjust_lr_fn", "original") not in ("original", "match_rms_adamw"):
         raise ConfigError(f"train.muon.adjust_lr_fn: must be original or match_rms_adamw, got {muon['adjust_lr_fn']!r}")
 
@@ -483,7 +485,8 @@ def _anchor_paths(values: dict[str, dict[str, Any]], folder: Path | None) -> Non
         section, _, key = dotted.partition(".")
         if key in (values.get(section) or {}):
             values[section][key] = map_paths(values[section][key], anchor)
-    for entry in (values.get("train") or {}).get("eval_tasks") or []:  # train.eval_tasks[i].data, like data.path
+    tasks = (values.get("train") or {}).get("eval_tasks")
+    for entry in tasks if isinstance(tasks, list) else []:  # train.eval_tasks[i].data, like data.path
         if isinstance(entry, dict) and isinstance(entry.get("data"), str):
             entry["data"] = anchor(entry["data"])
 
@@ -540,6 +543,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):
+                continue  # a list or mapping as a key: SafeLoader's own construct_mapping refuses it, with its line
             if key in seen:
                 raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first at line {seen[key]}); give each key once")
             seen[key] = line
@@ -608,7 +613,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value != value or value in (float("inf"), float("-inf")):
+            if value != value or value in (float("inf"), float("-inf")) or abs(value) > sys.float_info.max:
                 raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")

@@ -16,11 +16,21 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from gptcli.errors import RunError
+from gptcli.errors import InputError, RunError
 from gptcli.fsio import fsync_dir, sha256_file, sync
 
 Progress = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
 CHUNK = 1 << 20
+
+
+def check_base_url(url: str, what: str, param: str | None = None) -> None:
+    """Refuse a mirror's base URL that is not http(s), naming where it came from (`what`: a parameter, $VAR).
+
+    Raises:
+        InputError: `url` is not an http(s) URL.
+    """
+    if not re.match(r"https?://[^/]", url):
+        raise InputError(f"{what} {url!r}: not an http(s) URL", param=param)
 
 
 def git_blob_sha1_file(path: Path) -> str:

@@ -104,13 +104,16 @@ def download_pretrained(
         raise InputError(f"source {source!r}: choose one of {', '.join(SOURCES)}", param="source")
     if (out / MANIFEST).is_file() and not overwrite:
         manifest = verify_checkpoint(out, check_hashes=False)
+        if manifest.get("pretrained") != name:  # another model, an import or a training run: not this download
+            held = f"the pretrained {manifest['pretrained']}, not {name}" if manifest.get("pretrained") else \
+                f"a checkpoint that is not a download of {name}"
+            raise InputError(f"{out}: holds {held}; choose another directory (nothing was changed)")
         return {"checkpoint": out, "name": name, "source": manifest.get("source"), "downloaded": False}
     check_import_target(out, overwrite)  # before any download: never replace what gptcli did not write
     if endpoint is None and source == "hf" and os.environ.get("HF_ENDPOINT"):
-        if not re.match(r"https?://[^/]", os.environ["HF_ENDPOINT"]):
-            raise InputError(f"$HF_ENDPOINT {os.environ['HF_ENDPOINT']!r}: not an http(s) URL")
-    elif endpoint is not None and not re.match(r"https?://[^/]", endpoint):
-        raise InputError(f"endpoint {endpoint!r}: not an http(s) URL", param="endpoint")
+        dl.check_base_url(os.environ["HF_ENDPOINT"], "$HF_ENDPOINT")
+    elif endpoint is not None:
+        dl.check_base_url(endpoint, "endpoint", "endpoint")
     cache = out / DOWNLOADS
     cfg = spec.config()
     if source == "hf":
@@ -120,10 +123,14 @@ def download_pretrained(
     else:
         base = (endpoint or OPENAI_URL).rstrip("/")
         facts = _download_from_openai(base, spec, cache, progress)
-        got = config_from_openai(read_json(cache / "hparams.json"), str(cache / "hparams.json"))
-        if got.model.shape() != cfg.model.shape():
-            raise RunError(f"{base}/{spec.params}/hparams.json: describes {got.model.shape()}, not {name}")
-        weights = from_gpt2_state_dict(OpenAITensors(TensorBundle(cache / "model.ckpt")), cfg.model, str(cache))
+        try:  # their sizes matched; what fails now (a tensor's CRC-32C, hparams) is a bad download: never kept for reuse
+            got = config_from_openai(read_json(cache / "hparams.json"), str(cache / "hparams.json"))
+            if got.model.shape() != cfg.model.shape():
+                raise RunError(f"{base}/{spec.params}/hparams.json: describes {got.model.shape()}, not {name}")
+            weights = from_gpt2_state_dict(OpenAITensors(TensorBundle(cache / "model.ckpt")), cfg.model, str(cache))
+        except (InputError, RunError) as e:
+            shutil.rmtree(cache, ignore_errors=True)
+            raise RunError(f"{e}; the downloaded files were removed (run again to fetch them anew)") from None
     check_fits(weights, cfg.model, name)
     saved = save_imported(Imported(weights, cfg, facts), out, name, overwrite=True)
     shutil.rmtree(cache, ignore_errors=True)
@@ -146,10 +153,9 @@ def _download_from_hub(base: str, spec: Pretrained, revision: str, cache: Path, 
     etag = re.sub(r'^(W/)?"|"$', "", headers.get("x-linked-etag") or headers.get("etag") or "")
     if not re.fullmatch(r"[0-9a-f]{64}", etag):
         raise RunError(f"{url}: the hub published no sha256 for the file (ETag {etag!r}); refusing an unverified download")
-    size = headers.get("x-linked-size") or (headers.get("content-length") if status == 200 else None)
+    size = _stated_size(headers.get("x-linked-size") or (headers.get("content-length") if status == 200 else None), url)
     pinned = f"{base}/{spec.hub_repo}/resolve/{commit or revision}/{filename}"
-    dest = dl.download(pinned, cache / filename, sha256=etag, size=int(size) if size else None,
-                       progress=_labelled(progress, filename))
+    dest = dl.download(pinned, cache / filename, sha256=etag, size=size, progress=_labelled(progress, filename))
     return dest, {"format": "huggingface", "repo": spec.hub_repo, "revision": commit or revision,
                   "url": pinned, "sha256": etag}
 
@@ -160,13 +166,22 @@ def _download_from_openai(base: str, spec: Pretrained, cache: Path, progress) ->
     for filename in OPENAI_FILES:
         url = f"{base}/{spec.params}/{filename}"
         _, headers = dl.head(url)
-        size = headers.get("content-length")
+        size = _stated_size(headers.get("content-length"), url)
         if size is None:
             raise RunError(f"{url}: the server states no size; refusing an unverifiable download")
-        dl.download(url, cache / filename, size=int(size), progress=_labelled(progress, filename))
-        sizes[filename] = int(size)
+        dl.download(url, cache / filename, size=size, progress=_labelled(progress, filename))
+        sizes[filename] = size
     return {"format": "openai-tensorflow", "url": f"{base}/{spec.params}/", "bytes": sizes,
             "verified": "size, per-tensor CRC-32C"}
+
+
+def _stated_size(value: str | None, url: str) -> int | None:
+    """A size header in bytes (None: not stated); a value that is no number is a broken server's, refused."""
+    if not value:
+        return None
+    if not value.strip().isdigit():
+        raise RunError(f"{url}: the server stated a size that is not a number ({value!r}); refusing an unverifiable download")
+    return int(value)
 
 
 def _labelled(progress: FileProgress | None, label: str):

@@ -276,16 +276,17 @@ def resolve_train(
             # Our own run, stopped before its first step checkpoint: nothing to continue, start it again with
             # its own config (a weights-only best/ holds no training state and is replaced by the new run's).
             saved, where = _restart_config(run_dir, config)
-            cfg = build_config(layers, saved)
+            saved = _absolute(saved) if saved is not None else None  # paths compared as they are used: absolute
+            cfg = _absolute(build_config(layers, saved))
             if saved is not None:
                 _refuse_changes(saved, cfg, layers)
             notes.append(f"{run_dir}: no step checkpoint yet (the run stopped before its first save): starting it "
                          f"over with {where}")
-            return Plan(_absolute(cfg), "restart", run_dir=run_dir, notes=notes)
-        saved = _saved_config(latest)
-        cfg = build_config(layers, saved)
+            return Plan(cfg, "restart", run_dir=run_dir, notes=notes)
+        saved = _absolute(_saved_config(latest))
+        cfg = _absolute(build_config(layers, saved))
         _refuse_changes(saved, cfg, layers)
-        return Plan(_absolute(cfg), "resume", checkpoint=latest, run_dir=run_dir, notes=notes)
+        return Plan(cfg, "resume", checkpoint=latest, run_dir=run_dir, notes=notes)
 
     cfg = _absolute(build_config(layers, init_cfg))
     if run_dir.is_dir():
@@ -385,6 +386,9 @@ def _absolute(cfg: Config) -> Config:
     cfg.data.path = map_paths(cfg.data.path, lambda p: str(Path(p).expanduser().absolute()))
     if cfg.train.out_dir:
         cfg.train.out_dir = str(Path(cfg.train.out_dir).expanduser().absolute())
+    for spec in cfg.train.eval_tasks:  # a task file of --set, like data.path: resumed from any folder
+        if spec.get("data"):
+            spec["data"] = str(Path(spec["data"]).expanduser().absolute())
     return cfg
 
 

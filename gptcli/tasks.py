@@ -99,7 +99,8 @@ def load_task(name: str, data: Optional[Path] = None, limit: Optional[int] = Non
         raise InputError(f"{what} {name}: needs {data_what} FILE (JSON Lines: context, choices, answer)")
     if not Path(path).is_file():
         hint = "; `gptcli download hellaswag` fetches it" if name == "hellaswag" and data is None else ""
-        raise InputError(f"{data_what} {path}: no such file{hint}")
+        what_it_is = "a folder, not a JSON Lines file" if Path(path).is_dir() else "no such file"
+        raise InputError(f"{data_what} {path}: {what_it_is}{hint}")
     parse = parse_hellaswag if name == "hellaswag" else parse_choices
     items = parse(Path(path), limit, data_what)
     if not items:
@@ -154,6 +155,8 @@ def _read_jsonl(path: Path, limit, what: str, item: Callable[[dict, str], Item])
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{where}: not JSON ({e.msg})") from None
+                except RecursionError:
+                    raise InputError(f"{where}: not a task item (JSON nested too deeply)") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{where}: expected a JSON object")
                 items.append(item(obj, where))
@@ -375,6 +378,7 @@ def download_hellaswag(folder: Optional[Path] = None, *, endpoint: Optional[str]
         progress: called with (label, bytes done, total).
 
     Raises:
+        InputError: `folder` already holds another hellaswag_val.jsonl (it is left as it is).
         RunError: the network fails, or the file does not match the repository's git blob id (it is removed).
     """
     from gptcli import download as dl
@@ -382,8 +386,12 @@ def download_hellaswag(folder: Optional[Path] = None, *, endpoint: Optional[str]
     dest = Path(folder if folder is not None else HELLASWAG_DIR) / HELLASWAG_VAL["filename"]
     url = HELLASWAG_VAL["url"]
     if endpoint:
+        dl.check_base_url(endpoint, "endpoint", "endpoint")
         url = endpoint.rstrip("/") + url[len("https://raw.githubusercontent.com"):]
     had = dest.is_file() and dl.git_blob_sha1_file(dest) == HELLASWAG_VAL["git_blob_sha1"]
+    if (dest.exists() or dest.is_symlink()) and not had:  # gptcli lands only the verified file there: not ours
+        raise InputError(f"{dest}: exists and is not the official {dest.name} (its git blob id differs); gptcli "
+                         "never replaces a file it did not write: move it away or choose another folder")
     dl.download(url, dest, git_blob_sha1=HELLASWAG_VAL["git_blob_sha1"],
                 progress=(lambda d, t: progress(dest.name, d, t)) if progress else None)
     return {"path": str(dest), "url": url, "git_blob_sha1": HELLASWAG_VAL["git_blob_sha1"], "downloaded": not had}

@@ -83,8 +83,8 @@ from gptcli.optim import (
 from gptcli.perf import MfuMeter, peak_flops
 from gptcli.precision import DTYPES, LossScaler, autocast as _autocast, resolve_precision
 from gptcli.rundir import RUN_MANIFEST, StopSignals, prepare_run_dir, read_manifest, record_end, write_run_manifest
-from gptcli.tasks import evaluate_tasks, tasks_due, tasks_from_config
-from gptcli.tokenizer import decode, encode
+from gptcli.tasks import Task, evaluate_tasks, tasks_due, tasks_from_config
+from gptcli.tokenizer import VOCAB_SIZE, decode, encode
 
 
 class Events:
@@ -286,6 +286,7 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     if not info.is_main:
         splits = load_splits(cfg.data, cfg.model.context_length)
     _check_batches(splits, t.batch_size, info.world_size)
+    _check_vocab(cfg)
     precision = resolve_precision(t.precision, device)[0]  # a precision this device cannot train in: refused here
     _loss_chunk(cfg, info)
     check_optimizer(t, fsdp=info.enabled and t.distributed == "fsdp")
@@ -392,7 +393,7 @@ def _loop(run: _Run, ckpt: Checkpoint | None, stop: StopSignals) -> dict[str, An
 
 def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint | None, events: Events,
           device: torch.device, info: DistInfo, defer: bool, in_backward: bool, trackers: loggers.Trackers,
-          eval_tasks: list) -> _Run:
+          eval_tasks: list[Task]) -> _Run:
     """The model (book order: seed, build, move, then the optimizer), its wrappers, the loaders."""
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -956,6 +957,14 @@ def _check_batches(splits: Splits, batch_size: int, world_size: int) -> None:
             f"{splits.source}: the training split has {len(splits.train)} window(s) "
             f"({splits.train_tokens} tokens); batch_size {batch_size} x {world_size} process(es) needs {need}"
         )
+
+
+def _check_vocab(cfg: Config) -> None:
+    """The data holds GPT-2 token ids: a smaller vocabulary has no embedding row for some of them."""
+    if cfg.model.vocab_size < VOCAB_SIZE:
+        raise InputError(f"model.vocab_size {cfg.model.vocab_size} (from {cfg.origin('model.vocab_size')}): below the "
+                         f"{VOCAB_SIZE} token ids of the GPT-2 tokenizer the data is encoded with; use at least "
+                         f"{VOCAB_SIZE}", param="model.vocab_size")
 
 
 def _check_shapes(cfg: Config, other: Config, what: str) -> None:

@@ -239,6 +239,8 @@ CASES = [
     ("init-from-missing", "train --config {tiny} --data {verdict} --init-from {a}/nope --out {a}/r1", 1, ["nope"]),
     ("init-from-other-shape", "train --config {tiny} --data {verdict} --init-from {other} --out {a}/r2", 2, ["n_layers 1 vs 2"]),
     ("resume-other-shape", "train --out {run} --resume --data {verdict} --set model.n_layers=3", 2, ["n_layers 2 vs 3"]),
+    ("vocab-below-tokenizer", "train --config {tiny} --data {verdict} --set model.vocab_size=100 --out {a}/v", 2,
+     ["model.vocab_size 100 (from --set)", "50257"]),
     ("resume-nothing", "train --config {tiny} --data {verdict} --out {empty_dir} --resume", 2, ["--resume"]),
     ("run-exists", "train --config {tiny} --data {verdict} --out {run}", 2, ["--resume", "--overwrite"]),
     ("eval-all-no-checkpoints", "eval --checkpoint {empty_dir} --all", 1, ["empty_dir"]),

@@ -83,6 +83,25 @@ def test_empty_and_invalid_yaml(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(
+    "sets, field",
+    [(["train.eval_freq=0", "train.eval_tasks_every=5"], "train.eval_freq"),
+     (["train.eval_tasks=true"], "train.eval_tasks"), (["train.eval_tasks=5"], "train.eval_tasks"),
+     (["train.learning_rate=1" + "0" * 400], "train.learning_rate"),
+     (["data.path=[{path: a, weight: 1" + "0" * 400 + "}]"], "data.path[0].weight")],
+)
+def test_odd_set_values_are_config_errors_naming_the_key_not_crashes(sets, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, sets=sets)
+    assert str(e.value).startswith("--set: ") and field in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["train:\n  [a]: 2\n", "? [a, b]\n: 1\n", "train:\n  ? {a: 1}\n  : 2\n"])
+def test_a_list_or_mapping_as_a_yaml_key_is_invalid_yaml_naming_the_line(tmp_path, text):
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_config(write(tmp_path, text))
+
+
 def test_precedence_flag_over_set_over_yaml_over_default(tmp_path):
     path = write(tmp_path, "train:\n  batch_size: 4\n  max_steps: 7\n  learning_rate: 1e-3\n")
     cfg = load_config(path)

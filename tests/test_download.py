@@ -253,6 +253,10 @@ def test_hub_errors_are_one_line_failures(cli, tiny_hub):
     for headers in tiny_hub.headers.values():  # a file the hub keeps in git, not LFS: no sha256
         del headers["X-Linked-Etag"]
     assert "no sha256" in one_line_error(cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url), 1)
+    for headers in tiny_hub.headers.values():  # a broken mirror: a size that is no number
+        headers["X-Linked-Etag"] = f'"{hashlib.sha256(tiny_hub.data).hexdigest()}"'
+        headers["X-Linked-Size"] = "abc"
+    assert "size that is not a number ('abc')" in one_line_error(cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url), 1)
     tiny_hub.fail["/test-org/gpt2-tiny/resolve/main/model.safetensors"] = 500
     assert "HTTP 500" in one_line_error(cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url), 1)
 
@@ -297,6 +301,42 @@ def test_revision_with_source_openai_is_refused_by_name(cli, no_network):
 def test_an_endpoint_that_is_not_a_url_is_a_one_line_usage_error(cli, no_network, monkeypatch):
     r = cli("download", "gpt2-small", "--endpoint", "notaurl")
     assert r.exit_code == 2 and "--endpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("download", "hellaswag", "--endpoint", "notaurl")  # the task's file: the same check, not a ValueError
+    assert r.exit_code == 2 and "--endpoint 'notaurl': not an http(s) URL" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not Path("data").exists(), r.stderr
     monkeypatch.setenv("HF_ENDPOINT", "notaurl")
     r = cli("download", "gpt2-small")
     assert r.exit_code == 2 and "HF_ENDPOINT" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_download_into_a_folder_holding_another_checkpoint_is_refused_not_reported_done(cli, tiny_hub, tmp_path):
+    # A checkpoint of another model (or a training run's step) is not this download: never "already downloaded".
+    assert cli("download", "gpt2-tiny", "--endpoint", tiny_hub.url).exit_code == 0
+    other = hub.Pretrained("gpt2-other", "other", 32, 2, 4, "test-org/gpt2-other")
+    hub.PRETRAINED[other.name] = other
+    try:
+        r = cli("download", "gpt2-other", "--out", "checkpoints/pretrained/gpt2-tiny", "--endpoint", tiny_hub.url, "--json")
+    finally:
+        del hub.PRETRAINED[other.name]
+    line = one_line_error(r, 2)
+    assert "the pretrained gpt2-tiny, not gpt2-other" in line
+    assert len(tiny_hub.gets()) == 2  # nothing fetched for the refused one
+
+
+def test_openai_file_failing_its_crc_is_deleted_and_fetched_again(cli, server, monkeypatch):
+    # Sizes match, a tensor's CRC-32C does not: the files must not stay to be reused by every rerun.
+    spec = hub.Pretrained("gpt2-tf-tiny", "tiny", 8, 3, 2, "unused/repo", vocab_size=64, context_length=16)
+    monkeypatch.setitem(hub.PRETRAINED, spec.name, spec)
+    for name in hub.OPENAI_FILES:
+        server.files[f"/models/tiny/{name}"] = (FIXTURES / "openai-tiny" / name).read_bytes()
+    data = "/models/tiny/model.ckpt.data-00000-of-00001"
+    good = server.files[data]
+    server.files[data] = good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]
+    args = ("download", "gpt2-tf-tiny", "--source", "openai", "--endpoint", f"{server.url}/models")
+    line = one_line_error(cli(*args), 1)
+    assert "CRC-32C mismatch" in line and "removed" in line
+    assert not Path("checkpoints/pretrained/gpt2-tf-tiny/.download").exists()
+    server.files[data] = good
+    r = cli(*args)
+    assert r.exit_code == 0, r.stderr
+    assert [p for p, _ in server.gets()].count(data) == 2  # fetched anew, not the corrupt copy reused

@@ -76,6 +76,8 @@ def test_muon_stops_and_resumes_bit_for_bit(verdict, tmp_path):
     ({"train.optimizer": "muon", "train.muon": {"ns_steps": 0}}, "train.muon.ns_steps: must be positive"),
     ({"train.optimizer": "muon", "train.muon": {"nesterov": "yes"}}, "train.muon.nesterov: expected true or false"),
     ({"train.optimizer": "muon", "train.muon": {"adjust_lr_fn": "x"}}, "train.muon.adjust_lr_fn: must be"),
+    ({"train.optimizer": "muon", "train.muon": {"momentum": 5}}, "train.muon.momentum: must be in [0, 1), got 5"),
+    ({"train.optimizer": "muon", "train.muon": {"momentum": -0.1}}, "train.muon.momentum: must be in [0, 1)"),
 ])
 def test_muon_settings_are_refused_by_name_where_they_do_not_apply(sets, key):
     with pytest.raises(ConfigError) as e:

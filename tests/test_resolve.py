@@ -649,6 +649,20 @@ def test_tilde_in_a_path_flag_is_the_home_folder_never_a_folder_named_tilde(cli,
     assert not (tmp_path / "~").exists() and (home / "prepared" / "index.json").is_file()
 
 
+def test_tilde_in_config_flag_is_expanded_before_the_file_is_checked(cli, tmp_path, monkeypatch):
+    """`--config=~/c.yaml` was refused by the flag's own existence check ("file '~/c.yaml' does not exist")
+    before any expansion; README: `~` is expanded in path flags too."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    shutil.copy(TINY, home / "c.yaml")
+    r = cli("generate", "hi", "--config=~/c.yaml", "--max-new-tokens", "1")
+    assert r.exit_code == 0, r.stderr
+    assert f"from --config {home / 'c.yaml'}" in r.stderr
+    r = cli("generate", "hi", "--config=~/missing.yaml")
+    assert r.exit_code == 2 and "'~/missing.yaml' does not exist" in r.stderr, r.stderr
+
+
 def test_a_wildcard_data_path_says_only_prepare_expands_them(cli, verdict, tmp_path):
     """Audit w3 #19: `prepare 'pq/*.txt'` works; `train`/`eval --data 'pq/*.txt'` only said "not found"."""
     for command in (["train", "--config", TINY, "--out", "r"], ["loss", "--config", TINY]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -198,11 +199,18 @@ def test_accuracy_and_loglikelihoods_equal_lm_eval_hf_and_our_adapter(cli, toy_c
     (["--task", "choices", "--task-data", "{good}", "--limit", "0"], "--limit"),
     (["--task", "choices"], "--task choices: needs --task-data FILE"),
     (["--task", "choices", "--task-data", "{good}", "--text", "hi"], "--text"),
+    # the keys of refused flags (--batch-size, --data/--val): refused through --set too, not ignored
+    (["--task", "choices", "--task-data", "{good}", "--set", "train.batch_size=1"], "--set train.batch_size: does not apply"),
+    (["--task", "choices", "--task-data", "{good}", "--set", "data.path=x.txt"], "--set data.path: does not apply"),
+    (["--text", "hi", "--set", "train.batch_size=1"], "--text and --set train.batch_size"),
+    (["--task", "choices", "--task-data", "{deep}"], "line 1: not a task item (JSON nested too deeply)"),
+    (["--task", "choices", "--task-data", "{folder}"], "a folder, not a JSON Lines file"),
 ])
 def test_bad_task_input_is_one_line_and_exit_2(cli, toy_ckpt, tmp_path, args, message):
     files = {"{bad}": write_jsonl(tmp_path / "bad.jsonl", [{"context": "a", "choices": ["b", "c"], "answer": 5}]),
              "{empty}": write_jsonl(tmp_path / "empty.jsonl", []),
-             "{good}": write_jsonl(tmp_path / "good.jsonl", toy_items(3))}
+             "{good}": write_jsonl(tmp_path / "good.jsonl", toy_items(3)),
+             "{deep}": write_jsonl(tmp_path / "deep.jsonl", ["[" * 100_000 + "]" * 100_000]), "{folder}": tmp_path}
     r = cli("eval", "--checkpoint", toy_ckpt, *[str(files.get(a, a)) for a in args])
     assert r.exit_code == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -219,6 +227,17 @@ def test_hellaswag_eval_prints_gpt2_baselines_beside_the_result(cli, toy_ckpt, t
     assert result["baseline"]["gpt2-1558m"]["acc_norm"] == 0.5089
     r = cli("eval", "--checkpoint", toy_ckpt, "--task", "hellaswag", "--task-data", data)
     assert r.exit_code == 0 and "GPT-2 124M" in r.stdout and "0.3114" in r.stdout, r.stdout
+
+
+def test_eval_task_says_which_data_file_it_chose_by_default(cli, toy_ckpt, tmp_path):
+    default = tmp_path / "data" / "hellaswag" / "hellaswag_val.jsonl"
+    default.parent.mkdir(parents=True)
+    write_jsonl(default, HELLASWAG_LINES)
+    r = cli("eval", "--checkpoint", toy_ckpt, "--task", "hellaswag", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "task data: data/hellaswag/hellaswag_val.jsonl (the default of --task hellaswag" in r.stderr
+    r = cli("eval", "--checkpoint", toy_ckpt, "--task", "hellaswag", "--task-data", default, "--json")
+    assert r.exit_code == 0 and "task data" not in r.stderr, r.stderr  # given, not chosen: nothing to say
 
 
 # ---------------------------------------------------------------- gptcli download hellaswag
@@ -263,6 +282,20 @@ def test_download_hellaswag_verifies_resumes_and_removes_a_bad_copy(cli, server,
     r = cli("download", "hellaswag", "--endpoint", server.url)
     assert r.exit_code == 1 and "git blob id" in r.stderr and not dest.exists()
     assert not list(Path("data/hellaswag").glob("*.part"))
+
+
+def test_download_hellaswag_never_replaces_a_file_it_did_not_write(cli, server, monkeypatch):
+    from gptcli import tasks
+
+    body = "".join(json.dumps(r) + "\n" for r in HELLASWAG_LINES).encode()
+    monkeypatch.setitem(tasks.HELLASWAG_VAL, "git_blob_sha1", hashlib.sha1(f"blob {len(body)}\0".encode() + body).hexdigest())
+    server.files[tasks.HELLASWAG_VAL["url"].removeprefix("https://raw.githubusercontent.com")] = body
+    mine = Path("mine/hellaswag_val.jsonl")
+    mine.parent.mkdir()
+    mine.write_text("my own filtered copy\n")
+    r = cli("download", "hellaswag", "--endpoint", server.url, "--out", "mine")
+    assert r.exit_code == 2 and "never replaces a file it did not write" in r.stderr, r.stderr
+    assert mine.read_text() == "my own filtered copy\n" and server.gets() == []
 
 
 # ---------------------------------------------------------------- in training
@@ -328,6 +361,7 @@ def test_eval_tasks_cadence_and_bad_entries(verdict, tmp_path):
         tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": [{"name": "choices", "limit": 0}]})
     with pytest.raises(InputError, match=r"train.eval_tasks\[0\].name winogrande: unknown task; known: hellaswag"):
         train(tiny_run_config(verdict, tmp_path, False, **{"train.eval_tasks": ["winogrande"]}), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before the run directory (its lock) was made
 
 
 def test_bad_eval_tasks_are_refused_before_an_overwrite_deletes_the_run(verdict, tmp_path):
@@ -448,6 +482,24 @@ def test_eval_task_data_in_a_config_file_is_relative_to_that_file(tmp_path):
     cfg = load_config(tmp_path / "cfg" / "c.yaml")
     assert cfg.train.eval_tasks == [{"name": "hellaswag", "data": None, "limit": None},
                                     {"name": "choices", "data": str(tmp_path / "cfg" / "mine.jsonl"), "limit": 5}]
+
+
+def test_eval_task_data_of_set_is_saved_absolute_so_a_run_resumes_from_any_folder(cli, verdict, tmp_path, monkeypatch):
+    from conftest import CONFIGS
+
+    write_jsonl(tmp_path / "mine.jsonl", toy_items(4))
+    tasks = "train.eval_tasks=[{name: choices, data: mine.jsonl}]"
+    r = cli("train", "--config", CONFIGS / "tiny.yaml", "--data", verdict, "--max-steps", "1", "--out", "run",
+            "--set", tasks, "--set", "train.max_new_tokens=0")
+    assert r.exit_code == 0, r.stderr
+    saved = (tmp_path / "run" / "step-000001" / "config.yaml").read_text()
+    assert f"data: {tmp_path / 'mine.jsonl'}" in saved
+    r = cli("train", "--out", "run", "--resume", "--max-steps", "2", "--set", tasks)  # the same file: no change
+    assert r.exit_code == 0, r.stderr
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = cli("train", "--out", tmp_path / "run", "--resume", "--max-steps", "3")
+    assert r.exit_code == 0, r.stderr
 
 
 def test_rows_sharing_an_input_share_one_forward_and_score_as_alone():
