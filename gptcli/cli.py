@@ -503,15 +503,21 @@ def runs_(
     json_out: JsonOpt = False,
 ) -> None:
     """List the runs under checkpoints/ (or ROOT): state, steps, tokens, losses, tokens/s, wall time, config differences."""
+    from gptcli.checkpoint import MANIFEST
     from gptcli.runs import list_runs
 
-    _render_runs(list_runs(root), json_out)
+    result = list_runs(root)
+    if not result["runs"]:  # an empty table alone would not say why
+        hint = (f"a checkpoint of the run {root.parent}: gptcli runs {root.parent.parent}" if (root / MANIFEST).is_file()
+                else "give the folder that holds the runs")
+        _err(f"no gptcli runs in {root} ({hint})")
+    _render_runs(result, json_out)
 
 
 @app.command()
 @_handle_errors
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (one or more; their curves overlaid in one plot).")],
     x: XOpt = XAxis.tokens,
     out: PlotOutOpt = None,
     json_out: JsonOpt = False,

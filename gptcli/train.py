@@ -938,7 +938,7 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
     total = _total_steps(cfg.train, per_epoch, cfg.train.batch_size * info.world_size * cfg.model.context_length)
     if step >= total:
         events.warn(f"{run_dir}: the run already finished at step {step}; nothing to train. To extend it, "
-                    f"resume with train.max_steps N or train.num_epochs N beyond it (now {cfg.train.num_epochs} epoch(s)"
+                    f"resume with --max-steps N or --num-epochs N beyond it (train.max_steps, train.num_epochs; now {cfg.train.num_epochs} epoch(s)"
                     f"{f', max_steps {cfg.train.max_steps}' if cfg.train.max_steps else ''})")
         return True
     return False
@@ -947,7 +947,8 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
 def _finished_summary(run_dir: Path, ckpt: Checkpoint) -> dict[str, Any]:
     """The summary of a run resumed at its end, from its newest checkpoint; this session trained nothing."""
     state = TrainState.from_checkpoint(ckpt.train_state, epoch_windows=1)  # epoch_progress is not reported
-    return {**_run_summary(run_dir, state, ckpt.path, 0.0), "already_finished": True}
+    # The run's own training time (all its sessions), so that tokens_per_s is the run's, as at its end.
+    return {**_run_summary(run_dir, state, ckpt.path, state.elapsed_s), "already_finished": True}
 
 
 def _check_batches(splits: Splits, batch_size: int, world_size: int) -> None:

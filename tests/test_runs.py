@@ -211,3 +211,13 @@ def test_plot_json_names_the_files_it_drew(cli, tmp_path):
     assert json.loads(one.stdout) == {"plot": str(a / "losses.png"), "csv": str(a / "metrics.csv")}
     several = cli("plot", a, b, "--out", tmp_path / "both.png", "--json")
     assert several.exit_code == 0 and json.loads(several.stdout) == {"plot": str(tmp_path / "both.png")}
+
+
+def test_runs_of_a_folder_without_runs_says_why_not_an_empty_table_alone(cli, verdict, tmp_path):
+    (tmp_path / "empty").mkdir()
+    empty = cli("runs", tmp_path / "empty")
+    assert empty.exit_code == 0 and f"no gptcli runs in {tmp_path / 'empty'}" in empty.stderr
+    assert _train(cli, verdict, tmp_path / "runs" / "a", "--max-steps", "2").exit_code == 0
+    (step,) = (tmp_path / "runs" / "a").glob("step-*")
+    inside = cli("runs", step)  # a checkpoint given instead of the folder of runs: the command that lists it
+    assert inside.exit_code == 0 and f"gptcli runs {tmp_path / 'runs'}" in inside.stderr
