@@ -40,6 +40,9 @@ def check_seed(seed: int, where: str) -> None:
         raise ConfigError(f"{where}: a seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {seed}")
 
 
+MAX_THREADS = 4096  # train.num_threads: above the hardware threads of the largest machines (768 on two 192-core EPYC)
+
+
 @dataclass
 class ModelConfig:
     # Defaults are the book's GPT_CONFIG_124M with the chapter-5 context of 256.
@@ -212,6 +215,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"train.{name}: must be positive or null, got {value}")
+        if self.num_threads is not None and self.num_threads > MAX_THREADS:  # beyond any machine; torch overflows
+            raise ConfigError(f"train.num_threads: at most {MAX_THREADS} (null: PyTorch's choice), got {self.num_threads}")
         for name in ("warmup_steps", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must not be negative, got {getattr(self, name)}")

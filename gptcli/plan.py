@@ -36,6 +36,7 @@ Library code: nothing here prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,10 +46,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from gptcli.config import Config, config_from_dict
-from gptcli.errors import InputError, RunError
+from gptcli.errors import InputError, RunError, first_line
 from gptcli.hostmem import set_host_memory
 
 FLOAT32 = 4
@@ -209,13 +210,33 @@ def estimate_memory(cfg: Config, batch: Optional[int] = None) -> Memory:
         model = GPTModel(cfg.model)
     param_bytes = sum(p.numel() for p in model.parameters()) * FLOAT32
     gradient_bytes = max(p.numel() for p in model.parameters()) * FLOAT32 if _in_backward(cfg, device) else param_bytes
-    plain, per, block, block_per = _activations(cfg, device, batch, False)
-    kept, per_kept, _, _ = _activations(cfg, device, batch, True)
+    with _one_window_fits(cfg, f"the model at one window does not fit {device}"):  # real forwards of 1 and 2 windows
+        plain, per, block, block_per = _activations(cfg, device, batch, False)
+        kept, per_kept, _, _ = _activations(cfg, device, batch, True)
     # backward holds one block's activations again while it recomputes it
     checkpointed, per_checkpointed = kept + block, per_kept + block_per
     transients_at = _loss_transients(cfg, device, model.out_head.out_features)
     return Memory(param_bytes, gradient_bytes, ADAM_MOMENTS * param_bytes, plain, checkpointed, transients_at(batch),
                   per, per_checkpointed, batch, transients_at)
+
+
+@contextlib.contextmanager
+def _one_window_fits(cfg: Config, what: str) -> Iterator[None]:
+    """Turn an allocation that cannot be made (a context so long that one window, or the book's T x T causal
+    mask, exceeds the device or even a tensor's size) into one line naming the key, not an internal error.
+
+    Raises:
+        RunError: the model at one window cannot be allocated (`what` says where).
+    """
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e) and "overflow" not in str(e):
+            raise
+        raise RunError(f"model.context_length {cfg.model.context_length} (from {cfg.origin('model.context_length')}): "
+                       f"{what} ({first_line(e)}); this config cannot train here at any batch size") from None
 
 
 def _in_backward(cfg: Config, device) -> bool:
@@ -442,7 +463,7 @@ def plan_run(cfg: Config, memory_limit: Optional[int] = None, probe_steps: int =
 
     t, m = cfg.train, cfg.model
     notes: list[str] = []
-    with torch.device("meta"):
+    with _one_window_fits(cfg, "the book's T x T causal mask is larger than a tensor can be"), torch.device("meta"):
         params = GPTModel(m).num_params()
     out: dict[str, Any] = {"params": params, "flops_per_token": flops_per_token(m), "batch_size": t.batch_size,
                            "context_length": m.context_length}

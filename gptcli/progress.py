@@ -195,6 +195,9 @@ class TrainProgress(_Closing):
     def warn(self, message: str) -> None:
         self.r.line(f"warning: {message}")
 
+    def note(self, message: str) -> None:
+        self.r.line(message)
+
 
 def download_progress(renderer: Renderer) -> Callable[[str, int, Optional[int]], None]:
     """A download callback (label, bytes done, total): a bar per file, or one line as each file starts."""

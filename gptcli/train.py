@@ -96,6 +96,7 @@ class Events:
     def sample(self, epoch: int, text: str) -> None: ...
     def checkpoint(self, path: Path) -> None: ...
     def warn(self, message: str) -> None: ...
+    def note(self, message: str) -> None: ...  # a choice the run made for the user (not a warning)
     download: Progress | None = None
 
 
@@ -291,6 +292,10 @@ def _train(cfg, run_dir, resume, overwrite, init_from, events, device, info: Dis
     _loss_chunk(cfg, info)
     check_optimizer(t, fsdp=info.enabled and t.distributed == "fsdp")
     eval_tasks = tasks_from_config(t.eval_tasks)  # read and checked here: a bad task file must not cost the run
+    for i, (spec, task) in enumerate(zip(t.eval_tasks, eval_tasks)):
+        if not spec.get("data") and info.is_main:  # the tool chose the file: say which
+            events.note(f"train.eval_tasks[{i}]: {task.name} from {task.path} "
+                        "(the default; its data key chooses another)")
 
     # Everything that can be wrong with the inputs is checked before the run directory is touched.
     init_weights = None
@@ -412,7 +417,7 @@ def build(cfg: Config, run_dir: Path, splits: Splits, init_weights: Checkpoint |
         step_in_backward(wrapped.parameters(), optimizer)
     precision, why = resolve_precision(t.precision, device)
     if why and info.is_main:
-        events.warn(why)  # auto chose: say which and why
+        events.note(why)  # auto chose: say which and why
     autocast = _autocast(device, precision)
     # train.loss_chunk: the (B, T, V) logits never exist at once
     forward_loss = functools.partial(_forward_loss, as_trained(wrapped, cfg.data), model.out_head.weight, autocast,

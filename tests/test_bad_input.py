@@ -239,6 +239,11 @@ CASES = [
     ("init-from-missing", "train --config {tiny} --data {verdict} --init-from {a}/nope --out {a}/r1", 1, ["nope"]),
     ("init-from-other-shape", "train --config {tiny} --data {verdict} --init-from {other} --out {a}/r2", 2, ["n_layers 1 vs 2"]),
     ("resume-other-shape", "train --out {run} --resume --data {verdict} --set model.n_layers=3", 2, ["n_layers 2 vs 3"]),
+    ("plan-context-beyond-a-tensor", "plan --config {tiny} --set model.context_length=1000000000000", 1,
+     ["model.context_length 1000000000000 (from --set)", "causal mask"]),
+    ("plan-window-beyond-memory",  # the T x T mask: more bytes than an address space; small rows for the rest
+     "plan --config {tiny} --set model.context_length=20000000 --set model.emb_dim=4 --set model.n_heads=1", 1,
+     ["model.context_length 20000000 (from --set)", "one window does not fit cpu"]),
     ("vocab-below-tokenizer", "train --config {tiny} --data {verdict} --set model.vocab_size=100 --out {a}/v", 2,
      ["model.vocab_size 100 (from --set)", "50257"]),
     ("resume-nothing", "train --config {tiny} --data {verdict} --out {empty_dir} --resume", 2, ["--resume"]),

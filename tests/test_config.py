@@ -88,6 +88,7 @@ def test_empty_and_invalid_yaml(tmp_path):
     [(["train.eval_freq=0", "train.eval_tasks_every=5"], "train.eval_freq"),
      (["train.eval_tasks=true"], "train.eval_tasks"), (["train.eval_tasks=5"], "train.eval_tasks"),
      (["train.learning_rate=1" + "0" * 400], "train.learning_rate"),
+     (["train.num_threads=100000000000000000000"], "train.num_threads"), (["train.num_threads=5000"], "train.num_threads"),
      (["data.path=[{path: a, weight: 1" + "0" * 400 + "}]"], "data.path[0].weight")],
 )
 def test_odd_set_values_are_config_errors_naming_the_key_not_crashes(sets, field):

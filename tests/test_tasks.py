@@ -536,3 +536,24 @@ def test_a_harness_task_whose_data_cannot_be_fetched_is_one_line_exit_1(cli, toy
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--harness-task hellaswag: lm-eval could not get the task's data" in r.stderr
     assert "internal error" not in r.stderr
+
+
+def test_training_says_which_task_file_it_chose_by_default(verdict, tmp_path, monkeypatch):
+    """train.eval_tasks: [hellaswag] with no data key scores data/hellaswag/hellaswag_val.jsonl: said, as eval says it."""
+    from gptcli.train import Events, train
+
+    class Notes(Events):
+        def __init__(self):
+            self.notes = []
+
+        def note(self, message):
+            self.notes.append(message)
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "hellaswag").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "hellaswag" / "hellaswag_val.jsonl", HELLASWAG_LINES)
+    events = Notes()
+    train(tiny_run_config(verdict, tmp_path, False, **{"train.max_steps": 1, "train.eval_tasks": ["hellaswag"]}),
+          tmp_path / "run", events=events)
+    assert [n for n in events.notes if n.startswith("train.eval_tasks")] == [
+        "train.eval_tasks[0]: hellaswag from data/hellaswag/hellaswag_val.jsonl (the default; its data key chooses another)"]
