@@ -421,8 +421,8 @@ def train(
     try:
         plan = resolve_train(config, sets, overrides, out=out, name=name, resume=resume, overwrite=overwrite,
                              init_from=init_from, root=CHECKPOINTS_ROOT)
-        check_data_path(plan.cfg, "--data" if data else None)
-        with TrainProgress([_in_flags(n) for n in plan.notes], plan.cfg.data.path, quiet=not main) as events:
+        notes = plan.notes + check_data_path(plan.cfg, "--data" if data else None)
+        with TrainProgress([_in_flags(n) for n in notes], plan.cfg.data.path, quiet=not main) as events:
             if note := apply_host_memory(plan.cfg.train.host_memory):  # process-wide: set here, at the entry point
                 events.warn(note)
             summary = run_training(plan.cfg, plan.run_dir, resume=plan.mode == "resume", init_from=init_from,
@@ -637,7 +637,7 @@ def loss(
     _refuse_training_keys(sets)
     plan = resolve_model(checkpoint, config, sets, {"train.device": device, "data.path": str(data) if data else None},
                          root=CHECKPOINTS_ROOT)
-    check_data_path(plan.cfg, "--data" if data else None)
+    _notes(check_data_path(plan.cfg, "--data" if data else None))
     with Renderer() as renderer:
         splits = load_splits(plan.cfg.data, plan.cfg.model.context_length,
                              progress=corpus_download(renderer, plan.cfg.data.path))
@@ -811,7 +811,7 @@ def eval_(
 ) -> None:
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
     from gptcli import evaluate as ev
-    from gptcli.resolve import build_model, eval_validation, resolve_model, run_or_newest
+    from gptcli.resolve import build_model, eval_validation, resolve_model, run_or_newest, skipped_files_notes
 
     checkpoint = _eval_checkpoint(checkpoint_arg, checkpoint)
     files = [str(p) for p in data or []]
@@ -824,7 +824,7 @@ def eval_(
     _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets, eval_iter, batch_size)
     if all_checkpoints:
         run, notes = run_or_newest(checkpoint, CHECKPOINTS_ROOT)
-        _notes(notes)
+        _notes(notes + skipped_files_notes(files))
         report = ev.evaluate_run(run, files, val is not False, eval_iter, batch_size, device)
         for reason in report["skipped"]:
             _err(f"warning: skipped a damaged checkpoint: {reason}")
@@ -1119,7 +1119,7 @@ def prepare(
     json_out: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus into uint16 (uint32 for vocabularies beyond 65,536) token shards with a document-level train/validation split."""
-    from gptcli.shards import INPUT_SUFFIXES, empty_split_warnings, prepare as run_prepare
+    from gptcli.shards import empty_split_warnings, prepare as run_prepare, skipped_note
 
     with PrepareProgress() as progress:
         result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
@@ -1134,8 +1134,7 @@ def prepare(
          f"{summary['shards']} shards in {result.elapsed_s:.1f} s{rate}; "
          f"{result.pieces_kept} finished piece(s) kept")
     if result.skipped:
-        _warn(f"skipped {len(result.skipped)} file(s) whose names end in none of {', '.join(INPUT_SUFFIXES)} "
-              f"(e.g. {result.skipped[0]}); suffixes are case-sensitive")
+        _warn(skipped_note(result.skipped))
     for warning in empty_split_warnings(result.index):
         _warn(warning)
     if json_out:

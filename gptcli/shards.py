@@ -189,6 +189,12 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
     return sources
 
 
+def skipped_note(skipped: list[Path]) -> str:
+    """The one line saying that files below a folder or matching a glob were left out for their suffix."""
+    return (f"skipped {len(skipped)} file(s) whose names end in none of {', '.join(INPUT_SUFFIXES)} "
+            f"(e.g. {skipped[0]}); suffixes are case-sensitive")
+
+
 def _supported(files: list[Path], skipped: Optional[list[Path]]) -> list[Path]:
     """The files with an input suffix; the others go to `skipped` (when given)."""
     if skipped is not None:

@@ -160,6 +160,26 @@ def test_eval_files_table_and_usage_errors(cli, ckpt, tmp_path, verdict):
         assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
 
 
+def test_a_folders_files_left_out_for_their_suffix_are_said_by_eval_loss_and_train(cli, ckpt, tmp_path, verdict):
+    """prepare says which files of a folder its reader leaves out; train, loss and eval --data read with it, silently."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "book.txt").write_text(verdict.read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "notes.md").write_text("# not read\n")
+    (folder / "UP.TXT").write_text("not read either\n")
+    runs = [("eval", "--checkpoint", ckpt, "--data", folder, "--no-val", "--eval-iter", "1"),
+            ("eval", "--checkpoint", ckpt, "--all", "--data", folder, "--no-val", "--eval-iter", "1"),
+            ("loss", "--checkpoint", ckpt, "--data", folder, "--eval-iter", "1"),
+            ("train", "--config", TINY, "--data", folder, "--out", tmp_path / "run", "--max-steps", "1")]
+    for args in runs:
+        r = cli(*args)
+        assert r.exit_code == 0, r.stderr
+        assert f"warning: {folder}: skipped 2 file(s) whose names end in none of .txt" in r.stderr, (args, r.stderr)
+        assert "suffixes are case-sensitive" in r.stderr
+    r = cli("eval", "--checkpoint", ckpt, "--data", verdict, "--no-val", "--eval-iter", "1")
+    assert "skipped" not in r.stderr  # a file named directly is read whatever its name
+
+
 def test_eval_show_tokens_table_and_json(cli, ckpt):
     r = cli("eval", "--checkpoint", ckpt, "--text", "Every effort moves you", "--show-tokens")
     assert r.exit_code == 0, r.stderr
