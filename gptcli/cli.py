@@ -637,6 +637,7 @@ def loss(
     _refuse_training_keys(sets)
     plan = resolve_model(checkpoint, config, sets, {"train.device": device, "data.path": str(data) if data else None},
                          root=CHECKPOINTS_ROOT)
+    _refuse_unused_seed(seed, plan.checkpoint)
     _notes(check_data_path(plan.cfg, "--data" if data else None))
     with Renderer() as renderer:
         splits = load_splits(plan.cfg.data, plan.cfg.model.context_length,
@@ -823,6 +824,7 @@ def eval_(
                            harness_tasks_dir, json_out, [k for k, v in refused.items() if v])
     _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets, eval_iter, batch_size)
     if all_checkpoints:
+        _refuse_unused_seed(seed, "each checkpoint of the run")
         run, notes = run_or_newest(checkpoint, CHECKPOINTS_ROOT)
         _notes(notes + skipped_files_notes(files))
         report = ev.evaluate_run(run, files, val is not False, eval_iter, batch_size, device)
@@ -831,6 +833,7 @@ def eval_(
         return _render_rows(report["results"], ["step", "checkpoint", "dataset", "loss", "ppl", "bpb", "tokens"],
                             json_out, {"run": report["run"], "skipped": report["skipped"]})
     plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    _refuse_unused_seed(seed, plan.checkpoint)
     use_val, notes = eval_validation(plan.cfg, files, val, text is not None)
     _notes(notes)
     datasets = ev.eval_datasets(plan.cfg, files, use_val) if text is None else None  # bad data fails before the model loads
@@ -861,6 +864,13 @@ def _refuse_training_keys(sets: Optional[list[str]]) -> None:
         if key in _TRAINING_KEYS:
             raise InputError(f"--set {key}: {key} is the training loop's estimate (batches per periodic evaluation), "
                              f"which this command does not read; use {_TRAINING_KEYS[key]} N (default: every batch)")
+
+
+def _refuse_unused_seed(seed: Optional[int], checkpoint) -> None:
+    """eval and loss draw nothing: --seed only seeds an untrained model's weights, so beside a checkpoint it is refused."""
+    if seed is not None and checkpoint is not None:
+        raise InputError(f"--seed: seeds the weights of an untrained model, but the weights come from {checkpoint} "
+                         "and this command draws nothing at random; drop --seed")
 
 
 def _eval_checkpoint(argument: Optional[Path], option: Optional[Path]) -> Optional[Path]:
@@ -918,6 +928,7 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
     from gptcli.resolve import build_model, resolve_model
 
     plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    _refuse_unused_seed(seed, plan.checkpoint)
     model, where = build_model(plan, seed)
     _notes(plan.notes)
     results = {}

@@ -267,6 +267,23 @@ def test_eval_and_loss_refuse_a_set_of_train_eval_iter_naming_the_flag(cli, ckpt
     assert len(r.stderr.strip().splitlines()) == 1 and "train.eval_iter" in r.stderr and "--eval-iter" in r.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ["eval", "--eval-iter", "1"], ["eval", "--all", "--eval-iter", "1"], ["eval", "--text", "Every effort moves you"],
+    ["loss", "--eval-iter", "1"], ["eval", "--task", "choices", "--task-data", "{ch}"],
+])
+def test_eval_and_loss_refuse_seed_beside_a_checkpoint_which_leaves_nothing_to_seed(cli, ckpt, tmp_path, args):
+    """--seed seeds an untrained model's weights; with a checkpoint's weights eval and loss drew nothing: it was dropped."""
+    ch = tmp_path / "ch.jsonl"
+    ch.write_text('{"context": "The cat sat on the", "choices": ["mat", "moon"], "answer": 0}\n')
+    r = cli(*[a.format(ch=ch) for a in args], "--checkpoint", ckpt, "--seed", "5")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: --seed: seeds the weights of an untrained model")
+    fresh = tmp_path / "fresh.yaml"  # a config without a run: an untrained model, whose init the seed applies to
+    fresh.write_text(open(TINY).read())
+    r = cli("eval", "--config", fresh, "--text", "Every effort moves you", "--seed", "5")
+    assert r.exit_code == 0 and "untrained" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args, names", [
     (["eval", "--task", "choices", "--task-data", "{ch}", "--per-item"], ["--per-item", "--json"]),
     (["eval", "--task", "choices", "--task-data", "{ch}", "--show-tokens"], ["--show-tokens"]),
