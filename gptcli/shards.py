@@ -469,6 +469,8 @@ def read_document_texts(path: Path, field: str = "text") -> list[str]:
         parts = _piece_parts([Segment(source, 0, source.size)], None, field)
         doc: list[str] = []
         for part in parts:
+            if not part.text and not part.ends_doc:  # a table's progress-only part: no text, no document
+                continue
             doc.append(part.text)
             if part.ends_doc:
                 docs.append("".join(doc))
