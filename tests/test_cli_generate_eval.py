@@ -180,6 +180,16 @@ def test_a_folders_files_left_out_for_their_suffix_are_said_by_eval_loss_and_tra
     assert "skipped" not in r.stderr  # a file named directly is read whatever its name
 
 
+def test_eval_data_of_a_prepared_folder_without_validation_tokens_says_it_is_the_split(cli, ckpt, tmp_path, verdict):
+    """It said "prep: 0 token(s); scoring needs at least 2", of a folder holding thousands of training tokens."""
+    from gptcli.shards import prepare
+
+    prepare([verdict], tmp_path / "prep", workers=1, val_ratio=0.0)
+    r = cli("eval", "--checkpoint", ckpt, "--data", tmp_path / "prep", "--no-val")
+    assert r.exit_code == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert "its validation split holds 0 token(s)" in r.stderr and "gptcli prepare --val-ratio" in r.stderr, r.stderr
+
+
 def test_eval_show_tokens_table_and_json(cli, ckpt):
     r = cli("eval", "--checkpoint", ckpt, "--text", "Every effort moves you", "--show-tokens")
     assert r.exit_code == 0, r.stderr
