@@ -163,6 +163,17 @@ def test_mixture_errors_are_one_line(cli, tmp_path, verdict, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_mixture_listing_one_corpus_twice_is_refused_naming_both_entries(cli, tmp_path, verdict):
+    """It trained: its per-source losses merged under one name (loss showed one row, eval two) and the corpus'
+    windows were walked twice per epoch."""
+    roots = _prepared_halves(tmp_path, verdict)
+    again = tmp_path / "." / roots[0].name  # another spelling of the same folder
+    cfg = _write_config(tmp_path, [{"path": str(roots[0]), "weight": 3}, {"path": str(roots[1]), "weight": 1},
+                                   {"path": str(again), "weight": 1}])
+    _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "r"), "data.path[2]", "the same corpus as data.path[0]")
+    assert not (tmp_path / "r").exists()
+
+
 def test_resuming_a_mixture_run_on_a_single_source_is_refused(tmp_path, verdict):
     """A mixture checkpoint holds one position per source: a single data.path on resume would drop them silently."""
     from gptcli.errors import InputError
