@@ -421,8 +421,8 @@ def train(
     try:
         plan = resolve_train(config, sets, overrides, out=out, name=name, resume=resume, overwrite=overwrite,
                              init_from=init_from, root=CHECKPOINTS_ROOT)
-        check_data_path(plan.cfg, "--data" if data else None)
-        with TrainProgress([_in_flags(n) for n in plan.notes], plan.cfg.data.path, quiet=not main) as events:
+        notes = plan.notes + check_data_path(plan.cfg, "--data" if data else None)
+        with TrainProgress([_in_flags(n) for n in notes], plan.cfg.data.path, quiet=not main) as events:
             if note := apply_host_memory(plan.cfg.train.host_memory):  # process-wide: set here, at the entry point
                 events.warn(note)
             summary = run_training(plan.cfg, plan.run_dir, resume=plan.mode == "resume", init_from=init_from,
@@ -643,7 +643,8 @@ def loss(
     _refuse_training_keys(sets)
     plan = resolve_model(checkpoint, config, sets, {"train.device": device, "data.path": str(data) if data else None},
                          root=CHECKPOINTS_ROOT)
-    check_data_path(plan.cfg, "--data" if data else None)
+    _refuse_unused_seed(seed, plan.checkpoint)
+    _notes(check_data_path(plan.cfg, "--data" if data else None))
     with Renderer() as renderer:
         splits = load_splits(plan.cfg.data, plan.cfg.model.context_length,
                              progress=corpus_download(renderer, plan.cfg.data.path))
@@ -817,7 +818,7 @@ def eval_(
 ) -> None:
     """Cross-entropy, perplexity and bits per byte of a checkpoint on its validation split and on files."""
     from gptcli import evaluate as ev
-    from gptcli.resolve import build_model, eval_validation, resolve_model, run_or_newest
+    from gptcli.resolve import build_model, eval_validation, resolve_model, run_or_newest, skipped_files_notes
 
     checkpoint = _eval_checkpoint(checkpoint_arg, checkpoint)
     files = [str(p) for p in data or []]
@@ -829,14 +830,16 @@ def eval_(
                            harness_tasks_dir, json_out, [k for k, v in refused.items() if v])
     _check_eval_flags(files, val, all_checkpoints, text, show_tokens, config, sets, eval_iter, batch_size)
     if all_checkpoints:
+        _refuse_unused_seed(seed, "each checkpoint of the run")
         run, notes = run_or_newest(checkpoint, CHECKPOINTS_ROOT)
-        _notes(notes)
+        _notes(notes + skipped_files_notes(files))
         report = ev.evaluate_run(run, files, val is not False, eval_iter, batch_size, device)
         for reason in report["skipped"]:
             _err(f"warning: skipped a damaged checkpoint: {reason}")
         return _render_rows(report["results"], ["step", "checkpoint", "dataset", "loss", "ppl", "bpb", "tokens"],
                             json_out, {"run": report["run"], "skipped": report["skipped"]})
     plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    _refuse_unused_seed(seed, plan.checkpoint)
     use_val, notes = eval_validation(plan.cfg, files, val, text is not None)
     _notes(notes)
     datasets = ev.eval_datasets(plan.cfg, files, use_val) if text is None else None  # bad data fails before the model loads
@@ -867,6 +870,13 @@ def _refuse_training_keys(sets: Optional[list[str]]) -> None:
         if key in _TRAINING_KEYS:
             raise InputError(f"--set {key}: {key} is the training loop's estimate (batches per periodic evaluation), "
                              f"which this command does not read; use {_TRAINING_KEYS[key]} N (default: every batch)")
+
+
+def _refuse_unused_seed(seed: Optional[int], checkpoint) -> None:
+    """eval and loss draw nothing: --seed only seeds an untrained model's weights, so beside a checkpoint it is refused."""
+    if seed is not None and checkpoint is not None:
+        raise InputError(f"--seed: seeds the weights of an untrained model, but the weights come from {checkpoint} "
+                         "and this command draws nothing at random; drop --seed")
 
 
 def _eval_checkpoint(argument: Optional[Path], option: Optional[Path]) -> Optional[Path]:
@@ -924,6 +934,7 @@ def _eval_tasks(checkpoint, config, sets, seed, device, task, task_data, limit, 
     from gptcli.resolve import build_model, resolve_model
 
     plan = resolve_model(checkpoint, config, sets, {"train.device": device}, root=CHECKPOINTS_ROOT)
+    _refuse_unused_seed(seed, plan.checkpoint)
     model, where = build_model(plan, seed)
     _notes(plan.notes)
     results = {}
@@ -1125,7 +1136,7 @@ def prepare(
     json_out: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus into uint16 (uint32 for vocabularies beyond 65,536) token shards with a document-level train/validation split."""
-    from gptcli.shards import INPUT_SUFFIXES, empty_split_warnings, prepare as run_prepare
+    from gptcli.shards import empty_split_warnings, prepare as run_prepare, skipped_note
 
     with PrepareProgress() as progress:
         result = run_prepare(inputs, out, workers=workers, val_ratio=val_ratio, shard_mb=shard_mb, field=field,
@@ -1140,8 +1151,7 @@ def prepare(
          f"{summary['shards']} shards in {result.elapsed_s:.1f} s{rate}; "
          f"{result.pieces_kept} finished piece(s) kept")
     if result.skipped:
-        _warn(f"skipped {len(result.skipped)} file(s) whose names end in none of {', '.join(INPUT_SUFFIXES)} "
-              f"(e.g. {result.skipped[0]}); suffixes are case-sensitive")
+        _warn(skipped_note(result.skipped))
     for warning in empty_split_warnings(result.index):
         _warn(warning)
     if json_out:

@@ -181,10 +181,13 @@ def file_windows(path: str | Path, context_length: int) -> TokenWindows:
     text shorter than one window is scored as one shorter window.
 
     Raises:
-        InputError: the file cannot be read or has fewer than two tokens.
+        InputError: the file cannot be read or has fewer than two tokens (a prepared folder: in its validation split).
     """
     if is_prepared(Path(path)):  # the split a prepared folder holds out for evaluation
         tokens = ShardTokens(Path(path), "val", read_index(Path(path)))
+        if len(tokens) < 2:
+            raise InputError(f"{path}: its validation split holds {len(tokens)} token(s), scoring needs at least 2; "
+                             "the split was made by `gptcli prepare --val-ratio`: prepare it again with a larger one")
     else:
         tokens = torch.tensor(encode(read_corpus(Path(path))), dtype=torch.long)
     if len(tokens) < 2:

@@ -44,6 +44,9 @@ from gptcli.tokenizer import VOCAB_SIZE, get_tokenizer
 # With `eos_id` set and no `on_tokens` callback, look every this many steps whether all
 # sequences have ended: reading a device value stalls a GPU's queue of launched kernels.
 EOS_CHECK_EVERY = 8
+# Columns for new tokens allocated up front; beyond them the buffer doubles as tokens come. `max_new_tokens` is a
+# bound that <|endoftext|> may cut short: a buffer of its size up front failed to allocate for a large one.
+FIRST_ROOM = 4096
 
 
 def check_sampling(
@@ -318,8 +321,8 @@ def generate(
     prompts = [p[-context:] for p in prompts]  # the book's idx[:, -context_size:]
     batch, width = len(prompts), max(len(p) for p in prompts)
     pads = [width - len(p) for p in prompts]
-    # All tokens, left-padded, with room for the new ones: columns [0, width) hold the prompts.
-    seq = torch.zeros(batch, width + max_new_tokens, dtype=torch.long)
+    # All tokens, left-padded, with room for new ones (grown below): columns [0, width) hold the prompts.
+    seq = torch.zeros(batch, width + min(max_new_tokens, FIRST_ROOM), dtype=torch.long)
     for row, p in enumerate(prompts):
         seq[row, pads[row] : width] = torch.tensor(p, dtype=torch.long)
     seq = seq.to(device)
@@ -344,6 +347,8 @@ def generate(
         # .float(): a low-precision model's logits are sampled in float32 (a no-op for the exact mode);
         # ids past the tokenizer's (a vocabulary padded beyond GPT-2's 50257) have no text: never drawn.
         next_ids = sample_next(logits[:, :decodable].float(), temperature, top_k, top_p, generator)[:, 0]  # (B,)
+        if cur == seq.shape[1]:  # full: double the room (amortized, a copy per token at most)
+            seq = torch.cat([seq, seq.new_zeros(batch, min(seq.shape[1], width + max_new_tokens - cur))], dim=1)
         seq[:, cur] = next_ids
         steps = step + 1
         if eos_id is not None:

@@ -37,15 +37,21 @@ def open_sources(entries: list[dict[str, Any]]) -> list[tuple[Path, dict[str, An
     """The (root, index) of each mixture source, checked to share one tokenizer and token width.
 
     Raises:
-        InputError: a source is missing or not a prepared directory, or the sources differ in
+        InputError: a source is missing, not a prepared directory or listed twice, or the sources differ in
             tokenizer or token width (one line, naming the sources).
     """
-    opened = []
+    opened, first = [], {}
     for i, entry in enumerate(entries):
         root = Path(entry["path"])
         if not is_prepared(root):
             what = "not found" if not root.exists() else f"not a directory made by gptcli prepare (no {INDEX})"
             raise InputError(f"data.path[{i}].path {root}: {what}; a mixture reads prepared corpora")
+        # Sources are told apart by their path (per-source losses, saved positions): one corpus twice would
+        # merge in those and walk its windows twice per epoch; its weight is the one place to give it more.
+        j = first.setdefault(root.resolve(), i)
+        if j != i:
+            raise InputError(f"data.path[{i}].path {root}: the same corpus as data.path[{j}]; list it once, "
+                             "with the sum of the weights")
         opened.append((root, read_index(root)))
     for key, what in (("dtype", "token widths"), ("tokenizer", "tokenizers")):
         seen = {str(root): index.get(key) for root, index in opened}

@@ -26,7 +26,7 @@ from gptcli.data import DEFAULT_CORPUS, not_found
 from gptcli.errors import InputError, RunError
 from gptcli.fsio import read_json_object
 from gptcli.loggers import STATE_FILE as LOGGERS_FILE, read_state as read_loggers_state
-from gptcli.shards import is_prepared
+from gptcli.shards import find_sources, is_prepared, skipped_note
 
 CHECKPOINTS_ROOT = Path("checkpoints")
 
@@ -527,7 +527,7 @@ def run_or_newest(run: Optional[Path], root: Path = CHECKPOINTS_ROOT) -> tuple[P
 
 
 def eval_validation(cfg: Config, files: list[str], val: Optional[bool], text: bool = False) -> tuple[bool, list[str]]:
-    """(whether `eval` evaluates the config's validation split, notes).
+    """(whether `eval` evaluates the config's validation split, notes; also on the folders among `files`).
 
     Args:
         val: asked for (True), refused (False) or not said (None: yes, unless only `files`
@@ -544,8 +544,8 @@ def eval_validation(cfg: Config, files: list[str], val: Optional[bool], text: bo
                      f"{describe_origin(cfg, 'data.path')}) is not on disk; val=True evaluates it "
                      "(downloading the default corpus)")
     if val is not False and not text:
-        check_data_path(cfg)
-    return val is not False and not text, notes
+        notes += check_data_path(cfg)
+    return val is not False and not text, notes + skipped_files_notes(files)
 
 
 def newest_run(root: Path = CHECKPOINTS_ROOT) -> tuple[Path, str]:
@@ -564,11 +564,14 @@ def newest_run(root: Path = CHECKPOINTS_ROOT) -> tuple[Path, str]:
 # ---------------------------------------------------------------- data paths
 
 
-def check_data_path(cfg: Config, flag: Optional[str] = None) -> None:
+def check_data_path(cfg: Config, flag: Optional[str] = None) -> list[str]:
     """Refuse a missing corpus, saying where its path came from (the default corpus is downloaded).
 
     Args:
         flag: the flag that gave the path, when one did (e.g. ``--data``).
+
+    Returns:
+        Notes: a folder's files that its reader leaves out (see ``skipped_files_notes``).
 
     Raises:
         InputError: the path does not exist.
@@ -580,6 +583,24 @@ def check_data_path(cfg: Config, flag: Optional[str] = None) -> None:
             key = f"data.path[{i}]" if mixture else "data.path"
             raise InputError(not_found(path, f"{key} from {flag or describe_origin(cfg, 'data.path')}"))
     check_split_keys(cfg)
+    return [] if mixture else skipped_files_notes([cfg.data.path])
+
+
+def skipped_files_notes(paths: list[str]) -> list[str]:
+    """A warning for each folder of text among `paths` holding files that its reader (prepare's) leaves
+    out for their suffix (``notes.md``, ``UP.TXT``), as `prepare` warns: the data read is then not all
+    that the folder holds."""
+    notes = []
+    for path in map(Path, paths):
+        if path.is_dir() and not is_prepared(path):
+            skipped: list[Path] = []
+            try:
+                find_sources([path], skipped=skipped)
+            except InputError:  # nothing to read at all: reading the folder says so
+                pass
+            if skipped:
+                notes.append(f"warning: {path}: {skipped_note(skipped)}")
+    return notes
 
 
 def check_split_keys(cfg: Config) -> None:

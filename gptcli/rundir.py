@@ -137,7 +137,7 @@ def write_run_manifest(run_dir: Path, cfg, splits, device: torch.device, world_s
 def _corpus(splits) -> dict[str, Any]:
     """run.json's record of the corpus: what a resume checks its data against."""
     return {"path": splits.source, "sha256": splits.sha256, "train_tokens": splits.train_tokens,
-            "val_tokens": splits.val_tokens}
+            "val_tokens": splits.val_tokens, "train_windows": len(splits.train)}
 
 
 def git_commit() -> str | None:

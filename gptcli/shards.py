@@ -189,6 +189,12 @@ def find_sources(inputs: list[Path], field: str = "text", split: Optional[str] =
     return sources
 
 
+def skipped_note(skipped: list[Path]) -> str:
+    """The one line saying that files below a folder or matching a glob were left out for their suffix."""
+    return (f"skipped {len(skipped)} file(s) whose names end in none of {', '.join(INPUT_SUFFIXES)} "
+            f"(e.g. {skipped[0]}); suffixes are case-sensitive")
+
+
 def _supported(files: list[Path], skipped: Optional[list[Path]]) -> list[Path]:
     """The files with an input suffix; the others go to `skipped` (when given)."""
     if skipped is not None:
@@ -463,6 +469,8 @@ def read_document_texts(path: Path, field: str = "text") -> list[str]:
         parts = _piece_parts([Segment(source, 0, source.size)], None, field)
         doc: list[str] = []
         for part in parts:
+            if not part.text and not part.ends_doc:  # a table's progress-only part: no text, no document
+                continue
             doc.append(part.text)
             if part.ends_doc:
                 docs.append("".join(doc))

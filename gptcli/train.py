@@ -933,11 +933,13 @@ def _check_resume(run_dir: Path, cfg: Config, splits: Splits, ckpt: Checkpoint, 
             raise InputError(f"resume=True: data.path {splits.source} (sha256 {splits.sha256[:12]}) is not the corpus "
                              f"this run trained on ({corpus.get('path')}, sha256 {corpus['sha256'][:12]}); "
                              "pass allow_data_change=True to continue on it")
-        old = corpus.get("train_tokens")
-        ctx, stride = cfg.model.context_length, cfg.data.stride or cfg.model.context_length
-        if isinstance(old, int) and len(range(0, max(old - ctx, 0), stride)) != len(splits.train):
+        old = corpus.get("train_windows")  # recorded since mixtures: the sum of each source's windows
+        if not isinstance(old, int) and isinstance(corpus.get("train_tokens"), int):  # an older run.json: one stream
+            ctx, stride = cfg.model.context_length, cfg.data.stride or cfg.model.context_length
+            old = len(range(0, max(corpus["train_tokens"] - ctx, 0), stride))
+        if isinstance(old, int) and old != len(splits.train):
             raise InputError(f"allow_data_change=True: the training split of {splits.source} has {len(splits.train)} "
-                             f"windows, the run's corpus had {len(range(0, max(old - ctx, 0), stride))}; the epoch "
+                             f"windows, the run's corpus had {old}; the epoch "
                              "position cannot carry over (start a new run from its checkpoint with `init_from` instead)")
     per_epoch = len(splits.train) // (cfg.train.batch_size * info.world_size)  # the loader drops a partial batch
     total = _total_steps(cfg.train, per_epoch, cfg.train.batch_size * info.world_size * cfg.model.context_length)

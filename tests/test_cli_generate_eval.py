@@ -160,6 +160,36 @@ def test_eval_files_table_and_usage_errors(cli, ckpt, tmp_path, verdict):
         assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
 
 
+def test_a_folders_files_left_out_for_their_suffix_are_said_by_eval_loss_and_train(cli, ckpt, tmp_path, verdict):
+    """prepare says which files of a folder its reader leaves out; train, loss and eval --data read with it, silently."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "book.txt").write_text(verdict.read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "notes.md").write_text("# not read\n")
+    (folder / "UP.TXT").write_text("not read either\n")
+    runs = [("eval", "--checkpoint", ckpt, "--data", folder, "--no-val", "--eval-iter", "1"),
+            ("eval", "--checkpoint", ckpt, "--all", "--data", folder, "--no-val", "--eval-iter", "1"),
+            ("loss", "--checkpoint", ckpt, "--data", folder, "--eval-iter", "1"),
+            ("train", "--config", TINY, "--data", folder, "--out", tmp_path / "run", "--max-steps", "1")]
+    for args in runs:
+        r = cli(*args)
+        assert r.exit_code == 0, r.stderr
+        assert f"warning: {folder}: skipped 2 file(s) whose names end in none of .txt" in r.stderr, (args, r.stderr)
+        assert "suffixes are case-sensitive" in r.stderr
+    r = cli("eval", "--checkpoint", ckpt, "--data", verdict, "--no-val", "--eval-iter", "1")
+    assert "skipped" not in r.stderr  # a file named directly is read whatever its name
+
+
+def test_eval_data_of_a_prepared_folder_without_validation_tokens_says_it_is_the_split(cli, ckpt, tmp_path, verdict):
+    """It said "prep: 0 token(s); scoring needs at least 2", of a folder holding thousands of training tokens."""
+    from gptcli.shards import prepare
+
+    prepare([verdict], tmp_path / "prep", workers=1, val_ratio=0.0)
+    r = cli("eval", "--checkpoint", ckpt, "--data", tmp_path / "prep", "--no-val")
+    assert r.exit_code == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert "its validation split holds 0 token(s)" in r.stderr and "gptcli prepare --val-ratio" in r.stderr, r.stderr
+
+
 def test_eval_show_tokens_table_and_json(cli, ckpt):
     r = cli("eval", "--checkpoint", ckpt, "--text", "Every effort moves you", "--show-tokens")
     assert r.exit_code == 0, r.stderr
@@ -245,6 +275,23 @@ def test_eval_and_loss_refuse_a_set_of_train_eval_iter_naming_the_flag(cli, ckpt
     r = cli(command, "--checkpoint", ckpt, "--set", "train.eval_iter=1")
     assert r.exit_code == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "train.eval_iter" in r.stderr and "--eval-iter" in r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "--eval-iter", "1"], ["eval", "--all", "--eval-iter", "1"], ["eval", "--text", "Every effort moves you"],
+    ["loss", "--eval-iter", "1"], ["eval", "--task", "choices", "--task-data", "{ch}"],
+])
+def test_eval_and_loss_refuse_seed_beside_a_checkpoint_which_leaves_nothing_to_seed(cli, ckpt, tmp_path, args):
+    """--seed seeds an untrained model's weights; with a checkpoint's weights eval and loss drew nothing: it was dropped."""
+    ch = tmp_path / "ch.jsonl"
+    ch.write_text('{"context": "The cat sat on the", "choices": ["mat", "moon"], "answer": 0}\n')
+    r = cli(*[a.format(ch=ch) for a in args], "--checkpoint", ckpt, "--seed", "5")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: --seed: seeds the weights of an untrained model")
+    fresh = tmp_path / "fresh.yaml"  # a config without a run: an untrained model, whose init the seed applies to
+    fresh.write_text(open(TINY).read())
+    r = cli("eval", "--config", fresh, "--text", "Every effort moves you", "--seed", "5")
+    assert r.exit_code == 0 and "untrained" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, names", [

@@ -267,6 +267,24 @@ def test_generation_stops_each_row_at_eos():
     assert generate(model, prompts[:1], 30, eos_id=first) == [[]]
 
 
+def test_max_new_tokens_is_a_bound_that_eos_cuts_short_not_a_buffer_allocated_up_front(monkeypatch):
+    """`--max-new-tokens 1000000000000` ended in 'internal error: ... can't allocate memory' (10**23: an overflow),
+    before the first token, though <|endoftext|> may end a sample at any length."""
+    import gptcli.generate as gen
+
+    model = tiny_model(vocab_size=2000, context_length=64)
+    prompts = random_prompts([4, 1], 2000)
+    free = generate(model, prompts, 5)
+    eos = free[0][2]
+    assert eos not in free[0][:2]
+    for huge in (10**12, 10**23):
+        assert generate(model, prompts[:1], huge, eos_id=eos) == [free[0][:2]]
+    whole = generate(model, prompts, 150)
+    monkeypatch.setattr(gen, "FIRST_ROOM", 3)  # the buffer grows many times, across the sliding window
+    for use_cache in (True, False):
+        assert generate(model, prompts, 150, use_cache=use_cache) == whole
+
+
 def test_on_tokens_sees_each_step_and_the_running_rows():
     model = tiny_model()
     prompts = random_prompts([3, 5], 50257)

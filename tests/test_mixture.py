@@ -163,6 +163,17 @@ def test_mixture_errors_are_one_line(cli, tmp_path, verdict, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_mixture_listing_one_corpus_twice_is_refused_naming_both_entries(cli, tmp_path, verdict):
+    """It trained: its per-source losses merged under one name (loss showed one row, eval two) and the corpus'
+    windows were walked twice per epoch."""
+    roots = _prepared_halves(tmp_path, verdict)
+    again = tmp_path / "." / roots[0].name  # another spelling of the same folder
+    cfg = _write_config(tmp_path, [{"path": str(roots[0]), "weight": 3}, {"path": str(roots[1]), "weight": 1},
+                                   {"path": str(again), "weight": 1}])
+    _one_line_error(cli("train", "--config", cfg, "--out", tmp_path / "r"), "data.path[2]", "the same corpus as data.path[0]")
+    assert not (tmp_path / "r").exists()
+
+
 def test_resuming_a_mixture_run_on_a_single_source_is_refused(tmp_path, verdict):
     """A mixture checkpoint holds one position per source: a single data.path on resume would drop them silently."""
     from gptcli.errors import InputError
@@ -174,6 +185,25 @@ def test_resuming_a_mixture_run_on_a_single_source_is_refused(tmp_path, verdict)
     for allow in (False, True):  # even when a changed corpus is allowed, the positions cannot carry over
         with pytest.raises(InputError, match="trained on a mixture .* single source"):
             train(single, tmp_path / "run", resume=True, allow_data_change=allow)
+
+
+def test_a_mixture_resumed_with_new_weights_and_allow_data_change_keeps_its_windows_and_continues(tmp_path, verdict):
+    """README: --allow-data-change continues when the corpus has as many training windows. The run's count was taken
+    from its summed tokens as one stream, not from each source's windows: a reweighted mixture, the very same
+    windows, was refused ("has 153 windows, the run's corpus had 154")."""
+    roots = _prepared_halves(tmp_path, verdict)
+    ctx = 28  # 2022 and 2296 training tokens: 72 + 81 windows of 28, where 4318 tokens as one stream give 154
+    tokens = [json.loads((r / "index.json").read_text())["splits"]["train"]["tokens"] for r in roots]
+    sizes = [len(range(0, n - ctx, ctx)) for n in tokens]
+    assert len(range(0, sum(tokens) - ctx, ctx)) != sum(sizes)  # the case: one stream's count is not the sum
+    train(_mixture_config(roots, **{"train.max_steps": 2, "model.context_length": ctx}), tmp_path / "run")
+    reweighted = load_config(CONFIGS / "tiny.yaml", {
+        "data.path": [{"path": str(roots[0]), "weight": 0.5}, {"path": str(roots[1]), "weight": 0.5}],
+        "model.context_length": ctx, "train.max_new_tokens": 0, "train.max_steps": 3})
+    train(reweighted, tmp_path / "run", resume=True, allow_data_change=True)
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["corpus"]["path"].endswith(": 0.5)") and manifest["corpus"]["train_windows"] == sum(sizes)
+    assert (tmp_path / "run" / "step-000003").is_dir()
 
 
 def test_loss_of_a_mixture_checkpoint_weighs_its_sources_as_training_did(cli, tmp_path, verdict):

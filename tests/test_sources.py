@@ -62,6 +62,20 @@ def test_parquet_jsonl_and_text_holding_the_same_documents_give_byte_identical_s
     assert sorted(got) == sorted(ids for d in docs for ids in _documents_of(d))
 
 
+def test_train_loss_and_eval_read_a_parquet_file_as_the_jsonl_of_its_documents(tmp_path):
+    """The readers of train, loss and eval --data (read_corpus) gave a Parquet file one extra <|endoftext|> at its end
+    (per file in a folder): another token stream, corpus sha256 and loss than its documents as JSON Lines."""
+    from gptcli.data import read_corpus
+
+    docs = _documents(20)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    (tmp_path / "pq").mkdir()
+    _write_parquet(tmp_path / "pq" / "a.parquet", docs[:10])
+    _write_parquet(tmp_path / "pq" / "b.parquet", docs[10:])
+    assert read_corpus(tmp_path / "pq" / "a.parquet") == "<|endoftext|>".join(docs[:10])
+    assert read_corpus(tmp_path / "pq") == read_corpus(tmp_path / "docs.jsonl") == "<|endoftext|>".join(docs)
+
+
 def test_a_parquet_file_larger_than_a_piece_is_cut_at_row_groups_and_read_once(tmp_path, monkeypatch):
     monkeypatch.setattr("gptcli.sources.BATCH_ROWS", 3)  # several record batches per row group
     docs = _documents(200, seed=1)
