@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file
 from gptcli.config import Config
@@ -155,11 +156,16 @@ def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = Fa
         InputError: `out` holds what check_import_target refuses.
     """
     check_import_target(out, overwrite)
-    existing = [p for p in out.iterdir() if p.name != DOWNLOADS] if out.is_dir() else []
-    for p in existing:  # an earlier import's own files; the new weights are converted: only now are they given up
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    return save_checkpoint(out, ".", imported.weights, imported.config, None,
-                           {"pretrained": name, "source": imported.source})
+    existing = [p for p in out.iterdir() if p.name != DOWNLOADS and not p.name.startswith(".tmp-")] \
+        if out.is_dir() else []
+    # Written beside the earlier import and moved over it (manifest last): a full disk keeps the earlier one.
+    saved = save_checkpoint(out, ".", imported.weights, imported.config, None,
+                            {"pretrained": name, "source": imported.source})
+    written = {MANIFEST, *json.loads((saved / MANIFEST).read_text(encoding="utf-8"))["files"]}
+    for p in existing:  # an earlier import's own files that the new one does not replace
+        if p.name not in written:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return saved
 
 
 # ---------------------------------------------------------------- export
@@ -242,7 +248,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
         fsync_dir(out.parent)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"{out}: cannot write the export ({e.strerror or e})") from None
+        raise RunError(f"{out}: cannot write the export ({getattr(e, 'strerror', None) or e})") from None
     return out
