@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file
+from gptcli.checkpoint import MANIFEST, Checkpoint, load_checkpoint, save_checkpoint, save_weights_file
 from gptcli.config import Config
 from gptcli.convert import (GPTCLI_KEY, HF_WEIGHT_FILES, OpenAITensors, read_json, check_fits, config_from_book_state_dict,
                             config_from_hf, config_from_openai, from_book_state_dict, from_gpt2_state_dict, hf_config,
@@ -204,7 +204,7 @@ def check_export_target(out: Path, overwrite: bool = False) -> None:
     _check_target(out, overwrite, "an earlier export", "export", EXPORT_FILES, is_ours)
 
 
-def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
+def export_hf(checkpoint: Path | Checkpoint, out: Path, overwrite: bool = False) -> Path:
     """Write a checkpoint as a Hugging Face GPT-2 directory that transformers loads offline.
 
     Files: config.json, model.safetensors (GPT2LMHeadModel names, untied lm_head),
@@ -212,12 +212,17 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     tokenizer uses), tokenizer_config.json and special_tokens_map.json. The
     directory is written beside `out` and renamed into place.
 
+    Args:
+        checkpoint: a checkpoint or run directory (its newest step that verifies), or a loaded Checkpoint.
+        out: the directory to write.
+        overwrite: replace an earlier export in `out`.
+
     Raises:
         InputError: `out` is refused by check_export_target.
         RunError: the checkpoint is missing or damaged, or the disk fails.
     """
     check_export_target(out, overwrite)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ckpt.config.model
     try:
         check_fits(ckpt.weights, cfg, str(ckpt.path / "model.safetensors"))
