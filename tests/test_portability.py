@@ -24,6 +24,7 @@ TINY = ["--config", CONFIGS / "tiny.yaml"]
 
 def test_training_and_ctrl_c_work_where_sighup_and_sigterm_do_not_exist(cli, verdict, tmp_path, monkeypatch):
     """issue 12 finding 6 / build 7: Windows has no SIGHUP; a missing signal is skipped, SIGINT still stops."""
+    import gptcli.distributed  # noqa: F401  torch.distributed reads signal.SIGTERM on import: import it first
     from gptcli.rundir import StopSignals
 
     monkeypatch.delattr(signal, "SIGHUP")
@@ -38,6 +39,7 @@ def test_training_and_ctrl_c_work_where_sighup_and_sigterm_do_not_exist(cli, ver
 
 def test_run_lock_needs_no_fcntl(tmp_path, monkeypatch):
     """issue 12 build 7: the run lock went through fcntl (POSIX only); it now goes through filelock."""
+    import filelock  # noqa: F401  imported without fcntl it would be a soft lock for the rest of the session
     from gptcli.rundir import lock_run as _lock
 
     monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` now raises ImportError
@@ -127,3 +129,21 @@ def test_book_exact_config_warns_once_on_mps(cli, verdict, tmp_path, monkeypatch
                      "--set", f"model.impl={impl}")
         assert result.exit_code == 0, result.stderr
         assert result.stderr.count("will not match the book's") == count
+
+
+def test_a_readers_lock_probe_does_not_make_train_refuse_the_run(tmp_path):
+    """`gptcli runs` and `plot` take RUN/.lock for an instant to see whether the run trains; a trainer
+    starting in that instant refused the run, naming the pid of the previous (finished) trainer."""
+    import threading
+
+    import filelock
+
+    from gptcli.rundir import lock_run as _lock
+
+    (tmp_path / ".lock.pid").write_text("999999")  # the last trainer's, long gone
+    probe = filelock.FileLock(str(tmp_path / ".lock"), thread_local=False)
+    probe.acquire(timeout=0)
+    threading.Timer(0.2, probe.release).start()  # what runs.lock_held holds, stretched to be caught
+    held = _lock(tmp_path)
+    assert (tmp_path / ".lock.pid").read_text() == str(os.getpid())
+    held.close()
