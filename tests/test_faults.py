@@ -290,3 +290,25 @@ def test_a_run_pruned_while_it_is_read_gives_its_newer_checkpoint(cli, tiny_conf
     assert pruned and result.exit_code == 0, result.stderr
     if command == "export":
         assert json.loads(result.stdout)["checkpoint"] == str(run / "step-000010")
+
+
+def test_a_full_disk_outside_a_checkpoint_write_stops_training_in_one_line(cli, verdict, tmp_path, monkeypatch):
+    """A full disk met while drawing losses.png (or writing run.json, metrics, the lock's pid) ended training
+    in 'internal error: OSError', though train's own contract names a failing disk a RunError."""
+    from gptcli import fsio
+
+    real = fsio.write_synced
+
+    def full(path, data):
+        if "losses.png" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, data)
+
+    monkeypatch.setattr(fsio, "write_synced", full)
+    run = tmp_path / "run"
+    result = cli("train", *TINY, "--data", verdict, "--out", run, "--max-steps", "2")
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last, result.stderr
+    assert json.loads((run / "run.json").read_text())["state"] == "failed"
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
