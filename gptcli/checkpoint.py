@@ -283,6 +283,8 @@ def resolve_checkpoint(path: Path, check_hashes: bool = True) -> tuple[Path, lis
         RunError: `path` does not exist or holds no valid checkpoint.
     """
     if not path.exists():
+        if path.is_symlink():  # RUN/latest or RUN/best whose step was deleted: said as for a pointer file
+            raise RunError(f"{path}: points to {os.readlink(path)}, which does not exist")
         raise RunError(f"{path}: no such checkpoint or run directory")
     if path.is_symlink():
         path = path.resolve()

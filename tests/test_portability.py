@@ -103,11 +103,16 @@ def test_latest_and_best_work_where_symlinks_cannot_be_made(cli, verdict, tmp_pa
     assert pointer_target(run / "latest") == run / "step-000010"
 
 
-def test_a_pointer_to_a_missing_step_is_a_clear_error(cli, tmp_path):
-    """issue 12 build 7: a pointer file whose step was deleted names what it points to."""
+@pytest.mark.parametrize("kind", ["pointer file", "symlink"])
+def test_a_pointer_to_a_missing_step_is_a_clear_error(cli, tmp_path, kind):
+    """issue 12 build 7: a pointer file whose step was deleted names what it points to; a dangling
+    symlink said only 'no such checkpoint or run directory' (the two kinds are followed the same way)."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "latest").write_text("step-000042\n")
+    if kind == "symlink":
+        (run / "latest").symlink_to("step-000042")
+    else:
+        (run / "latest").write_text("step-000042\n")
     result = cli("eval", "--checkpoint", run / "latest")
     assert result.exit_code == 1
     assert "points to step-000042, which does not exist" in result.stderr
