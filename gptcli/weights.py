@@ -9,6 +9,7 @@ Downloads of OpenAI's releases are `hub`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -158,9 +159,16 @@ def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = Fa
     check_import_target(out, overwrite)
     existing = [p for p in out.iterdir() if p.name != DOWNLOADS and not p.name.startswith(".tmp-")] \
         if out.is_dir() else []
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     # Written beside the earlier import and moved over it (manifest last): a full disk keeps the earlier one.
-    saved = save_checkpoint(out, ".", imported.weights, imported.config, None,
-                            {"pretrained": name, "source": imported.source})
+    try:
+        saved = save_checkpoint(out, ".", imported.weights, imported.config, None,
+                                {"pretrained": name, "source": imported.source})
+    except RunError:
+        for folder in created:  # a failed import leaves no empty folder it made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     written = {MANIFEST, *json.loads((saved / MANIFEST).read_text(encoding="utf-8"))["files"]}
     for p in existing:  # an earlier import's own files that the new one does not replace
         if p.name not in written:

@@ -384,6 +384,8 @@ def test_import_overwrite_on_a_full_disk_keeps_the_earlier_import(cli, small_run
     assert r.exit_code == 1 and "No space left on device" in r.stderr, r.stderr
     assert _tree(out) == before and not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
     load_checkpoint(out)
+    r = cli("import", tmp_path / "hf", "--out", tmp_path / "new" / "imp")  # a new folder: not left behind empty
+    assert r.exit_code == 1 and not (tmp_path / "new").exists(), r.stderr
 
 
 def test_export_on_a_full_disk_is_one_line_and_leaves_no_temporary(cli, small_run, tmp_path, request):
