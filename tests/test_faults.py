@@ -255,18 +255,20 @@ def test_names_cannot_leave_the_checkpoints_folder(cli, verdict, tmp_path, name)
 
 
 @pytest.mark.parametrize("where", ["verify", "load"])
-@pytest.mark.parametrize("command", ["eval", "generate", "export"])
+@pytest.mark.parametrize("command", ["eval", "generate", "export", "generate-newest"])
 def test_a_run_pruned_while_it_is_read_gives_its_newer_checkpoint(cli, tiny_config, tmp_path, monkeypatch,
                                                                   where, command):
     """A run training with a small keep_last saves step N+1 and prunes step N while eval, generate or
-    export of the run reads step N: they failed ('not a checkpoint directory', 'cannot read weights',
+    export of the run (or generate of the newest checkpoint under checkpoints/) reads step N: they failed
+    ('not a checkpoint directory', 'cannot read weights', 'no such checkpoint or run directory',
     'internal error: RuntimeError') though the run held a newer checkpoint that verifies."""
     import shutil
 
     from gptcli import checkpoint
     from test_evaluate import save_model_checkpoint
 
-    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "checkpoints" / "run"
     save_model_checkpoint(run, tiny_config, 5, seed=1)
     pruned = []
 
@@ -285,9 +287,12 @@ def test_a_run_pruned_while_it_is_read_gives_its_newer_checkpoint(cli, tiny_conf
         monkeypatch.setattr(checkpoint, "load_file", lambda path, device: (train_on(), real_load(path, device))[1])
     args = {"eval": ("eval", "--checkpoint", run, "--text", "Every effort moves you"),
             "generate": ("generate", "Every effort", "--checkpoint", run, "--max-new-tokens", "2"),
-            "export": ("export", run, tmp_path / "hf", "--json")}[command]
+            "export": ("export", run, tmp_path / "hf", "--json"),
+            "generate-newest": ("generate", "Every effort", "--max-new-tokens", "2")}[command]
     result = cli(*args)
     assert pruned and result.exit_code == 0, result.stderr
+    if command == "generate-newest":
+        assert "model: checkpoints/run/step-000010 (the newest checkpoint under checkpoints/" in result.stderr
     if command == "export":
         assert json.loads(result.stdout)["checkpoint"] == str(run / "step-000010")
 
