@@ -50,6 +50,7 @@ CHECKPOINT_FILES = (WEIGHTS, TRAIN_STATE, CONFIG, MANIFEST)  # every file a chec
 # What an interrupted write leaves: .tmp-NAME-PID (fsio.temp_path, a checkpoint being written), .old-NAME-PID.
 TEMPORARY = re.compile(r"^\.(tmp|old)-.+-\d+$")
 POINTER_MAX_BYTES = 64  # a pointer file holds one step directory name
+PRUNED_RETRIES = 3  # how often a reader chooses again when training prunes the checkpoint it chose
 
 
 def named_dir(root: Path, name: str, what: str) -> Path:
@@ -207,10 +208,14 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict[str, Any]:
         raise RunError(f"{path}: missing {', '.join(missing)}")
     for name, info in manifest["files"].items():
         f = path / name
-        if f.stat().st_size != info.get("bytes"):
-            raise RunError(f"{f}: size {f.stat().st_size} bytes, the manifest says {info.get('bytes')} (truncated?)")
-        if check_hashes and sha256_file(f) != info.get("sha256"):
-            raise RunError(f"{f}: sha256 does not match the manifest (corrupted)")
+        try:
+            size = f.stat().st_size
+            if size != info.get("bytes"):
+                raise RunError(f"{f}: size {size} bytes, the manifest says {info.get('bytes')} (truncated?)")
+            if check_hashes and sha256_file(f) != info.get("sha256"):
+                raise RunError(f"{f}: sha256 does not match the manifest (corrupted)")
+        except OSError as e:  # removed while read (the run's trainer pruned it), unreadable
+            raise RunError(f"{f}: cannot read ({e.strerror})") from None
     if WEIGHTS not in manifest["files"] or CONFIG not in manifest["files"]:
         raise RunError(f"{path}: the manifest lists no {WEIGHTS} or {CONFIG}")
     return manifest
@@ -225,14 +230,24 @@ def list_step_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def find_latest(run_dir: Path, check_hashes: bool = True) -> tuple[Path | None, list[str]]:
-    """The newest step checkpoint of `run_dir` that verifies, and why newer ones were skipped."""
-    skipped = []
-    for path in reversed(list_step_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(path, check_hashes)
-            return path, skipped
-        except RunError as e:
-            skipped.append(str(e))
+    """The newest step checkpoint of `run_dir` that verifies, and why newer ones were skipped.
+
+    A checkpoint that disappears while it is verified was pruned by the run's trainer, which
+    has saved a newer one: it is no damage, and the run's checkpoints are listed again.
+    """
+    for _ in range(PRUNED_RETRIES):
+        skipped, pruned = [], False
+        for path in reversed(list_step_checkpoints(run_dir)):
+            try:
+                verify_checkpoint(path, check_hashes)
+                return path, skipped
+            except RunError as e:
+                if path.exists():
+                    skipped.append(str(e))
+                else:
+                    pruned = True
+        if not pruned:
+            break
     return None, skipped
 
 
@@ -268,6 +283,8 @@ def resolve_checkpoint(path: Path, check_hashes: bool = True) -> tuple[Path, lis
         RunError: `path` does not exist or holds no valid checkpoint.
     """
     if not path.exists():
+        if path.is_symlink():  # RUN/latest or RUN/best whose step was deleted: said as for a pointer file
+            raise RunError(f"{path}: points to {os.readlink(path)}, which does not exist")
         raise RunError(f"{path}: no such checkpoint or run directory")
     if path.is_symlink():
         path = path.resolve()
@@ -296,18 +313,28 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
     Raises:
         RunError: missing, incomplete, corrupted or unreadable checkpoint.
     """
-    ckpt_dir, skipped = resolve_checkpoint(path)
+    for attempt in range(PRUNED_RETRIES):
+        ckpt_dir, skipped = resolve_checkpoint(path)
+        try:
+            return _load_checkpoint_dir(ckpt_dir, skipped, device, with_train_state)
+        except RunError:
+            if ckpt_dir.exists() or attempt == PRUNED_RETRIES - 1:
+                raise
+            # pruned by the run's trainer while it was read: the run's newest is chosen again
+
+
+def _load_checkpoint_dir(ckpt_dir: Path, skipped: list[str], device, with_train_state: bool) -> Checkpoint:
     manifest = verify_checkpoint(ckpt_dir, check_hashes=False)  # hashes checked by resolve
     try:
         raw = yaml.safe_load((ckpt_dir / CONFIG).read_text(encoding="utf-8"))
         config = config_from_dict(raw or {}, str(ckpt_dir / CONFIG))
-    except (yaml.YAMLError, ConfigError, AttributeError) as e:
+    except (OSError, yaml.YAMLError, ConfigError, AttributeError) as e:
         # our own ConfigError is one line, however long (the list of valid keys); YAML's may be several
         raise RunError(f"{ckpt_dir / CONFIG}: invalid checkpoint config "
                        f"({first_line(e, limit=None) if isinstance(e, ConfigError) else first_line(e)})") from None
     try:
         weights = load_file(str(ckpt_dir / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch's "unable to open file"
         raise RunError(f"{ckpt_dir / WEIGHTS}: cannot read weights ({e})") from None
     train_state = None
     if with_train_state:

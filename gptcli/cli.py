@@ -1098,17 +1098,18 @@ def export_(
     json_out: JsonOpt = False,
 ) -> None:
     """Export a checkpoint for other tools (hf: config.json, model.safetensors and GPT-2's tokenizer files)."""
-    from gptcli.checkpoint import resolve_checkpoint
+    from gptcli.checkpoint import load_checkpoint
     from gptcli.resolve import checkpoint_note
-    from gptcli.weights import export_hf
+    from gptcli.weights import check_export_target, export_hf
 
-    path, skipped = resolve_checkpoint(checkpoint)  # a run: its newest step that verifies
-    if note := checkpoint_note(checkpoint, path, skipped):
+    check_export_target(out, overwrite)  # before the weights are read
+    ckpt = load_checkpoint(checkpoint)  # a run: its newest step that verifies, loaded while training may prune
+    if note := checkpoint_note(checkpoint, ckpt.path, ckpt.skipped):
         _err(note)
     exporters = {ExportFormat.hf: export_hf}
-    written = exporters[fmt](path, out, overwrite)
+    written = exporters[fmt](ckpt, out, overwrite)
     if json_out:  # the checkpoint exported: a run's newest step that verifies
-        _print_json({"out": written, "checkpoint": path, "format": fmt.value})
+        _print_json({"out": written, "checkpoint": ckpt.path, "format": fmt.value})
     else:
         print(written)
 

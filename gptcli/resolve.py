@@ -420,6 +420,7 @@ def resolve_model(
     layers = config_layers(config, overrides, sets or ())
     notes: list[str] = []
     named = checkpoint  # what the user named (a choice of ours is said where it is made)
+    passed_over = None  # choosing the newest checkpoint under root: the damaged newer ones it skipped
     if checkpoint is None and config is not None:
         own = build_config(layers).train.out_dir
         run_dir = Path(own) if own else root / config.stem
@@ -439,10 +440,9 @@ def resolve_model(
     elif checkpoint is None and search:
         newest, skipped = find_newest_anywhere(root)
         if newest is not None:
-            checkpoint = newest
-            damaged = f"; skipped {len(skipped)} newer damaged: {'; '.join(skipped)}" if skipped else ""
-            notes.append(f"{'warning: ' if skipped else ''}model: {newest} (the newest checkpoint under {root}/; "
-                         f"`checkpoint` chooses another{damaged})")
+            # A run's step is loaded as that run's newest: the run, if it trains, may prune this one meanwhile.
+            checkpoint = newest.parent if STEP_DIR.match(newest.name) else newest
+            passed_over = skipped
         elif skipped:
             raise RunError(f"{root}/ holds no checkpoint that verifies; skipped {len(skipped)} damaged: "
                            f"{'; '.join(skipped)}; `checkpoint` chooses one")
@@ -452,6 +452,11 @@ def resolve_model(
     elif checkpoint is None:
         return Plan(build_config(layers), "model", notes=notes)
     ckpt = load_checkpoint(checkpoint)
+    if passed_over is not None:
+        skipped = list(dict.fromkeys(passed_over + ckpt.skipped))  # a damaged step may be in both
+        damaged = f"; skipped {len(skipped)} newer damaged: {'; '.join(skipped)}" if skipped else ""
+        notes.append(f"{'warning: ' if skipped else ''}model: {ckpt.path} (the newest checkpoint under {root}/; "
+                     f"`checkpoint` chooses another{damaged})")
     if named is not None and (note := checkpoint_note(named, ckpt.path, ckpt.skipped)):
         notes.append(note)
     cfg = build_config(layers, _from_checkpoint(ckpt.config, ckpt.path))

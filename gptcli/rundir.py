@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -32,6 +33,7 @@ LOCK, LOCK_PID = LOCK_FILES  # the run lock, and its holder's pid beside it
 # Signals that save and stop: Ctrl-C, kill/SLURM/Kubernetes, a closed terminal or ssh session.
 # Windows has no SIGHUP: a signal this platform lacks is skipped.
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+LOCK_PROBE_WAIT_S = 1.0  # how long train retries a run lock that a reader's probe may hold
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> "RunLock":
@@ -73,7 +75,7 @@ def lock_run(run_dir: Path) -> "RunLock":
 
     lock = filelock.FileLock(str(run_dir / LOCK), thread_local=False)
     try:
-        lock.acquire(timeout=0)
+        _acquire(lock, filelock.Timeout)
     except filelock.Timeout:
         try:
             holder = (run_dir / LOCK_PID).read_text(encoding="utf-8").strip() or "another process"
@@ -83,6 +85,19 @@ def lock_run(run_dir: Path) -> "RunLock":
                        "run directory") from None
     (run_dir / LOCK_PID).write_text(str(os.getpid()), encoding="utf-8")
     return RunLock(lock)
+
+
+def _acquire(lock, timeout_error) -> None:
+    """Take `lock` now, or within LOCK_PROBE_WAIT_S: `gptcli runs` and `plot` ask whether a run trains by taking
+    its lock for an instant (runs.lock_held), and a trainer starting in that instant must not refuse the run."""
+    deadline = time.monotonic() + LOCK_PROBE_WAIT_S
+    while True:
+        try:
+            return lock.acquire(timeout=0)
+        except timeout_error:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 class RunLock:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gptcli.checkpoint import CONFIG, MANIFEST, list_step_checkpoints
-from gptcli.errors import InputError
-from gptcli.fsio import read_json_object
+from gptcli.errors import InputError, RunError
+from gptcli.fsio import atomic_write, read_json_object
 from gptcli.report import CSV, METRICS, PLOT, load_plotting, read_metrics, render
 from gptcli.resolve import LOCK_FILES, RUN_FILES, foreign_entries, is_run_dir
 
@@ -96,6 +96,7 @@ def redraw(run_dir: Path, baseline: Optional[dict[str, Any]] = None) -> dict[str
     Raises:
         InputError: `run_dir` is not a gptcli run, or its metrics.csv or losses.png is a file gptcli
             did not write (neither is ever overwritten).
+        RunError: the files cannot be written (full disk, read-only folder).
     """
     if not is_run(run_dir):
         raise InputError(f"{run_dir}: {NOT_A_RUN}; gptcli plot writes {CSV} and {PLOT} only into its own runs")
@@ -103,7 +104,10 @@ def redraw(run_dir: Path, baseline: Optional[dict[str, Any]] = None) -> dict[str
     if foreign:
         raise InputError(f"{run_dir / foreign[0]}: not a file gptcli wrote; gptcli never overwrites it "
                          f"(move it away, or draw with --out FILE.png)")
-    return render(run_dir, baseline, with_csv=not lock_held(run_dir))
+    try:
+        return render(run_dir, baseline, with_csv=not lock_held(run_dir))
+    except OSError as e:  # a full disk, a read-only folder: the earlier files stay as they were
+        raise RunError(f"{run_dir}: cannot write {CSV} and {PLOT} ({e.strerror or e})") from None
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -203,6 +207,7 @@ def plot_runs(run_dirs: list[Path], out: Path, x: str = "tokens") -> Path:
 
     Raises:
         InputError: an unknown `x`, a path that is not a run, or an `out` file gptcli did not draw.
+        RunError: `out` cannot be written (full disk, read-only folder).
     """
     if x not in X_AXES:
         raise InputError(f"--x {x}: choose one of {', '.join(X_AXES)}")
@@ -231,10 +236,11 @@ def plot_runs(run_dirs: list[Path], out: Path, x: str = "tokens") -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, metadata={"Software": PLOT_MARK})
     plt.close(fig)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, buf.getvalue())
+    except OSError as e:  # a full disk, a read-only folder: no half-written plot, no temporary left
+        raise RunError(f"{out}: cannot write the plot ({e.strerror or e})") from None
     return out
 
 

@@ -616,9 +616,13 @@ class _ShardWriter:
         }
 
     def abort(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            if self.file is not None:
+                self.file.close()  # flushes: fails again on a full disk
+        except OSError:
+            pass  # the failure being handled already says why
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _entry_ok(out: Path, entry: Optional[dict[str, Any]], itemsize: int) -> bool:
@@ -711,9 +715,12 @@ def prepare(
         result = _prepare_into(out, sources, pieces, options, encoding, workers, progress, t0)
         result.skipped = skipped
         return result
-    except Exception:
+    except Exception as e:
         if created:  # bad input or a failure part-way: leave no half-made output folder behind
             shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a failing device: a runtime failure, not a bug
+            raise RunError(f"{e.filename or out}: {e.strerror or e}"
+                           f"{'' if created else '; the finished shards are kept: run the command again'}") from None
         raise
 
 

@@ -249,6 +249,8 @@ def train(
     try:
         return _train(cfg, run_dir, resume, overwrite, init_from, events, device, info, allow_data_change,
                       defer_nonfinite_check)
+    except OSError as e:  # a failing disk outside a checkpoint write: run.json, the lock's pid, metrics, the plot
+        raise RunError(f"{e.filename or run_dir}: {e.strerror or e}") from None
     finally:
         shutdown(info)
 

@@ -9,6 +9,7 @@ Downloads of OpenAI's releases are `hub`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from gptcli.checkpoint import MANIFEST, load_checkpoint, save_checkpoint, save_weights_file
+from gptcli.checkpoint import MANIFEST, Checkpoint, load_checkpoint, save_checkpoint, save_weights_file
 from gptcli.config import Config
 from gptcli.convert import (GPTCLI_KEY, HF_WEIGHT_FILES, OpenAITensors, read_json, check_fits, config_from_book_state_dict,
                             config_from_hf, config_from_openai, from_book_state_dict, from_gpt2_state_dict, hf_config,
@@ -155,11 +157,23 @@ def save_imported(imported: Imported, out: Path, name: str, overwrite: bool = Fa
         InputError: `out` holds what check_import_target refuses.
     """
     check_import_target(out, overwrite)
-    existing = [p for p in out.iterdir() if p.name != DOWNLOADS] if out.is_dir() else []
-    for p in existing:  # an earlier import's own files; the new weights are converted: only now are they given up
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    return save_checkpoint(out, ".", imported.weights, imported.config, None,
-                           {"pretrained": name, "source": imported.source})
+    existing = [p for p in out.iterdir() if p.name != DOWNLOADS and not p.name.startswith(".tmp-")] \
+        if out.is_dir() else []
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    # Written beside the earlier import and moved over it (manifest last): a full disk keeps the earlier one.
+    try:
+        saved = save_checkpoint(out, ".", imported.weights, imported.config, None,
+                                {"pretrained": name, "source": imported.source})
+    except RunError:
+        for folder in created:  # a failed import leaves no empty folder it made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    written = {MANIFEST, *json.loads((saved / MANIFEST).read_text(encoding="utf-8"))["files"]}
+    for p in existing:  # an earlier import's own files that the new one does not replace
+        if p.name not in written:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return saved
 
 
 # ---------------------------------------------------------------- export
@@ -198,7 +212,7 @@ def check_export_target(out: Path, overwrite: bool = False) -> None:
     _check_target(out, overwrite, "an earlier export", "export", EXPORT_FILES, is_ours)
 
 
-def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
+def export_hf(checkpoint: Path | Checkpoint, out: Path, overwrite: bool = False) -> Path:
     """Write a checkpoint as a Hugging Face GPT-2 directory that transformers loads offline.
 
     Files: config.json, model.safetensors (GPT2LMHeadModel names, untied lm_head),
@@ -206,12 +220,17 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     tokenizer uses), tokenizer_config.json and special_tokens_map.json. The
     directory is written beside `out` and renamed into place.
 
+    Args:
+        checkpoint: a checkpoint or run directory (its newest step that verifies), or a loaded Checkpoint.
+        out: the directory to write.
+        overwrite: replace an earlier export in `out`.
+
     Raises:
         InputError: `out` is refused by check_export_target.
         RunError: the checkpoint is missing or damaged, or the disk fails.
     """
     check_export_target(out, overwrite)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     cfg = ckpt.config.model
     try:
         check_fits(ckpt.weights, cfg, str(ckpt.path / "model.safetensors"))
@@ -242,7 +261,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
         fsync_dir(out.parent)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"{out}: cannot write the export ({e.strerror or e})") from None
+        raise RunError(f"{out}: cannot write the export ({getattr(e, 'strerror', None) or e})") from None
     return out

@@ -252,3 +252,68 @@ def test_names_cannot_leave_the_checkpoints_folder(cli, verdict, tmp_path, name)
     assert result.exit_code == 2 and "--name" in result.stderr
     assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("where", ["verify", "load"])
+@pytest.mark.parametrize("command", ["eval", "generate", "export", "generate-newest"])
+def test_a_run_pruned_while_it_is_read_gives_its_newer_checkpoint(cli, tiny_config, tmp_path, monkeypatch,
+                                                                  where, command):
+    """A run training with a small keep_last saves step N+1 and prunes step N while eval, generate or
+    export of the run (or generate of the newest checkpoint under checkpoints/) reads step N: they failed
+    ('not a checkpoint directory', 'cannot read weights', 'no such checkpoint or run directory',
+    'internal error: RuntimeError') though the run held a newer checkpoint that verifies."""
+    import shutil
+
+    from gptcli import checkpoint
+    from test_evaluate import save_model_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "checkpoints" / "run"
+    save_model_checkpoint(run, tiny_config, 5, seed=1)
+    pruned = []
+
+    def train_on():  # what the trainer does: save the next checkpoint, prune the one being read
+        if not pruned:
+            pruned.append(True)
+            shutil.copytree(run / "step-000005", run / ".tmp-step-000010-1")
+            os.replace(run / ".tmp-step-000010-1", run / "step-000010")
+            checkpoint.remove_dir(run / "step-000005")
+
+    if where == "verify":
+        real_sha = checkpoint.sha256_file
+        monkeypatch.setattr(checkpoint, "sha256_file", lambda path: (train_on(), real_sha(path))[1])
+    else:
+        real_load = checkpoint.load_file
+        monkeypatch.setattr(checkpoint, "load_file", lambda path, device: (train_on(), real_load(path, device))[1])
+    args = {"eval": ("eval", "--checkpoint", run, "--text", "Every effort moves you"),
+            "generate": ("generate", "Every effort", "--checkpoint", run, "--max-new-tokens", "2"),
+            "export": ("export", run, tmp_path / "hf", "--json"),
+            "generate-newest": ("generate", "Every effort", "--max-new-tokens", "2")}[command]
+    result = cli(*args)
+    assert pruned and result.exit_code == 0, result.stderr
+    if command == "generate-newest":
+        assert "model: checkpoints/run/step-000010 (the newest checkpoint under checkpoints/" in result.stderr
+    if command == "export":
+        assert json.loads(result.stdout)["checkpoint"] == str(run / "step-000010")
+
+
+def test_a_full_disk_outside_a_checkpoint_write_stops_training_in_one_line(cli, verdict, tmp_path, monkeypatch):
+    """A full disk met while drawing losses.png (or writing run.json, metrics, the lock's pid) ended training
+    in 'internal error: OSError', though train's own contract names a failing disk a RunError."""
+    from gptcli import fsio
+
+    real = fsio.write_synced
+
+    def full(path, data):
+        if "losses.png" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, data)
+
+    monkeypatch.setattr(fsio, "write_synced", full)
+    run = tmp_path / "run"
+    result = cli("train", *TINY, "--data", verdict, "--out", run, "--max-steps", "2")
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last, result.stderr
+    assert json.loads((run / "run.json").read_text())["state"] == "failed"
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]

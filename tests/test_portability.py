@@ -24,6 +24,7 @@ TINY = ["--config", CONFIGS / "tiny.yaml"]
 
 def test_training_and_ctrl_c_work_where_sighup_and_sigterm_do_not_exist(cli, verdict, tmp_path, monkeypatch):
     """issue 12 finding 6 / build 7: Windows has no SIGHUP; a missing signal is skipped, SIGINT still stops."""
+    import gptcli.distributed  # noqa: F401  torch.distributed reads signal.SIGTERM on import: import it first
     from gptcli.rundir import StopSignals
 
     monkeypatch.delattr(signal, "SIGHUP")
@@ -38,6 +39,7 @@ def test_training_and_ctrl_c_work_where_sighup_and_sigterm_do_not_exist(cli, ver
 
 def test_run_lock_needs_no_fcntl(tmp_path, monkeypatch):
     """issue 12 build 7: the run lock went through fcntl (POSIX only); it now goes through filelock."""
+    import filelock  # noqa: F401  imported without fcntl it would be a soft lock for the rest of the session
     from gptcli.rundir import lock_run as _lock
 
     monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` now raises ImportError
@@ -101,11 +103,16 @@ def test_latest_and_best_work_where_symlinks_cannot_be_made(cli, verdict, tmp_pa
     assert pointer_target(run / "latest") == run / "step-000010"
 
 
-def test_a_pointer_to_a_missing_step_is_a_clear_error(cli, tmp_path):
-    """issue 12 build 7: a pointer file whose step was deleted names what it points to."""
+@pytest.mark.parametrize("kind", ["pointer file", "symlink"])
+def test_a_pointer_to_a_missing_step_is_a_clear_error(cli, tmp_path, kind):
+    """issue 12 build 7: a pointer file whose step was deleted names what it points to; a dangling
+    symlink said only 'no such checkpoint or run directory' (the two kinds are followed the same way)."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "latest").write_text("step-000042\n")
+    if kind == "symlink":
+        (run / "latest").symlink_to("step-000042")
+    else:
+        (run / "latest").write_text("step-000042\n")
     result = cli("eval", "--checkpoint", run / "latest")
     assert result.exit_code == 1
     assert "points to step-000042, which does not exist" in result.stderr
@@ -127,3 +134,21 @@ def test_book_exact_config_warns_once_on_mps(cli, verdict, tmp_path, monkeypatch
                      "--set", f"model.impl={impl}")
         assert result.exit_code == 0, result.stderr
         assert result.stderr.count("will not match the book's") == count
+
+
+def test_a_readers_lock_probe_does_not_make_train_refuse_the_run(tmp_path):
+    """`gptcli runs` and `plot` take RUN/.lock for an instant to see whether the run trains; a trainer
+    starting in that instant refused the run, naming the pid of the previous (finished) trainer."""
+    import threading
+
+    import filelock
+
+    from gptcli.rundir import lock_run as _lock
+
+    (tmp_path / ".lock.pid").write_text("999999")  # the last trainer's, long gone
+    probe = filelock.FileLock(str(tmp_path / ".lock"), thread_local=False)
+    probe.acquire(timeout=0)
+    threading.Timer(0.2, probe.release).start()  # what runs.lock_held holds, stretched to be caught
+    held = _lock(tmp_path)
+    assert (tmp_path / ".lock.pid").read_text() == str(os.getpid())
+    held.close()

@@ -221,3 +221,31 @@ def test_runs_of_a_folder_without_runs_says_why_not_an_empty_table_alone(cli, ve
     (step,) = (tmp_path / "runs" / "a").glob("step-*")
     inside = cli("runs", step)  # a checkpoint given instead of the folder of runs: the command that lists it
     assert inside.exit_code == 0 and f"gptcli runs {tmp_path / 'runs'}" in inside.stderr
+
+
+def test_plot_and_compare_on_a_full_disk_are_one_line_and_keep_the_earlier_files(cli, tmp_path, monkeypatch):
+    """A full disk (or a read-only run) made `plot` print 'internal error: OSError', and `compare`
+    left its half-written temporary PNG behind."""
+    import errno
+    import os
+
+    from gptcli import fsio
+
+    a, b = _hand_made_run(tmp_path / "a"), _hand_made_run(tmp_path / "b")
+    assert cli("plot", a).exit_code == 0
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+
+    def full(path, data):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fsio, "write_synced", full)
+    for args, where in (((a,), a), ((a, b, "--out", tmp_path / "both.png"), tmp_path),
+                        (("compare", a, b, "--out", tmp_path / "cmp.png"), tmp_path)):
+        result = cli(*(args if args[0] == "compare" else ("plot", *args)))
+        assert result.exit_code == 1, result.stderr
+        assert result.stderr.startswith("error: ") and "No space left on device" in result.stderr, result.stderr
+        assert not [p.name for p in where.iterdir() if p.name.startswith(".")]
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
+    assert not (tmp_path / "both.png").exists() and not (tmp_path / "cmp.png").exists()

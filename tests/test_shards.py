@@ -440,3 +440,30 @@ def test_an_empty_split_of_a_prepared_folder_advises_prepare(tmp_path, verdict):
     with pytest.raises(InputError, match="val_ratio") as e:
         load_splits(DataConfig(path=str(tmp_path / "nv")), 32)
     assert "smaller context_length" not in str(e.value)
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary(cli, tmp_path, monkeypatch):
+    """A full disk while shards were written printed 'internal error: OSError' (the close of the failed shard
+    raised again, and the other split's temporary shard stayed)."""
+    import errno
+
+    rng = random.Random(3)
+    (tmp_path / "in.txt").write_text("\n\n".join(_text(rng, 50) for _ in range(200)), encoding="utf-8")
+    real_write = shards._ShardWriter.write
+
+    def full(self, arr, starts_doc):
+        real_write(self, arr, starts_doc)
+        if self.tokens > 2000:  # the disk fills part-way through a shard; the buffered rest cannot be flushed
+            self.file.close = lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards._ShardWriter, "write", full)
+    for out, created in ((tmp_path / "new", True), (tmp_path / "kept", False)):
+        if not created:
+            out.mkdir()
+        result = cli("prepare", tmp_path / "in.txt", "--out", out, "--split-docs", "blank-lines", "--shard-mb", "0.01")
+        assert result.exit_code == 1, result.stderr
+        assert result.stderr.startswith("error: ") and "No space left on device" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert out.exists() != created
+        assert created or not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]

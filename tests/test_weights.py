@@ -359,6 +359,47 @@ def test_import_overwrite_never_deletes_what_gptcli_did_not_write(cli, small_run
     load_checkpoint(out)
 
 
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Every safetensors write fails part-way as on a full disk (safetensors raises its own error type)."""
+    from safetensors import SafetensorError
+
+    from gptcli import checkpoint
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+
+
+def test_import_overwrite_on_a_full_disk_keeps_the_earlier_import(cli, small_run, tmp_path, request):
+    """The earlier import's files were deleted before the new one was written: a full disk lost both."""
+    assert cli("export", small_run / "step-000005", tmp_path / "hf").exit_code == 0
+    out = tmp_path / "imp"
+    assert cli("import", tmp_path / "hf", "--out", out).exit_code == 0
+    before = _tree(out)
+    request.getfixturevalue("disk_full")
+    r = cli("import", tmp_path / "hf", "--out", out, "--overwrite")
+    assert r.exit_code == 1 and "No space left on device" in r.stderr, r.stderr
+    assert _tree(out) == before and not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    load_checkpoint(out)
+    r = cli("import", tmp_path / "hf", "--out", tmp_path / "new" / "imp")  # a new folder: not left behind empty
+    assert r.exit_code == 1 and not (tmp_path / "new").exists(), r.stderr
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_temporary(cli, small_run, tmp_path, request):
+    """safetensors' own error escaped as 'internal error: SafetensorError' and .tmp-export-NAME/ stayed."""
+    out = tmp_path / "hf"
+    assert cli("export", small_run / "step-000005", out).exit_code == 0
+    before = _tree(out)
+    request.getfixturevalue("disk_full")
+    r = cli("export", small_run / "step-000010", out, "--overwrite")
+    assert r.exit_code == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "No space left on device" in r.stderr, r.stderr
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
 def test_a_padded_hf_vocabulary_imports_as_gpt2s_and_generate_never_draws_a_padding_row(cli, tmp_path):
     """nanoGPT and llm.c pad GPT-2's 50257 rows to 50304; a padding row favoured by the head crashed generate."""
     hf = random_hf_model(**{**SHAPES["ctx48-untied"], "vocab_size": 50304})
