@@ -701,6 +701,7 @@ def generate(
     check_sampling(max_new_tokens or 0, temperature, top_k, top_p)  # before the (slow) model load
     if stream and json_out:
         raise InputError("--stream and --json: the JSON object is printed once the samples are complete; drop one")
+    _refuse_unread_keys(sets, _GENERATE_KEYS, "generate")
     prompts = _read_prompts(prompt, prompts_file)
     model, plan, where = load_model(checkpoint, config, sets, {"train.device": device, "train.max_new_tokens": max_new_tokens},
                                     seed, root=CHECKPOINTS_ROOT)
@@ -862,6 +863,21 @@ _LOSS_ONLY_KEYS = ("train.batch_size", "data.path")
 def _set_keys(sets: Optional[list[str]]) -> list[str]:
     """The dotted keys that --set items name, in order."""
     return [item.split("=", 1)[0].strip() for item in sets or []]
+
+
+# The config keys generate reads (a section ends in "."): the model (an untrained one's shape, a checkpoint's keys
+# are checked against it), where it runs and its seed, how many tokens, which run --config names, the mask's note.
+_GENERATE_KEYS = ("model.", "train.device", "train.seed", "train.max_new_tokens", "train.out_dir", "data.document_mask")
+
+
+def _refuse_unread_keys(sets: Optional[list[str]], read: tuple[str, ...], command: str) -> None:
+    """Refuse a --set of a key `command` never reads: it would be dropped in silence (a config file may hold any)."""
+    from gptcli.config import RENAMED_KEYS
+
+    for key in _set_keys(sets):
+        new = RENAMED_KEYS.get(key, key)  # an old spelling reads as its new one
+        if not any(new == r or (r.endswith(".") and new.startswith(r)) for r in read):
+            raise InputError(f"--set {key}: {command} does not read it (it reads {', '.join(read)}); drop it")
 
 
 def _refuse_training_keys(sets: Optional[list[str]]) -> None:

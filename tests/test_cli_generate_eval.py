@@ -47,6 +47,9 @@ def test_untrained_generate_prints_the_books_text(cli):
     (["--prompts-file", "latin1.txt"], "--prompts-file latin1.txt: cannot read (not UTF-8 text)"),
     (["--prompts-file", "blank.txt"], "--prompts-file blank.txt: no prompts"),
     (["x", "--no-cache", "--compile-decode"], "--compile-decode: compiles the KV-cache step"),
+    (["x", "--set", "data.path=elsewhere.txt"], "--set data.path: generate does not read it"),
+    (["x", "--set", "train.batch_size=8"], "--set train.batch_size: generate does not read it"),
+    (["x", "--set", "train.compile=true"], "--set train.compile: generate does not read it"),
 ])
 def test_bad_generate_input_is_one_line_and_exit_2(cli, ckpt, tmp_path, args, message):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
