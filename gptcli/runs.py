@@ -41,11 +41,6 @@ PLOT_MARK = "gptcli compare"  # in the PNG's Software field: a plot we may redra
 # ---------------------------------------------------------------- one run
 
 
-def is_run(path: Path) -> bool:
-    """Whether `path` is a gptcli run directory: gptcli's own markers, never a file's name (``resolve.is_run_dir``)."""
-    return is_run_dir(path)
-
-
 NOT_A_RUN = f"not a gptcli run (no {RUN_JSON} written by gptcli, no checkpoint of its own)"
 
 
@@ -98,7 +93,7 @@ def redraw(run_dir: Path, baseline: Optional[dict[str, Any]] = None) -> dict[str
             did not write (neither is ever overwritten).
         RunError: the files cannot be written (full disk, read-only folder).
     """
-    if not is_run(run_dir):
+    if not is_run_dir(run_dir):
         raise InputError(f"{run_dir}: {NOT_A_RUN}; gptcli plot writes {CSV} and {PLOT} only into its own runs")
     foreign = [name for name in (CSV, PLOT) if name in foreign_entries(run_dir)]
     if foreign:
@@ -116,7 +111,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     Raises:
         InputError: `run_dir` is not a gptcli run directory.
     """
-    if not is_run(run_dir):
+    if not is_run_dir(run_dir):
         raise InputError(f"{run_dir}: {NOT_A_RUN}")
     events = read_metrics(run_dir / METRICS) if (run_dir / METRICS).is_file() else []
     trains = [e for e in events if e.get("event") == "train"]
@@ -172,9 +167,9 @@ def find_runs(root: Path) -> list[Path]:
     """
     if not root.is_dir():
         raise InputError(f"{root}: no such folder (give the folder that holds the runs)")
-    if is_run(root):
+    if is_run_dir(root):
         return [root]
-    return sorted(p for p in root.iterdir() if not p.is_symlink() and is_run(p))
+    return sorted(p for p in root.iterdir() if not p.is_symlink() and is_run_dir(p))
 
 
 def list_runs(root: Path) -> dict[str, Any]:
